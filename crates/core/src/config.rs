@@ -1,0 +1,459 @@
+//! `agent.toml`: typed, validated, with embedded defaults so a minimal file is a few lines.
+//! Unknown keys are rejected; every error names the file, the line and the dotted key.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_PATH: &str = "/etc/thingsly/agent.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub device: DeviceSection,
+    #[serde(default)]
+    pub enroll: EnrollSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+    #[serde(default)]
+    pub rauc: RaucSection,
+    #[serde(default)]
+    pub commands: CommandsSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// The device id: certificate CN, MQTT client id, `host` tag. `[A-Za-z0-9._-]{1,64}`.
+    pub id: String,
+    /// Board name reported at registration; detected from the device tree / DMI when empty.
+    #[serde(default)]
+    pub hardware: String,
+    /// Used when no RAUC service answers; `/etc/os-release` VERSION_ID when empty.
+    #[serde(default)]
+    pub sw_version: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Volatile files (`status.json`); never on flash.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollSection {
+    /// `https://host:port` of thingsly-bridge.
+    #[serde(default)]
+    pub server_url: String,
+    /// PEM bundle that the bridge's server certificate must chain to.
+    #[serde(default = "default_ca_bundle")]
+    pub ca_bundle: PathBuf,
+    /// Bootstrap token inline; prefer `bootstrap_token_file` (0600) on real devices.
+    #[serde(default)]
+    pub bootstrap_token: String,
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Renew once this fraction of the certificate's lifetime has passed.
+    #[serde(default = "default_renew_fraction")]
+    pub renew_fraction: f64,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for EnrollSection {
+    fn default() -> Self {
+        Self {
+            server_url: String::new(),
+            ca_bundle: default_ca_bundle(),
+            bootstrap_token: String::new(),
+            bootstrap_token_file: None,
+            renew_fraction: default_renew_fraction(),
+            timeout: default_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DialectName {
+    #[default]
+    Thingsboard,
+    Thingsly,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_broker_host")]
+    pub host: String,
+    #[serde(default = "default_broker_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub dialect: DialectName,
+    /// Telemetry period; a shared attribute `telemetry_interval` (seconds) overrides it live.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// Broker CA bundle; the CA chain received at enrollment when empty.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// MQTT username/password, for brokers that want them on top of the certificate
+    /// (the Thingsly platform's device voucher).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "default_spool_messages")]
+    pub spool_max_messages: usize,
+    #[serde(default = "default_spool_bytes")]
+    pub spool_max_bytes: u64,
+    /// QoS 1 publishes in flight before waiting for acknowledgements.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: usize,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            host: default_broker_host(),
+            port: default_broker_port(),
+            dialect: DialectName::default(),
+            interval: default_interval(),
+            keepalive: default_keepalive(),
+            ca_bundle: None,
+            username: None,
+            password: None,
+            spool_max_messages: default_spool_messages(),
+            spool_max_bytes: default_spool_bytes(),
+            max_inflight: default_inflight(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaucSection {
+    /// Ask RAUC on the system bus for slot and version when it is there.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for RaucSection {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsSection {
+    /// argv run for the `reboot` RPC (and later by OTA).
+    #[serde(default = "default_reboot")]
+    pub reboot: Vec<String>,
+}
+
+impl Default for CommandsSection {
+    fn default() -> Self {
+        Self {
+            reboot: default_reboot(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `tracing` filter, e.g. `info` or `info,thingsly_telemetry=debug`; RUST_LOG wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/thingsly-agent")
+}
+fn default_runtime_dir() -> PathBuf {
+    PathBuf::from("/run/thingsly-agent")
+}
+fn default_ca_bundle() -> PathBuf {
+    PathBuf::from("/etc/thingsly/bridge-ca.pem")
+}
+fn default_renew_fraction() -> f64 {
+    2.0 / 3.0
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_broker_host() -> String {
+    "localhost".into()
+}
+fn default_broker_port() -> u16 {
+    8883
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_spool_messages() -> usize {
+    10_000
+}
+fn default_spool_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_inflight() -> usize {
+    16
+}
+fn default_reboot() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// A config problem, located.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based; `None` when the problem is not tied to a line (file missing).
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `telemetry.interval`; empty for file-level problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read config: {e}"),
+        })?;
+        Self::parse(&src, path)
+    }
+
+    pub fn parse(src: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(src);
+        let cfg: AgentConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let mut key = e.path().to_string();
+            if key == "." {
+                key.clear();
+            }
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            // Unknown keys: name the offending key itself, not just its table.
+            if let Some(unknown) = message
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                if key.is_empty() {
+                    key = unknown.to_string();
+                } else if key.rsplit('.').next() != Some(unknown) {
+                    key = format!("{key}.{unknown}");
+                }
+            }
+            let line = inner
+                .span()
+                .map(|s| line_of(src, s.start))
+                .or_else(|| key_line(src, &key));
+            ConfigError {
+                path: path.to_path_buf(),
+                line,
+                key,
+                message,
+            }
+        })?;
+        cfg.validate().map_err(|(key, message)| ConfigError {
+            path: path.to_path_buf(),
+            line: key_line(src, key),
+            key: key.to_string(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let id = &self.device.id;
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && !id.starts_with('.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !id_ok {
+            return Err((
+                "device.id",
+                format!("{id:?} is not 1-64 characters of A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        if !self.enroll.server_url.is_empty() && !self.enroll.server_url.starts_with("https://") {
+            return Err((
+                "enroll.server_url",
+                format!(
+                    "{:?} must be an https:// URL (enrollment is never sent in clear text)",
+                    self.enroll.server_url
+                ),
+            ));
+        }
+        if !(0.1..=0.95).contains(&self.enroll.renew_fraction) {
+            return Err((
+                "enroll.renew_fraction",
+                format!("{} must be between 0.1 and 0.95", self.enroll.renew_fraction),
+            ));
+        }
+        let t = &self.telemetry;
+        if t.interval < Duration::from_millis(100) {
+            return Err(("telemetry.interval", "must be at least 100ms".into()));
+        }
+        if t.keepalive < Duration::from_secs(5) {
+            return Err(("telemetry.keepalive", "must be at least 5s".into()));
+        }
+        if t.spool_max_messages == 0 {
+            return Err(("telemetry.spool_max_messages", "must be at least 1".into()));
+        }
+        if t.spool_max_bytes < 1024 {
+            return Err(("telemetry.spool_max_bytes", "must be at least 1024".into()));
+        }
+        if t.max_inflight == 0 || t.max_inflight > 100 {
+            return Err(("telemetry.max_inflight", "must be between 1 and 100".into()));
+        }
+        if t.host.is_empty() {
+            return Err(("telemetry.host", "must not be empty".into()));
+        }
+        if self.commands.reboot.is_empty() {
+            return Err(("commands.reboot", "must name a command".into()));
+        }
+        Ok(())
+    }
+
+    /// The bootstrap token, from the file when one is configured.
+    pub fn bootstrap_token(&self) -> Result<String, String> {
+        if let Some(f) = &self.enroll.bootstrap_token_file {
+            return std::fs::read_to_string(f)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("enroll.bootstrap_token_file {}: {e}", f.display()));
+        }
+        Ok(self.enroll.bootstrap_token.trim().to_string())
+    }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].matches('\n').count() + 1
+}
+
+/// The line where a dotted key (or its closest existing parent table) is written.
+fn key_line(src: &str, dotted: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(src.to_string()).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut best = None;
+    for part in dotted.split('.').filter(|p| !p.is_empty()) {
+        let (k, item) = table.get_key_value(part)?;
+        if let Some(span) = k.span() {
+            best = Some(line_of(src, span.start));
+        }
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(src, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_embedded_defaults() {
+        let c = parse("[device]\nid = \"dev-1\"\n").unwrap();
+        assert_eq!(c.telemetry.port, 8883);
+        assert_eq!(c.telemetry.interval, Duration::from_secs(10));
+        assert_eq!(c.device.state_dir, PathBuf::from("/var/lib/thingsly-agent"));
+        assert!((c.enroll.renew_fraction - 2.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = parse("[device]\nid = \"d\"\n\n[telemetry]\nport = 1\ninterwal = \"5s\"\n").unwrap_err();
+        assert_eq!(e.key, "telemetry.interwal");
+        assert_eq!(e.line, Some(6));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.to_string().split(':').nth(1), Some("6"));
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = parse("[device]\nid = \"d\"\n[telemetry]\nport = \"eighty\"\n").unwrap_err();
+        assert_eq!(e.key, "telemetry.port");
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let e = parse("[device]\nid = \"d\"\n[telemetry]\ninterval = \"ten\"\n").unwrap_err();
+        assert_eq!(e.key, "telemetry.interval");
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let e = parse("[device]\nhardware = \"x\"\n").unwrap_err();
+        assert!(e.message.contains("missing field `id`"), "{e}");
+        assert_eq!(e.key, "device");
+        assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn validation_errors_point_at_the_key() {
+        let e = parse("[device]\nid = \"d\"\n[enroll]\n\nserver_url = \"http://x\"\n").unwrap_err();
+        assert_eq!(e.key, "enroll.server_url");
+        assert_eq!(e.line, Some(5));
+        let e = parse("[device]\nid = \"bad id\"\n").unwrap_err();
+        assert_eq!(e.key, "device.id");
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn example_config_in_repo_is_valid() {
+        let src = include_str!("../../../agent/agent.example.toml");
+        parse(src).unwrap();
+    }
+}

@@ -1,0 +1,121 @@
+//! The one shared picture of the device. Modules publish into it; telemetry and `status`
+//! read it. Modules never call each other: they meet here.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeviceState {
+    pub device_id: String,
+    pub sw_version: String,
+    /// RAUC boot name of the running slot ("A"/"B"), empty when unknown.
+    pub rauc_slot: String,
+    pub rauc_compatible: String,
+    pub hardware: String,
+    pub agent_version: String,
+    /// "idle" until the OTA module says otherwise.
+    pub ota_status: String,
+    pub tunnel_address: Option<String>,
+    /// True once a certificate is stored; bumped generation tells users to reload credentials.
+    pub enrolled: bool,
+    pub credentials_generation: u64,
+    pub certificate_not_after: Option<String>,
+    pub modules: BTreeMap<String, ModuleState>,
+}
+
+/// What a module says about itself, shown by `status` and sent as telemetry attributes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModuleState {
+    /// "starting", "running", "waiting", "failed", "stopped", "disabled".
+    pub state: String,
+    /// One line on what it is doing or why it failed.
+    pub detail: String,
+    pub restarts: u32,
+    /// Module-specific counters (messages sent, spool depth, drops …).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Cheap to clone; every module gets one.
+#[derive(Clone)]
+pub struct StateHandle {
+    tx: watch::Sender<DeviceState>,
+}
+
+impl StateHandle {
+    pub fn new(initial: DeviceState) -> Self {
+        let (tx, _rx) = watch::channel(initial);
+        Self { tx }
+    }
+
+    pub fn get(&self) -> DeviceState {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<DeviceState> {
+        self.tx.subscribe()
+    }
+
+    /// Change the state; subscribers are woken only when something really changed.
+    pub fn update(&self, f: impl FnOnce(&mut DeviceState)) {
+        self.tx.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            *s != before
+        });
+    }
+
+    /// Set one module's state and detail, keeping its counters.
+    pub fn set_module(&self, module: &str, state: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        self.update(|s| {
+            let m = s.modules.entry(module.to_string()).or_default();
+            m.state = state.to_string();
+            m.detail = detail;
+        });
+    }
+
+    /// Set a module counter. Counters do not wake subscribers that only care about the rest:
+    /// they are compared like everything else, so callers should batch them.
+    pub fn set_counter(&self, module: &str, name: &str, value: u64) {
+        self.update(|s| {
+            s.modules
+                .entry(module.to_string())
+                .or_default()
+                .counters
+                .insert(name.to_string(), value);
+        });
+    }
+}
+
+/// The part of the state that telemetry reports as client attributes; changes to counters or
+/// module details must not cause an attribute publish each time.
+pub fn attribute_view(s: &DeviceState) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": s.device_id,
+        "sw_version": s.sw_version,
+        "rauc_slot": s.rauc_slot,
+        "rauc_compatible": s.rauc_compatible,
+        "hardware": s.hardware,
+        "agent_version": s.agent_version,
+        "tunnel_address": s.tunnel_address,
+        "ota_status": s.ota_status,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn update_wakes_only_on_change() {
+        let h = StateHandle::new(DeviceState::default());
+        let mut rx = h.subscribe();
+        rx.borrow_and_update();
+        h.update(|s| s.sw_version = "1.0.0".into());
+        assert!(rx.has_changed().unwrap_or(false));
+        rx.borrow_and_update();
+        h.update(|s| s.sw_version = "1.0.0".into());
+        assert!(!rx.has_changed().unwrap_or(true));
+    }
+}

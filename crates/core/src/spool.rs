@@ -1,0 +1,348 @@
+//! A bounded, durable FIFO of messages on disk (telemetry while the broker is away).
+//!
+//! One file per message, `SEQ.msg` (zero-padded sequence), written atomically and carrying a
+//! CRC32 so a torn or bit-rotted file is detected, moved aside and counted instead of sent.
+//! When a push would exceed `max_messages` or `max_bytes`, the oldest messages are dropped and
+//! the drop is counted persistently (`dropped` survives restarts, so it can be reported).
+//! File I/O here is synchronous: messages are small and rare (one per telemetry interval).
+
+use crate::state_dir::{MODE_SECRET, StateError, fsync_dir, write_atomic};
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"TSP1";
+const HEADER: usize = 12;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolLimits {
+    pub max_messages: usize,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    limits: SpoolLimits,
+    /// (sequence, payload length), oldest first.
+    index: VecDeque<(u64, u64)>,
+    bytes: u64,
+    next_seq: u64,
+    dropped: u64,
+    corrupt: u64,
+}
+
+impl Spool {
+    /// Open or create the spool in `dir`, scanning what a previous run left.
+    pub fn open(dir: impl Into<PathBuf>, limits: SpoolLimits) -> Result<Self, StateError> {
+        let dir = dir.into();
+        let io_err = |e: io::Error| StateError::Io {
+            path: dir.clone(),
+            source: e,
+        };
+        fs::create_dir_all(&dir).map_err(io_err)?;
+        let mut seqs = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(seq) = name.strip_suffix(".msg").and_then(|s| s.parse::<u64>().ok()) {
+                seqs.push(seq);
+            } else if name.starts_with('.') && name.contains(".tmp-") {
+                // An interrupted write: the message was never acknowledged as spooled.
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        seqs.sort_unstable();
+        let meta = read_meta(&dir);
+        let mut spool = Self {
+            dir,
+            limits,
+            index: VecDeque::new(),
+            bytes: 0,
+            next_seq: seqs.last().map_or(meta.next_seq, |s| (s + 1).max(meta.next_seq)),
+            dropped: meta.dropped,
+            corrupt: meta.corrupt,
+        };
+        for seq in seqs {
+            match spool.read_file(seq) {
+                Ok(data) => {
+                    spool.index.push_back((seq, data.len() as u64));
+                    spool.bytes += data.len() as u64;
+                }
+                Err(reason) => spool.quarantine(seq, &reason),
+            }
+        }
+        // Limits may have shrunk since the last run.
+        spool.enforce_limits(0)?;
+        Ok(spool)
+    }
+
+    fn file(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.msg"))
+    }
+
+    fn read_file(&self, seq: u64) -> Result<Vec<u8>, String> {
+        let raw = fs::read(self.file(seq)).map_err(|e| e.to_string())?;
+        decode(&raw)
+    }
+
+    fn quarantine(&mut self, seq: u64, reason: &str) {
+        let from = self.file(seq);
+        let to = self.dir.join(format!("{seq:020}.corrupt"));
+        tracing::error!(file = %from.display(), %reason, "spooled message corrupt, moved aside");
+        let _ = fs::rename(&from, &to);
+        self.corrupt += 1;
+        let _ = self.save_meta();
+    }
+
+    /// Append a message durably. Returns how many old messages were dropped to make room.
+    pub fn push(&mut self, data: &[u8]) -> Result<u64, StateError> {
+        let len = data.len() as u64;
+        if len > self.limits.max_bytes {
+            // A single message larger than the whole spool can never be kept; older ones stay.
+            self.dropped += 1;
+            self.save_meta()?;
+            tracing::warn!(len, "message larger than the spool bound dropped");
+            return Ok(1);
+        }
+        let dropped = self.enforce_limits(len)?;
+        let seq = self.next_seq;
+        write_atomic(&self.file(seq), &encode(data), MODE_SECRET)?;
+        self.next_seq += 1;
+        self.index.push_back((seq, len));
+        self.bytes += len;
+        Ok(dropped)
+    }
+
+    /// Drop oldest until one more message of `incoming` bytes fits.
+    fn enforce_limits(&mut self, incoming: u64) -> Result<u64, StateError> {
+        let mut dropped = 0;
+        let need_msgs = usize::from(incoming > 0);
+        while !self.index.is_empty()
+            && (self.index.len() + need_msgs > self.limits.max_messages
+                || self.bytes + incoming > self.limits.max_bytes)
+        {
+            if let Some((seq, _)) = self.index.front().copied() {
+                self.remove(seq)?;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            self.dropped += dropped;
+            self.save_meta()?;
+            tracing::warn!(dropped, total_dropped = self.dropped, "spool full, oldest messages dropped");
+        }
+        Ok(dropped)
+    }
+
+    /// The oldest `n` messages after `after` (exclusive), oldest first. A file that fails its
+    /// checksum is moved aside, counted, and skipped.
+    pub fn peek(&mut self, after: Option<u64>, n: usize) -> Vec<(u64, Vec<u8>)> {
+        let seqs: Vec<u64> = self
+            .index
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| after.is_none_or(|a| *s > a))
+            .take(n)
+            .collect();
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            match self.read_file(seq) {
+                Ok(d) => out.push((seq, d)),
+                Err(reason) => {
+                    self.quarantine(seq, &reason);
+                    if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq) {
+                        if let Some((_, len)) = self.index.remove(pos) {
+                            self.bytes -= len;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Forget a message (it was acknowledged, or dropped).
+    pub fn remove(&mut self, seq: u64) -> Result<(), StateError> {
+        if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq) {
+            if let Some((_, len)) = self.index.remove(pos) {
+                self.bytes -= len;
+            }
+            let p = self.file(seq);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::Io { path: p, source: e }),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Messages dropped at the bound since the spool was created (persisted).
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Messages found corrupt on disk (persisted).
+    pub fn corrupt_total(&self) -> u64 {
+        self.corrupt
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn save_meta(&self) -> Result<(), StateError> {
+        let meta = format!(
+            "{{\"dropped\":{},\"corrupt\":{},\"next_seq\":{}}}\n",
+            self.dropped, self.corrupt, self.next_seq
+        );
+        write_atomic(&self.dir.join("meta.json"), meta.as_bytes(), MODE_SECRET)?;
+        fsync_dir(&self.dir).map_err(|e| StateError::Io {
+            path: self.dir.clone(),
+            source: e,
+        })
+    }
+}
+
+#[derive(Default, serde::Deserialize)]
+struct Meta {
+    #[serde(default)]
+    dropped: u64,
+    #[serde(default)]
+    corrupt: u64,
+    #[serde(default)]
+    next_seq: u64,
+}
+
+fn read_meta(dir: &Path) -> Meta {
+    fs::read(dir.join("meta.json"))
+        .ok()
+        .and_then(|d| serde_json::from_slice(&d).ok())
+        .unwrap_or_default()
+}
+
+fn encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + data.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn decode(raw: &[u8]) -> Result<Vec<u8>, String> {
+    if raw.len() < HEADER || &raw[..4] != MAGIC {
+        return Err("bad header".into());
+    }
+    let crc = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+    let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]) as usize;
+    let body = &raw[HEADER..];
+    if body.len() != len {
+        return Err(format!("length {} != header {len}", body.len()));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok(body.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(n: usize) -> SpoolLimits {
+        SpoolLimits {
+            max_messages: n,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn fifo_survives_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(t.path(), limits(10)).unwrap();
+        for i in 0..5 {
+            s.push(format!("m{i}").as_bytes()).unwrap();
+        }
+        let first = s.peek(None, 2);
+        s.remove(first[0].0).unwrap();
+        drop(s);
+        let mut s = Spool::open(t.path(), limits(10)).unwrap();
+        let all: Vec<_> = s.peek(None, 10).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(all, vec![b"m1".to_vec(), b"m2".to_vec(), b"m3".to_vec(), b"m4".to_vec()]);
+        // sequence numbers keep growing after reopen
+        s.push(b"m5").unwrap();
+        let last = s.peek(None, 10).pop().unwrap();
+        assert_eq!(last.1, b"m5");
+        assert!(last.0 > first[1].0);
+    }
+
+    #[test]
+    fn full_spool_drops_oldest_and_counts_persistently() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(t.path(), limits(3)).unwrap();
+        let mut dropped = 0;
+        for i in 0..10 {
+            dropped += s.push(format!("m{i}").as_bytes()).unwrap();
+        }
+        assert_eq!(dropped, 7);
+        assert_eq!(s.dropped_total(), 7);
+        drop(s);
+        let mut s = Spool::open(t.path(), limits(3)).unwrap();
+        assert_eq!(s.dropped_total(), 7);
+        let all: Vec<_> = s.peek(None, 10).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(all, vec![b"m7".to_vec(), b"m8".to_vec(), b"m9".to_vec()]);
+    }
+
+    #[test]
+    fn byte_bound_is_enforced() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(
+            t.path(),
+            SpoolLimits {
+                max_messages: 100,
+                max_bytes: 10,
+            },
+        )
+        .unwrap();
+        s.push(b"aaaa").unwrap();
+        s.push(b"bbbb").unwrap();
+        assert_eq!(s.push(b"cccc").unwrap(), 1);
+        assert!(s.bytes() <= 10);
+        assert_eq!(s.push(&[0u8; 11]).unwrap(), 1, "oversized message is dropped alone");
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn corrupt_message_is_quarantined_not_sent() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(t.path(), limits(10)).unwrap();
+        s.push(b"good1").unwrap();
+        s.push(b"good2").unwrap();
+        let seq = s.peek(None, 1)[0].0;
+        let f = s.file(seq);
+        let mut raw = fs::read(&f).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 0xff;
+        fs::write(&f, raw).unwrap();
+        drop(s);
+        let mut s = Spool::open(t.path(), limits(10)).unwrap();
+        assert_eq!(s.corrupt_total(), 1);
+        let all: Vec<_> = s.peek(None, 10).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(all, vec![b"good2".to_vec()]);
+    }
+}

@@ -1,0 +1,128 @@
+//! `POST /devices/{id}/enroll`, `POST /devices/{id}/renew` and the operator views.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of an enroll or renew request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// PKCS#10 request, PEM; subject CN must equal the device id in the path.
+    pub csr_pem: String,
+    /// The device's WireGuard public key (base64). The private key never leaves the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
+    /// Free-form registration metadata (hardware, sw_version, …), stored by the bridge.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Successful answer to enroll and renew.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollResponse {
+    /// The device's client certificate, PEM.
+    pub certificate_pem: String,
+    /// Issuing CA followed by the root, PEM; used to verify the bridge and the broker, and
+    /// sent after the leaf when the device authenticates.
+    pub ca_chain_pem: String,
+    pub wireguard: WireguardConfig,
+}
+
+/// What the device needs to bring its tunnel up. Stored as `tunnel/wireguard.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// Device tunnel address with prefix, e.g. `10.8.0.2/32`.
+    pub address: String,
+    /// Always `null` from the bridge; the device fills in its own key locally.
+    pub private_key: Option<String>,
+    /// The hub's public key.
+    pub peer_public_key: String,
+    /// `host:port` of the hub.
+    pub endpoint: String,
+    /// Networks routed through the tunnel, e.g. `["10.8.0.0/24"]`.
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Every non-2xx answer of the bridge carries this body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// Stable machine-readable code, see [`error_code`].
+    pub error: String,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Error codes of the enrollment API and the HTTP status each comes with.
+pub mod error_code {
+    /// 401: missing, unknown or already used bootstrap token.
+    pub const BAD_TOKEN: &str = "bad_token";
+    /// 400: CSR not PEM/DER, or its signature does not verify.
+    pub const BAD_CSR: &str = "bad_csr";
+    /// 403: CSR subject CN differs from the device id in the path.
+    pub const CN_MISMATCH: &str = "cn_mismatch";
+    /// 422: CSR key is not EC P-256.
+    pub const UNSUPPORTED_KEY: &str = "unsupported_key";
+    /// 409: the device is enrolled with another key; a device token is needed to replace it.
+    pub const KEY_CONFLICT: &str = "key_conflict";
+    /// 503: no free tunnel address is left in the pool.
+    pub const POOL_EXHAUSTED: &str = "pool_exhausted";
+    /// 400: the device id is not `[A-Za-z0-9._-]{1,64}`.
+    pub const BAD_DEVICE_ID: &str = "bad_device_id";
+    /// 400: the body is not the expected JSON.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// 403: renew with a certificate that is not the device's current one.
+    pub const CERT_NOT_CURRENT: &str = "cert_not_current";
+    /// 404
+    pub const NOT_FOUND: &str = "not_found";
+    /// 500
+    pub const INTERNAL: &str = "internal";
+}
+
+/// A device as the bridge's registry knows it (`GET /devices/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    /// Hex serial of the current certificate.
+    pub certificate_serial: String,
+    /// RFC 3339.
+    pub certificate_not_after: String,
+    pub wireguard_public_key: Option<String>,
+    pub wireguard_address: String,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// RFC 3339.
+    pub enrolled_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// True for ids the bridge accepts: 1–64 of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn is_valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids() {
+        assert!(is_valid_device_id("device-0001"));
+        assert!(is_valid_device_id("a.b_c-D9"));
+        assert!(!is_valid_device_id(""));
+        assert!(!is_valid_device_id(".."));
+        assert!(!is_valid_device_id("a/b"));
+        assert!(!is_valid_device_id("a b"));
+        assert!(!is_valid_device_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn enroll_request_rejects_unknown_fields() {
+        let r: Result<EnrollRequest, _> = serde_json::from_str(r#"{"csr_pem":"x","extra":1}"#);
+        assert!(r.is_err());
+    }
+}
