@@ -1,0 +1,233 @@
+//! The HTTPS client for `POST /devices/{id}/enroll` and `/renew`, and the two flows around it.
+
+use crate::identity::{Credentials, Identity, cert_info};
+use crate::tls::client_config;
+use std::time::Duration;
+use thingsly_core::state_dir::{StateDir, StateError};
+use thingsly_proto::enroll::{ApiError, EnrollRequest, EnrollResponse};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("bridge unreachable at {url}: {detail}")]
+    Network { url: String, detail: String },
+    #[error("bridge refused ({status} {code}): {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("malformed answer from the bridge: {0}")]
+    Malformed(String),
+    #[error("state directory: {0}")]
+    State(#[from] StateError),
+}
+
+impl EnrollError {
+    /// Whether trying again later can help. A refusal for a bad token or CSR cannot:
+    /// retrying it forever would only hide the problem.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Network { .. } | Self::Malformed(_) => true,
+            Self::Refused { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            Self::State(e) => e.is_disk_full(),
+            Self::Config(_) => false,
+        }
+    }
+}
+
+pub struct EnrollClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl EnrollClient {
+    /// `ca_pem` verifies the bridge; `client_auth` (chain PEM, key PEM) is used for renewal.
+    pub fn new(
+        server_url: &str,
+        ca_pem: &[u8],
+        client_auth: Option<(&[u8], &[u8])>,
+        timeout: Duration,
+    ) -> Result<Self, EnrollError> {
+        let tls = client_config(ca_pem, client_auth).map_err(EnrollError::Config)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("thingsly-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| EnrollError::Config(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: server_url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &EnrollRequest,
+    ) -> Result<EnrollResponse, EnrollError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.post(&url).json(body);
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| EnrollError::Network {
+            url: url.clone(),
+            detail: error_chain(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
+            url: url.clone(),
+            detail: error_chain(&e),
+        })?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => (e.error, e.message),
+                Err(_) => (
+                    "http_error".to_string(),
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+                ),
+            };
+            return Err(EnrollError::Refused {
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            EnrollError::Malformed(format!(
+                "{e}; body starts {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+            ))
+        })
+    }
+
+    pub async fn enroll(
+        &self,
+        device_id: &str,
+        token: &str,
+        body: &EnrollRequest,
+    ) -> Result<EnrollResponse, EnrollError> {
+        self.post(&format!("/devices/{device_id}/enroll"), Some(token), body)
+            .await
+    }
+
+    pub async fn renew(&self, device_id: &str, body: &EnrollRequest) -> Result<EnrollResponse, EnrollError> {
+        self.post(&format!("/devices/{device_id}/renew"), None, body).await
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Check an answer before anything of it is stored: it must certify our key for our id.
+fn validate(identity: &Identity, resp: &EnrollResponse) -> Result<(), EnrollError> {
+    let info = cert_info(resp.certificate_pem.as_bytes()).map_err(EnrollError::Malformed)?;
+    if !identity.matches(&info) {
+        return Err(EnrollError::Malformed("certificate is not for our key".into()));
+    }
+    if info.subject_cn != identity.device_id {
+        return Err(EnrollError::Malformed(format!(
+            "certificate CN {:?} is not our id",
+            info.subject_cn
+        )));
+    }
+    crate::tls::load_pem_certs(resp.ca_chain_pem.as_bytes())
+        .map_err(|e| EnrollError::Malformed(format!("ca_chain_pem: {e}")))?;
+    Ok(())
+}
+
+/// Outcome of [`ensure_enrolled`].
+pub struct Enrolled {
+    pub credentials: Credentials,
+    /// False when the device was already enrolled and nothing was sent.
+    pub fresh: bool,
+}
+
+/// Enroll unless already enrolled. Idempotent and crash-safe: keys exist before the request,
+/// the certificate is stored last.
+pub async fn ensure_enrolled(
+    state: &StateDir,
+    identity: &Identity,
+    server_url: &str,
+    ca_pem: &[u8],
+    token: &str,
+    metadata: serde_json::Map<String, serde_json::Value>,
+    timeout: Duration,
+) -> Result<Enrolled, EnrollError> {
+    if let Some(credentials) = identity.credentials(state)? {
+        return Ok(Enrolled {
+            credentials,
+            fresh: false,
+        });
+    }
+    if server_url.is_empty() {
+        return Err(EnrollError::Config("enroll.server_url is not set and the device has no certificate".into()));
+    }
+    if token.is_empty() {
+        return Err(EnrollError::Config(
+            "no bootstrap token (enroll.bootstrap_token or enroll.bootstrap_token_file)".into(),
+        ));
+    }
+    let client = EnrollClient::new(server_url, ca_pem, None, timeout)?;
+    let body = EnrollRequest {
+        csr_pem: identity.csr_pem().map_err(EnrollError::Config)?,
+        wireguard_public_key: Some(identity.wireguard_public.clone()),
+        metadata,
+    };
+    let resp = client.enroll(&identity.device_id, token, &body).await?;
+    validate(identity, &resp)?;
+    identity.store(state, &resp.certificate_pem, &resp.ca_chain_pem, Some(&resp.wireguard))?;
+    let credentials = identity
+        .credentials(state)?
+        .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;
+    tracing::info!(serial = %credentials.info.serial_hex, not_after = %credentials.info.not_after, "enrolled");
+    Ok(Enrolled {
+        credentials,
+        fresh: true,
+    })
+}
+
+/// Renew the certificate over mTLS with the current one; the key stays the same.
+pub async fn renew(
+    state: &StateDir,
+    identity: &Identity,
+    current: &Credentials,
+    server_url: &str,
+    ca_pem: &[u8],
+    timeout: Duration,
+) -> Result<Credentials, EnrollError> {
+    let chain = current.full_chain_pem();
+    let client = EnrollClient::new(
+        server_url,
+        ca_pem,
+        Some((chain.as_bytes(), current.key_pem.as_bytes())),
+        timeout,
+    )?;
+    let body = EnrollRequest {
+        csr_pem: identity.csr_pem().map_err(EnrollError::Config)?,
+        wireguard_public_key: Some(identity.wireguard_public.clone()),
+        metadata: Default::default(),
+    };
+    let resp = client.renew(&identity.device_id, &body).await?;
+    validate(identity, &resp)?;
+    identity.store(state, &resp.certificate_pem, &resp.ca_chain_pem, Some(&resp.wireguard))?;
+    let creds = identity
+        .credentials(state)?
+        .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;
+    tracing::info!(serial = %creds.info.serial_hex, not_after = %creds.info.not_after, "certificate renewed");
+    Ok(creds)
+}
