@@ -1,1 +1,11 @@
+//! thingsly-bridge: the slim server side. It owns the enrollment CA, the device registry
+//! (SQLite by default) with each device's WireGuard address, and the HTTPS API devices and
+//! operators use. It never holds a device's private keys.
 
+pub mod api;
+pub mod ca;
+pub mod config;
+pub mod store;
+pub mod tls_server;
+
+pub use config::BridgeConfig;

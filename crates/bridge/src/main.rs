@@ -1,1 +1,212 @@
-fn main(){}
+//! `thingsly-bridge`: init the PKI, serve the API, manage tokens.
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use rand_core::{OsRng, RngCore};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use thingsly_bridge::api::{AppState, router};
+use thingsly_bridge::ca::{self, Ca, CaPaths, InitOptions, write_file};
+use thingsly_bridge::store::Store;
+use thingsly_bridge::{BridgeConfig, tls_server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "thingsly-bridge", version, about = "Thingsly Edge server side: enrollment CA, device registry")]
+struct Cli {
+    /// Config file; all defaults when it does not exist.
+    #[arg(long, global = true, env = "THINGSLY_BRIDGE_CONFIG", default_value = "/etc/thingsly/bridge.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the root and issuing CA (or import PEMs), the server certificate, the WireGuard
+    /// hub key and the fleet and admin tokens.
+    Init {
+        #[arg(long, requires = "import_root_key")]
+        import_root_cert: Option<PathBuf>,
+        #[arg(long)]
+        import_root_key: Option<PathBuf>,
+        #[arg(long, requires = "import_issuing_key")]
+        import_issuing_cert: Option<PathBuf>,
+        #[arg(long)]
+        import_issuing_key: Option<PathBuf>,
+        /// Replace an existing PKI (devices enrolled under it stop being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve the HTTPS API.
+    Serve,
+    /// Create a one-time enrollment token for one device and print it.
+    Token {
+        #[arg(long)]
+        device: String,
+        /// Validity.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a TLS server certificate from the issuing CA (e.g. for the MQTT broker).
+    IssueServerCert {
+        /// DNS names or IP addresses; the first is also the CN.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out_cert: PathBuf,
+        #[arg(long)]
+        out_key: PathBuf,
+    },
+    /// List enrolled devices as JSON.
+    Devices,
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| path.display().to_string()),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+    let cfg = BridgeConfig::load(&cli.config)?;
+    match cli.cmd {
+        Cmd::Init {
+            import_root_cert,
+            import_root_key,
+            import_issuing_cert,
+            import_issuing_key,
+            force,
+        } => {
+            let opts = InitOptions {
+                import_root: import_root_cert.zip(import_root_key),
+                import_issuing: import_issuing_cert.zip(import_issuing_key),
+                force,
+            };
+            ca::init(&cfg.data_dir, &cfg.server_names, &opts)?;
+            let wg_key = cfg.data_dir.join("wireguard.key");
+            if force || !wg_key.exists() {
+                let secret = x25519_dalek::StaticSecret::random_from_rng(OsRng);
+                let k = base64::engine::general_purpose::STANDARD.encode(secret.to_bytes());
+                write_file(&wg_key, format!("{k}\n").as_bytes(), 0o600)?;
+            }
+            for p in [cfg.fleet_token_path(), cfg.admin_token_path()] {
+                if force || !p.exists() {
+                    write_file(&p, format!("{}\n", random_token()).as_bytes(), 0o600)?;
+                }
+            }
+            Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            let paths = CaPaths::new(&cfg.data_dir);
+            println!("PKI ready in {}", paths.dir.display());
+            println!("  CA bundle for devices: {}", paths.chain().display());
+            println!("  fleet token:           {}", cfg.fleet_token_path().display());
+            println!("  admin token:           {}", cfg.admin_token_path().display());
+            Ok(())
+        }
+        Cmd::Serve => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(serve(cfg))
+        }
+        Cmd::Token { device, ttl } => {
+            anyhow::ensure!(
+                thingsly_proto::enroll::is_valid_device_id(&device),
+                "--device must be 1-64 of A-Z a-z 0-9 . _ -"
+            );
+            let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            let token = random_token();
+            let expires = time::OffsetDateTime::now_utc().unix_timestamp() + ttl.as_secs() as i64;
+            store.add_device_token(&device, &token, expires)?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::IssueServerCert {
+            names,
+            out_cert,
+            out_key,
+        } => {
+            let ca = Ca::load(&cfg.data_dir)?;
+            let (crt, key) = ca.issue_server(&names, Duration::from_secs(825 * 24 * 3600))?;
+            write_file(&out_cert, format!("{crt}{}", ca.chain_pem).as_bytes(), 0o644)?;
+            write_file(&out_key, key.as_bytes(), 0o600)?;
+            Ok(())
+        }
+        Cmd::Devices => {
+            let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            println!("{}", serde_json::to_string_pretty(&store.list()?)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
+    let ca = Ca::load(&cfg.data_dir)?;
+    let paths = CaPaths::new(&cfg.data_dir);
+    let tls = tls_server::server_config(&paths.server_crt(), &paths.server_key(), ca.root_pem.as_bytes())?;
+    let wg_private = read_token(&cfg.data_dir.join("wireguard.key"))?;
+    let wg_public = {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&wg_private)
+            .context("wireguard.key")?;
+        let bytes: [u8; 32] = raw.try_into().map_err(|_| anyhow::anyhow!("wireguard.key is not 32 bytes"))?;
+        let secret = x25519_dalek::StaticSecret::from(bytes);
+        base64::engine::general_purpose::STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+    };
+    let state = Arc::new(AppState {
+        ca,
+        store: Store::open(&cfg.data_dir.join("bridge.sqlite"))?,
+        fleet_token: read_token(&cfg.fleet_token_path())?,
+        admin_token: read_token(&cfg.admin_token_path())?,
+        device_cert_lifetime: cfg.device_cert_lifetime,
+        pool: cfg.wireguard.pool.parse()?,
+        wg_endpoint: cfg.wireguard.endpoint.clone(),
+        wg_keepalive: cfg.wireguard.persistent_keepalive,
+        wg_public_key: wg_public,
+    });
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "thingsly-bridge serving");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down");
+        s.cancel();
+    });
+    tls_server::serve(listener, tls, router(state), shutdown).await
+}

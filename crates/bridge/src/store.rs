@@ -1,0 +1,227 @@
+//! The device registry. SQLite is the embedded default; every query lives in this file behind
+//! plain methods so a PostgreSQL backend can implement the same surface later.
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Mutex;
+use thingsly_proto::enroll::DeviceRecord;
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+/// A device row, including what operators do not see (the certified key).
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub record: DeviceRecord,
+    /// Hex of the device's certified public key (SubjectPublicKeyInfo DER).
+    pub public_key_hex: String,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS devices (
+                device_id TEXT PRIMARY KEY,
+                public_key TEXT NOT NULL,
+                cert_serial TEXT NOT NULL,
+                cert_not_after TEXT NOT NULL,
+                wg_public_key TEXT,
+                wg_address TEXT NOT NULL UNIQUE,
+                metadata TEXT NOT NULL,
+                enrolled_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS device_tokens (
+                token_sha256 TEXT PRIMARY KEY,
+                device_id TEXT NOT NULL,
+                expires_at INTEGER NOT NULL,
+                used_at INTEGER
+             );",
+        )?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent; keep serving.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, device_id: &str) -> anyhow::Result<Option<Device>> {
+        let c = self.conn();
+        let row = c
+            .query_row(
+                "SELECT device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
+                        metadata, enrolled_at, updated_at FROM devices WHERE device_id = ?1",
+                params![device_id],
+                row_to_device,
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<DeviceRecord>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
+                    metadata, enrolled_at, updated_at FROM devices ORDER BY device_id",
+        )?;
+        let rows = stmt.query_map([], row_to_device)?;
+        Ok(rows
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|d| d.record)
+            .collect())
+    }
+
+    /// The device's address, or the lowest free one in `pool` (the first host is the hub's).
+    pub fn address_for(&self, device_id: &str, pool: ipnet::Ipv4Net) -> anyhow::Result<Option<Ipv4Addr>> {
+        let c = self.conn();
+        if let Some(a) = c
+            .query_row(
+                "SELECT wg_address FROM devices WHERE device_id = ?1",
+                params![device_id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            return Ok(a.split('/').next().and_then(|s| s.parse().ok()));
+        }
+        let mut stmt = c.prepare("SELECT wg_address FROM devices")?;
+        let used: std::collections::HashSet<Ipv4Addr> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .filter_map(|r| r.ok())
+            .filter_map(|a| a.split('/').next().and_then(|s| s.parse().ok()))
+            .collect();
+        Ok(pool.hosts().skip(1).find(|a| !used.contains(a)))
+    }
+
+    /// Insert or update a device after a successful enroll/renew. The address never changes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upsert(
+        &self,
+        device_id: &str,
+        public_key_hex: &str,
+        serial_hex: &str,
+        not_after: &str,
+        wg_public_key: Option<&str>,
+        wg_address: &str,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        let now = now_rfc3339();
+        let meta = serde_json::to_string(metadata)?;
+        self.conn().execute(
+            "INSERT INTO devices (device_id, public_key, cert_serial, cert_not_after, wg_public_key,
+                                  wg_address, metadata, enrolled_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT(device_id) DO UPDATE SET
+                public_key = excluded.public_key, cert_serial = excluded.cert_serial,
+                cert_not_after = excluded.cert_not_after,
+                wg_public_key = COALESCE(excluded.wg_public_key, devices.wg_public_key),
+                metadata = CASE WHEN excluded.metadata = '{}' THEN devices.metadata ELSE excluded.metadata END,
+                updated_at = excluded.updated_at",
+            params![device_id, public_key_hex, serial_hex, not_after, wg_public_key, wg_address, meta, now],
+        )?;
+        Ok(())
+    }
+
+    /// Store a one-time enrollment token for one device; only its hash is kept.
+    pub fn add_device_token(&self, device_id: &str, token: &str, expires_at: i64) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO device_tokens (token_sha256, device_id, expires_at) VALUES (?1, ?2, ?3)",
+            params![token_hash(token), device_id, expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// True when `token` is an unused, unexpired one-time token for `device_id`.
+    pub fn device_token_valid(&self, device_id: &str, token: &str) -> anyhow::Result<bool> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM device_tokens WHERE token_sha256 = ?1 AND device_id = ?2
+               AND used_at IS NULL AND expires_at > ?3",
+            params![token_hash(token), device_id, now],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    pub fn consume_device_token(&self, token: &str) -> anyhow::Result<()> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.conn().execute(
+            "UPDATE device_tokens SET used_at = ?2 WHERE token_sha256 = ?1",
+            params![token_hash(token), now],
+        )?;
+        Ok(())
+    }
+}
+
+fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
+    let meta: String = r.get(6)?;
+    Ok(Device {
+        public_key_hex: r.get(1)?,
+        record: DeviceRecord {
+            device_id: r.get(0)?,
+            certificate_serial: r.get(2)?,
+            certificate_not_after: r.get(3)?,
+            wireguard_public_key: r.get(4)?,
+            wireguard_address: r.get(5)?,
+            metadata: serde_json::from_str(&meta).unwrap_or_default(),
+            enrolled_at: r.get(7)?,
+            updated_at: r.get(8)?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_allocated_lowest_first_and_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db.sqlite")).unwrap();
+        let pool: ipnet::Ipv4Net = "10.8.0.0/29".parse().unwrap();
+        let a = s.address_for("a", pool).unwrap().unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 8, 0, 2));
+        s.upsert("a", "k", "01", "t", None, "10.8.0.2/32", &Default::default()).unwrap();
+        assert_eq!(s.address_for("a", pool).unwrap(), Some(a));
+        assert_eq!(s.address_for("b", pool).unwrap(), Some(Ipv4Addr::new(10, 8, 0, 3)));
+        for (i, id) in ["b", "c", "d", "e"].iter().enumerate() {
+            let addr = format!("10.8.0.{}/32", 3 + i);
+            s.upsert(id, "k", "01", "t", None, &addr, &Default::default()).unwrap();
+        }
+        // /29: hosts .1-.6, .1 is the hub, .2-.6 taken
+        assert_eq!(s.address_for("f", pool).unwrap(), None);
+    }
+
+    #[test]
+    fn one_time_tokens_are_single_use() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db.sqlite")).unwrap();
+        s.add_device_token("d1", "secret", i64::MAX).unwrap();
+        assert!(s.device_token_valid("d1", "secret").unwrap());
+        assert!(!s.device_token_valid("d2", "secret").unwrap());
+        s.consume_device_token("secret").unwrap();
+        assert!(!s.device_token_valid("d1", "secret").unwrap());
+    }
+}
