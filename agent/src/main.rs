@@ -1,1 +1,164 @@
-fn main(){}
+//! `thingsly-agent`: the device daemon and its one-shot commands.
+
+mod enroll_module;
+mod platform;
+mod status;
+mod supervisor;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use supervisor::{Ctx, ModuleFn, ModuleFuture};
+use thingsly_core::StateHandle;
+use thingsly_core::config::{AgentConfig, DEFAULT_PATH};
+use thingsly_core::state_dir::StateDir;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "thingsly-agent", version, about = "Thingsly Edge device agent")]
+struct Cli {
+    #[arg(long, short, global = true, env = "THINGSLY_AGENT_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run,
+    /// Enroll once (no retries) and exit; does nothing when already enrolled.
+    Enroll,
+    /// Show identity, enrollment and each module's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config file and exit (0 when valid).
+    CheckConfig,
+}
+
+fn init_logging(level: &str) {
+    // Under journald: no timestamps (journald adds them) and no colours.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    if journald {
+        b.without_time().with_target(false).init();
+    } else {
+        b.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
+    AgentConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::CheckConfig => load(&cli.config).map(|c| {
+            println!("{}: ok (device {})", cli.config.display(), c.device.id);
+        }),
+        Cmd::Status { json } => load(&cli.config).and_then(|c| status::print(&c, *json)),
+        Cmd::Run | Cmd::Enroll => (|| {
+            let cfg = load(&cli.config)?;
+            init_logging(&cfg.log.level);
+            // One runtime, one thread: the agent's work is I/O bound and small.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                match cli.cmd {
+                    Cmd::Enroll => enroll_once(cfg).await,
+                    _ => run(cfg).await,
+                }
+            })
+        })(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("thingsly-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn context(cfg: AgentConfig) -> anyhow::Result<Ctx> {
+    let dir = StateDir::open(&cfg.device.state_dir)
+        .with_context(|| format!("state directory {}", cfg.device.state_dir.display()))?;
+    let initial = platform::initial_state(&cfg).await;
+    tracing::info!(sw_version = %initial.sw_version, rauc_slot = %initial.rauc_slot, hardware = %initial.hardware, "device");
+    let (creds_tx, _) = tokio::sync::watch::channel(None);
+    Ok(Ctx {
+        cfg: Arc::new(cfg),
+        state: StateHandle::new(initial),
+        dir,
+        creds_tx: Arc::new(creds_tx),
+        shutdown: CancellationToken::new(),
+    })
+}
+
+async fn enroll_once(cfg: AgentConfig) -> anyhow::Result<()> {
+    let ctx = context(cfg).await?;
+    let identity = thingsly_enroll::Identity::load_or_create(&ctx.dir, &ctx.cfg.device.id)?;
+    let creds = enroll_module::enroll_until_done(&ctx, &identity, true).await?;
+    println!(
+        "enrolled as {} (certificate serial {}, valid until {})",
+        creds.info.subject_cn, creds.info.serial_hex, creds.info.not_after
+    );
+    Ok(())
+}
+
+fn enroll_module(ctx: Ctx) -> ModuleFuture {
+    Box::pin(enroll_module::run(ctx))
+}
+
+#[cfg(feature = "telemetry")]
+fn telemetry_module(ctx: Ctx) -> ModuleFuture {
+    use thingsly_core::spool::SpoolLimits;
+    use thingsly_proto::topics::Dialect;
+    let t = &ctx.cfg.telemetry;
+    let cfg = thingsly_telemetry::TelemetryConfig {
+        device_id: ctx.cfg.device.id.clone(),
+        host: t.host.clone(),
+        port: t.port,
+        dialect: match t.dialect {
+            thingsly_core::config::DialectName::Thingsboard => Dialect::ThingsBoard,
+            thingsly_core::config::DialectName::Thingsly => Dialect::Thingsly,
+        },
+        interval: t.interval,
+        keepalive: t.keepalive,
+        ca_bundle: t.ca_bundle.clone(),
+        username: t.username.clone(),
+        password: t.password.clone(),
+        spool: SpoolLimits {
+            max_messages: t.spool_max_messages,
+            max_bytes: t.spool_max_bytes,
+        },
+        max_inflight: t.max_inflight,
+        reboot_command: ctx.cfg.commands.reboot.clone(),
+    };
+    Box::pin(async move {
+        thingsly_telemetry::run(cfg, ctx.state.clone(), ctx.dir.clone(), ctx.creds_tx.subscribe(), ctx.shutdown.clone())
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let ctx = context(cfg).await?;
+    let mut modules: Vec<(&'static str, ModuleFn)> = vec![(enroll_module::MODULE, enroll_module)];
+    #[cfg(feature = "telemetry")]
+    if ctx.cfg.telemetry.enabled {
+        modules.push(("telemetry", telemetry_module));
+    } else {
+        ctx.state.set_module("telemetry", "disabled", "telemetry.enabled = false");
+    }
+    supervisor::run(ctx, modules).await
+}
