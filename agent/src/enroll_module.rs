@@ -26,8 +26,17 @@ fn publish(ctx: &Ctx, creds: Credentials) {
         .not_after
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
+    let tunnel_address = ctx
+        .dir
+        .read_json::<thingsly_proto::enroll::WireguardConfig>(thingsly_enroll::paths::WIREGUARD_CONFIG)
+        .ok()
+        .flatten()
+        .map(|w| w.address);
     ctx.state.update(|s| {
         s.enrolled = true;
+        if tunnel_address.is_some() {
+            s.tunnel_address = tunnel_address.clone();
+        }
         s.credentials_generation += 1;
         s.certificate_not_after = Some(not_after.clone());
     });

@@ -60,6 +60,18 @@ enum Cmd {
         #[arg(long)]
         out_key: PathBuf,
     },
+    /// Issue a client certificate and key from the issuing CA (an observer or a test client;
+    /// devices enroll instead).
+    IssueClientCert {
+        #[arg(long)]
+        cn: String,
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+        #[arg(long)]
+        out_cert: PathBuf,
+        #[arg(long)]
+        out_key: PathBuf,
+    },
     /// List enrolled devices as JSON.
     Devices,
 }
@@ -155,6 +167,19 @@ fn main() -> anyhow::Result<()> {
             let (crt, key) = ca.issue_server(&names, Duration::from_secs(825 * 24 * 3600))?;
             write_file(&out_cert, format!("{crt}{}", ca.chain_pem).as_bytes(), 0o644)?;
             write_file(&out_key, key.as_bytes(), 0o600)?;
+            Ok(())
+        }
+        Cmd::IssueClientCert {
+            cn,
+            valid_for,
+            out_cert,
+            out_key,
+        } => {
+            let ca = Ca::load(&cfg.data_dir)?;
+            let kp = rcgen::KeyPair::generate()?;
+            let issued = ca.sign_device(&cn, &rcgen::PublicKeyData::subject_public_key_info(&kp), valid_for)?;
+            write_file(&out_cert, format!("{}{}", issued.pem, ca.chain_pem).as_bytes(), 0o644)?;
+            write_file(&out_key, kp.serialize_pem().as_bytes(), 0o600)?;
             Ok(())
         }
         Cmd::Devices => {

@@ -91,7 +91,7 @@ pub fn cert_info(pem: &[u8]) -> Result<CertInfo, String> {
         serial_hex: cert.raw_serial_as_string().replace(':', ""),
         not_before: validity.not_before.to_datetime(),
         not_after: validity.not_after.to_datetime(),
-        public_key_der: cert.public_key().raw.to_vec(),
+        public_key_der: cert.public_key().subject_public_key.data.to_vec(),
     })
 }
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the local run and the tests need (idempotent, quiet when done).
+set -euo pipefail
+pkgs=(mosquitto mosquitto-clients openssl systemd)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  SUDO=; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
