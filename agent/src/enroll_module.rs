@@ -28,7 +28,9 @@ fn publish(ctx: &Ctx, creds: Credentials) {
         .unwrap_or_default();
     let tunnel_address = ctx
         .dir
-        .read_json::<thingsly_proto::enroll::WireguardConfig>(thingsly_enroll::paths::WIREGUARD_CONFIG)
+        .read_json::<thingsly_proto::enroll::WireguardConfig>(
+            thingsly_enroll::paths::WIREGUARD_CONFIG,
+        )
         .ok()
         .flatten()
         .map(|w| w.address);
@@ -40,8 +42,12 @@ fn publish(ctx: &Ctx, creds: Credentials) {
         s.credentials_generation += 1;
         s.certificate_not_after = Some(not_after.clone());
     });
-    ctx.state.set_module(MODULE, "running", format!("enrolled, certificate valid until {not_after}"));
-    let _ = ctx.creds_tx.send(Some(Arc::new(creds)));
+    ctx.state.set_module(
+        MODULE,
+        "running",
+        format!("enrolled, certificate valid until {not_after}"),
+    );
+    ctx.creds_tx.send_replace(Some(Arc::new(creds)));
 }
 
 /// The CA that verifies the bridge: the configured bundle, or the chain we got at enrollment.
@@ -50,13 +56,19 @@ fn bridge_ca(ctx: &Ctx, creds: Option<&Credentials>) -> anyhow::Result<Vec<u8>> 
         Ok(b) => Ok(b),
         Err(e) => match creds {
             Some(c) => Ok(c.ca_chain_pem.clone().into_bytes()),
-            None => Err(e).with_context(|| format!("enroll.ca_bundle {}", ctx.cfg.enroll.ca_bundle.display())),
+            None => Err(e).with_context(|| {
+                format!("enroll.ca_bundle {}", ctx.cfg.enroll.ca_bundle.display())
+            }),
         },
     }
 }
 
 /// One enrollment attempt sequence until success; used by the module and by `enroll`.
-pub async fn enroll_until_done(ctx: &Ctx, identity: &Identity, once: bool) -> anyhow::Result<Credentials> {
+pub async fn enroll_until_done(
+    ctx: &Ctx,
+    identity: &Identity,
+    once: bool,
+) -> anyhow::Result<Credentials> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
     loop {
         let existing = identity.credentials(&ctx.dir)?;
@@ -83,7 +95,11 @@ pub async fn enroll_until_done(ctx: &Ctx, identity: &Identity, once: bool) -> an
             Err(e) if e.is_retryable() && !once => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "enrollment failed, will retry");
-                ctx.state.set_module(MODULE, "waiting", format!("{e}; retry in {}s", delay.as_secs()));
+                ctx.state.set_module(
+                    MODULE,
+                    "waiting",
+                    format!("{e}; retry in {}s", delay.as_secs()),
+                );
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => anyhow::bail!("shutting down"),
                     _ = tokio::time::sleep(delay) => {}
@@ -128,7 +144,11 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "renewal failed");
-                ctx.state.set_module(MODULE, "running", format!("renewal failed: {e}; retry in {}s", delay.as_secs()));
+                ctx.state.set_module(
+                    MODULE,
+                    "running",
+                    format!("renewal failed: {e}; retry in {}s", delay.as_secs()),
+                );
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}

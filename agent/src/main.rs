@@ -71,7 +71,9 @@ fn main() -> std::process::ExitCode {
             let cfg = load(&cli.config)?;
             init_logging(&cfg.log.level);
             // One runtime, one thread: the agent's work is I/O bound and small.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 match cli.cmd {
                     Cmd::Enroll => enroll_once(cfg).await,
@@ -145,9 +147,15 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
         reboot_command: ctx.cfg.commands.reboot.clone(),
     };
     Box::pin(async move {
-        thingsly_telemetry::run(cfg, ctx.state.clone(), ctx.dir.clone(), ctx.creds_tx.subscribe(), ctx.shutdown.clone())
-            .await
-            .map_err(anyhow::Error::from)
+        thingsly_telemetry::run(
+            cfg,
+            ctx.state.clone(),
+            ctx.dir.clone(),
+            ctx.creds_tx.subscribe(),
+            ctx.shutdown.clone(),
+        )
+        .await
+        .map_err(anyhow::Error::from)
     })
 }
 
@@ -158,7 +166,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if ctx.cfg.telemetry.enabled {
         modules.push(("telemetry", telemetry_module));
     } else {
-        ctx.state.set_module("telemetry", "disabled", "telemetry.enabled = false");
+        ctx.state
+            .set_module("telemetry", "disabled", "telemetry.enabled = false");
     }
     supervisor::run(ctx, modules).await
 }

@@ -17,14 +17,29 @@ pub async fn rauc_info() -> Result<RaucInfo, String> {
     use std::collections::HashMap;
     use zbus::zvariant::OwnedValue;
     let fut = async {
-        let conn = zbus::Connection::system().await.map_err(|e| e.to_string())?;
-        let proxy = zbus::Proxy::new(&conn, "de.pengutronix.rauc", "/", "de.pengutronix.rauc.Installer")
+        let conn = zbus::Connection::system()
             .await
             .map_err(|e| e.to_string())?;
-        let boot_slot: String = proxy.get_property("BootSlot").await.map_err(|e| e.to_string())?;
-        let compatible: String = proxy.get_property("Compatible").await.map_err(|e| e.to_string())?;
-        let slots: Vec<(String, HashMap<String, OwnedValue>)> =
-            proxy.call("GetSlotStatus", &()).await.map_err(|e| e.to_string())?;
+        let proxy = zbus::Proxy::new(
+            &conn,
+            "de.pengutronix.rauc",
+            "/",
+            "de.pengutronix.rauc.Installer",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let boot_slot: String = proxy
+            .get_property("BootSlot")
+            .await
+            .map_err(|e| e.to_string())?;
+        let compatible: String = proxy
+            .get_property("Compatible")
+            .await
+            .map_err(|e| e.to_string())?;
+        let slots: Vec<(String, HashMap<String, OwnedValue>)> = proxy
+            .call("GetSlotStatus", &())
+            .await
+            .map_err(|e| e.to_string())?;
         let text = |m: &HashMap<String, OwnedValue>, k: &str| {
             m.get(k).and_then(|v| String::try_from(v.clone()).ok())
         };
@@ -63,7 +78,10 @@ pub fn os_release_version() -> Option<String> {
 }
 
 pub fn hardware_name() -> String {
-    for p in ["/sys/firmware/devicetree/base/model", "/sys/class/dmi/id/product_name"] {
+    for p in [
+        "/sys/firmware/devicetree/base/model",
+        "/sys/class/dmi/id/product_name",
+    ] {
         if let Ok(s) = std::fs::read_to_string(p) {
             let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
             if !s.is_empty() {

@@ -13,20 +13,25 @@ pub fn print(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
         .ok()
         .flatten()
         .and_then(|pem| cert_info(&pem).ok());
-    let wg: Option<serde_json::Value> = dir.read(paths::WIREGUARD_CONFIG).ok().flatten().and_then(|d| {
-        let mut v: serde_json::Value = serde_json::from_slice(&d).ok()?;
-        // Never print key material.
-        v.as_object_mut()?.remove("private_key");
-        Some(v)
-    });
-    let daemon: Option<serde_json::Value> = std::fs::read(cfg.device.runtime_dir.join("status.json"))
-        .ok()
-        .and_then(|d| serde_json::from_slice(&d).ok())
-        .filter(|v: &serde_json::Value| {
-            v["pid"]
-                .as_u64()
-                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        });
+    let wg: Option<serde_json::Value> =
+        dir.read(paths::WIREGUARD_CONFIG)
+            .ok()
+            .flatten()
+            .and_then(|d| {
+                let mut v: serde_json::Value = serde_json::from_slice(&d).ok()?;
+                // Never print key material.
+                v.as_object_mut()?.remove("private_key");
+                Some(v)
+            });
+    let daemon: Option<serde_json::Value> =
+        std::fs::read(cfg.device.runtime_dir.join("status.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .filter(|v: &serde_json::Value| {
+                v["pid"]
+                    .as_u64()
+                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            });
     let fmt = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
@@ -64,15 +69,30 @@ pub fn print(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
             fmt(c.not_after),
             fmt(c.renew_at(cfg.enroll.renew_fraction))
         ),
-        None => println!("enrolled:    no (key {})", if key_present { "present" } else { "not yet created" }),
+        None => println!(
+            "enrolled:    no (key {})",
+            if key_present {
+                "present"
+            } else {
+                "not yet created"
+            }
+        ),
     }
     if let Some(w) = &wg {
-        println!("tunnel:      {} via {}", w["address"].as_str().unwrap_or("?"), w["endpoint"].as_str().unwrap_or("?"));
+        println!(
+            "tunnel:      {} via {}",
+            w["address"].as_str().unwrap_or("?"),
+            w["endpoint"].as_str().unwrap_or("?")
+        );
     }
     match &daemon {
         None => println!("daemon:      not running"),
         Some(d) => {
-            println!("daemon:      running (pid {}, updated {})", d["pid"], d["updated_at"].as_str().unwrap_or(""));
+            println!(
+                "daemon:      running (pid {}, updated {})",
+                d["pid"],
+                d["updated_at"].as_str().unwrap_or("")
+            );
             let s = &d["state"];
             println!(
                 "software:    {} slot {} ota {}",

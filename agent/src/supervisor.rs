@@ -93,7 +93,7 @@ fn write_status(path: &PathBuf, s: &DeviceState) {
     };
     if let Ok(data) = serde_json::to_vec_pretty(&file) {
         if let Err(e) = write_atomic(path, &data, MODE_PUBLIC) {
-            tracing::debug!(error = %e, "cannot write status file");
+            tracing::warn!(error = %e, "cannot write status file");
         }
     }
 }
@@ -129,7 +129,7 @@ pub async fn run(ctx: Ctx, modules: Vec<(&'static str, ModuleFn)>) -> anyhow::Re
     let mut state_rx = ctx.state.subscribe();
     let mut last_status = String::new();
     let mut status_dirty = true;
-    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut status_tick = tokio::time::interval(Duration::from_millis(250));
 
     loop {
         tokio::select! {
@@ -143,7 +143,7 @@ pub async fn run(ctx: Ctx, modules: Vec<(&'static str, ModuleFn)>) -> anyhow::Re
                 if r.is_err() { break; }
                 status_dirty = true;
             }
-            // Coalesce state changes into at most one status write per second.
+            // Coalesce state changes into at most four status writes per second (tmpfs).
             _ = status_tick.tick(), if status_dirty => {
                 status_dirty = false;
                 let s = state_rx.borrow_and_update().clone();

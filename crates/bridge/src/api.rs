@@ -59,7 +59,11 @@ fn fail(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiFa
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiFailure {
-    fail(StatusCode::INTERNAL_SERVER_ERROR, error_code::INTERNAL, e.to_string())
+    fail(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        error_code::INTERNAL,
+        e.to_string(),
+    )
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -68,7 +72,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/renew", post(renew))
         .route("/devices/{id}", get(get_device))
         .route("/devices", get(list_devices))
-        .fallback(|| async { fail(StatusCode::NOT_FOUND, error_code::NOT_FOUND, "no such endpoint") })
+        .fallback(|| async {
+            fail(
+                StatusCode::NOT_FOUND,
+                error_code::NOT_FOUND,
+                "no such endpoint",
+            )
+        })
         .with_state(state)
 }
 
@@ -93,12 +103,17 @@ struct CheckedCsr {
 fn check_csr(pem: &str, device_id: &str) -> Result<CheckedCsr, ApiFailure> {
     use x509_parser::prelude::FromDer;
     let bad = |m: String| fail(StatusCode::BAD_REQUEST, error_code::BAD_CSR, m);
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(format!("csr_pem is not PEM: {e}")))?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| bad(format!("csr_pem is not PEM: {e}")))?;
     if p.label != "CERTIFICATE REQUEST" {
-        return Err(bad(format!("csr_pem holds a {:?}, not a CERTIFICATE REQUEST", p.label)));
+        return Err(bad(format!(
+            "csr_pem holds a {:?}, not a CERTIFICATE REQUEST",
+            p.label
+        )));
     }
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
-        .map_err(|e| bad(format!("CSR does not parse: {e}")))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
+            .map_err(|e| bad(format!("CSR does not parse: {e}")))?;
     csr.verify_signature()
         .map_err(|e| bad(format!("CSR signature does not verify: {e}")))?;
     let info = &csr.certification_request_info;
@@ -134,9 +149,16 @@ fn check_csr(pem: &str, device_id: &str) -> Result<CheckedCsr, ApiFailure> {
     })
 }
 
-fn parse_body(body: Result<Json<EnrollRequest>, JsonRejection>) -> Result<EnrollRequest, ApiFailure> {
-    body.map(|Json(b)| b)
-        .map_err(|e| fail(StatusCode::BAD_REQUEST, error_code::BAD_REQUEST, e.body_text()))
+fn parse_body(
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<EnrollRequest, ApiFailure> {
+    body.map(|Json(b)| b).map_err(|e| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            error_code::BAD_REQUEST,
+            e.body_text(),
+        )
+    })
 }
 
 fn check_id(id: &str) -> Result<(), ApiFailure> {
@@ -230,7 +252,8 @@ async fn enroll(
     check_id(&id)?;
     let token = bearer(&headers).unwrap_or_default();
     let fleet = token_eq(token, &st.fleet_token);
-    let device_token = !fleet && !token.is_empty() && st.store.device_token_valid(&id, token).map_err(internal)?;
+    let device_token =
+        !fleet && !token.is_empty() && st.store.device_token_valid(&id, token).map_err(internal)?;
     if !fleet && !device_token {
         return Err(fail(
             StatusCode::UNAUTHORIZED,
@@ -252,7 +275,13 @@ async fn enroll(
             ));
         }
     }
-    let resp = issue(&st, &id, &csr, req.wireguard_public_key.as_deref(), &req.metadata)?;
+    let resp = issue(
+        &st,
+        &id,
+        &csr,
+        req.wireguard_public_key.as_deref(),
+        &req.metadata,
+    )?;
     if device_token {
         st.store.consume_device_token(token).map_err(internal)?;
     }
@@ -267,10 +296,19 @@ async fn renew(
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiFailure> {
     check_id(&id)?;
-    let unauth = |m: &str| fail(StatusCode::UNAUTHORIZED, error_code::BAD_TOKEN, m.to_string());
+    let unauth = |m: &str| {
+        fail(
+            StatusCode::UNAUTHORIZED,
+            error_code::BAD_TOKEN,
+            m.to_string(),
+        )
+    };
     // rustls already verified the chain to our root; here we check whose it is.
-    let der = peer.0.ok_or_else(|| unauth("renewal needs the device's current client certificate (mTLS)"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|_| unauth("client certificate unreadable"))?;
+    let der = peer
+        .0
+        .ok_or_else(|| unauth("renewal needs the device's current client certificate (mTLS)"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|_| unauth("client certificate unreadable"))?;
     let cn = cert
         .subject()
         .iter_common_name()
@@ -285,12 +323,18 @@ async fn renew(
         ));
     }
     let serial = cert.raw_serial_as_string().replace(':', "");
-    let existing = st
-        .store
-        .get(&id)
-        .map_err(internal)?
-        .ok_or_else(|| fail(StatusCode::NOT_FOUND, error_code::NOT_FOUND, "unknown device"))?;
-    if !existing.record.certificate_serial.eq_ignore_ascii_case(&serial) {
+    let existing = st.store.get(&id).map_err(internal)?.ok_or_else(|| {
+        fail(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            "unknown device",
+        )
+    })?;
+    if !existing
+        .record
+        .certificate_serial
+        .eq_ignore_ascii_case(&serial)
+    {
         return Err(fail(
             StatusCode::FORBIDDEN,
             error_code::CERT_NOT_CURRENT,
@@ -300,7 +344,13 @@ async fn renew(
     let req = parse_body(body)?;
     check_wg_key(req.wireguard_public_key.as_deref())?;
     let csr = check_csr(&req.csr_pem, &id)?;
-    let resp = issue(&st, &id, &csr, req.wireguard_public_key.as_deref(), &req.metadata)?;
+    let resp = issue(
+        &st,
+        &id,
+        &csr,
+        req.wireguard_public_key.as_deref(),
+        &req.metadata,
+    )?;
     tracing::info!(device = %id, "certificate renewed");
     Ok(Json(resp))
 }
@@ -309,7 +359,11 @@ fn check_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiFailure> {
     if token_eq(bearer(headers).unwrap_or_default(), &st.admin_token) {
         Ok(())
     } else {
-        Err(fail(StatusCode::UNAUTHORIZED, error_code::BAD_TOKEN, "admin token required"))
+        Err(fail(
+            StatusCode::UNAUTHORIZED,
+            error_code::BAD_TOKEN,
+            "admin token required",
+        ))
     }
 }
 
@@ -323,7 +377,13 @@ async fn get_device(
         .get(&id)
         .map_err(internal)?
         .map(|d| Json(d.record))
-        .ok_or_else(|| fail(StatusCode::NOT_FOUND, error_code::NOT_FOUND, "unknown device"))
+        .ok_or_else(|| {
+            fail(
+                StatusCode::NOT_FOUND,
+                error_code::NOT_FOUND,
+                "unknown device",
+            )
+        })
 }
 
 async fn list_devices(

@@ -72,7 +72,8 @@ fn ca_params(cn: &str, years: i64, path_len: Option<u8>) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.distinguished_name.push(DnType::OrganizationName, "Thingsly Edge");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Thingsly Edge");
     p.is_ca = IsCa::Ca(match path_len {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
@@ -153,7 +154,11 @@ pub fn init(data_dir: &Path, server_names: &[String], opts: &InitOptions) -> any
     )?;
     let ca = Ca::load(data_dir)?;
     let (crt, key) = ca.issue_server(server_names, Duration::from_secs(825 * 24 * 3600))?;
-    write_file(&paths.server_crt(), format!("{crt}{}", ca.chain_pem).as_bytes(), 0o644)?;
+    write_file(
+        &paths.server_crt(),
+        format!("{crt}{}", ca.chain_pem).as_bytes(),
+        0o644,
+    )?;
     write_file(&paths.server_key(), key.as_bytes(), 0o600)?;
     Ok(())
 }
@@ -169,9 +174,8 @@ impl Ca {
     pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
         let paths = CaPaths::new(data_dir);
         let read = |p: PathBuf| {
-            fs::read_to_string(&p).with_context(|| {
-                format!("{} (run `thingsly-bridge init` first)", p.display())
-            })
+            fs::read_to_string(&p)
+                .with_context(|| format!("{} (run `thingsly-bridge init` first)", p.display()))
         };
         let issuing_pem = read(paths.issuing_crt())?;
         let key = KeyPair::from_pem(&read(paths.issuing_key())?).context("issuing key")?;
@@ -186,8 +190,14 @@ impl Ca {
 
     /// A client certificate for `cn` with the key in `spki_der`: digitalSignature, clientAuth,
     /// not a CA, our lifetime. The CSR's own extensions are ignored on purpose.
-    pub fn sign_device(&self, cn: &str, spki_der: &[u8], lifetime: Duration) -> anyhow::Result<Issued> {
-        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der).context("CSR public key")?;
+    pub fn sign_device(
+        &self,
+        cn: &str,
+        spki_der: &[u8],
+        lifetime: Duration,
+    ) -> anyhow::Result<Issued> {
+        let public_key =
+            rcgen::SubjectPublicKeyInfo::from_der(spki_der).context("CSR public key")?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
@@ -213,12 +223,21 @@ impl Ca {
 
     /// A TLS server certificate (for the bridge itself, or a broker in tests and local runs).
     /// Returns (certificate PEM, PKCS#8 key PEM).
-    pub fn issue_server(&self, names: &[String], lifetime: Duration) -> anyhow::Result<(String, String)> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> anyhow::Result<(String, String)> {
         let kp = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name
-            .push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("thingsly-bridge"));
+        p.distinguished_name.push(
+            DnType::CommonName,
+            names
+                .first()
+                .map(String::as_str)
+                .unwrap_or("thingsly-bridge"),
+        );
         p.subject_alt_names = names
             .iter()
             .map(|n| match n.parse::<std::net::IpAddr>() {

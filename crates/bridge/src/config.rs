@@ -93,7 +93,10 @@ impl BridgeConfig {
             .parse::<ipnet::Ipv4Net>()
             .map_err(|e| anyhow::anyhow!("{}: key `wireguard.pool`: {e}", path.display()))?;
         if cfg.device_cert_lifetime < Duration::from_secs(60) {
-            anyhow::bail!("{}: key `device_cert_lifetime`: must be at least 60s", path.display());
+            anyhow::bail!(
+                "{}: key `device_cert_lifetime`: must be at least 60s",
+                path.display()
+            );
         }
         Ok(cfg)
     }

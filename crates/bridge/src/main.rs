@@ -14,10 +14,19 @@ use thingsly_bridge::{BridgeConfig, tls_server};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "thingsly-bridge", version, about = "Thingsly Edge server side: enrollment CA, device registry")]
+#[command(
+    name = "thingsly-bridge",
+    version,
+    about = "Thingsly Edge server side: enrollment CA, device registry"
+)]
 struct Cli {
     /// Config file; all defaults when it does not exist.
-    #[arg(long, global = true, env = "THINGSLY_BRIDGE_CONFIG", default_value = "/etc/thingsly/bridge.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "THINGSLY_BRIDGE_CONFIG",
+        default_value = "/etc/thingsly/bridge.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -135,8 +144,14 @@ fn main() -> anyhow::Result<()> {
             let paths = CaPaths::new(&cfg.data_dir);
             println!("PKI ready in {}", paths.dir.display());
             println!("  CA bundle for devices: {}", paths.chain().display());
-            println!("  fleet token:           {}", cfg.fleet_token_path().display());
-            println!("  admin token:           {}", cfg.admin_token_path().display());
+            println!(
+                "  fleet token:           {}",
+                cfg.fleet_token_path().display()
+            );
+            println!(
+                "  admin token:           {}",
+                cfg.admin_token_path().display()
+            );
             Ok(())
         }
         Cmd::Serve => {
@@ -165,7 +180,11 @@ fn main() -> anyhow::Result<()> {
         } => {
             let ca = Ca::load(&cfg.data_dir)?;
             let (crt, key) = ca.issue_server(&names, Duration::from_secs(825 * 24 * 3600))?;
-            write_file(&out_cert, format!("{crt}{}", ca.chain_pem).as_bytes(), 0o644)?;
+            write_file(
+                &out_cert,
+                format!("{crt}{}", ca.chain_pem).as_bytes(),
+                0o644,
+            )?;
             write_file(&out_key, key.as_bytes(), 0o600)?;
             Ok(())
         }
@@ -177,8 +196,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             let ca = Ca::load(&cfg.data_dir)?;
             let kp = rcgen::KeyPair::generate()?;
-            let issued = ca.sign_device(&cn, &rcgen::PublicKeyData::subject_public_key_info(&kp), valid_for)?;
-            write_file(&out_cert, format!("{}{}", issued.pem, ca.chain_pem).as_bytes(), 0o644)?;
+            let issued = ca.sign_device(
+                &cn,
+                &rcgen::PublicKeyData::subject_public_key_info(&kp),
+                valid_for,
+            )?;
+            write_file(
+                &out_cert,
+                format!("{}{}", issued.pem, ca.chain_pem).as_bytes(),
+                0o644,
+            )?;
             write_file(&out_key, kp.serialize_pem().as_bytes(), 0o600)?;
             Ok(())
         }
@@ -193,15 +220,22 @@ fn main() -> anyhow::Result<()> {
 async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let paths = CaPaths::new(&cfg.data_dir);
-    let tls = tls_server::server_config(&paths.server_crt(), &paths.server_key(), ca.root_pem.as_bytes())?;
+    let tls = tls_server::server_config(
+        &paths.server_crt(),
+        &paths.server_key(),
+        ca.root_pem.as_bytes(),
+    )?;
     let wg_private = read_token(&cfg.data_dir.join("wireguard.key"))?;
     let wg_public = {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(&wg_private)
             .context("wireguard.key")?;
-        let bytes: [u8; 32] = raw.try_into().map_err(|_| anyhow::anyhow!("wireguard.key is not 32 bytes"))?;
+        let bytes: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("wireguard.key is not 32 bytes"))?;
         let secret = x25519_dalek::StaticSecret::from(bytes);
-        base64::engine::general_purpose::STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+        base64::engine::general_purpose::STANDARD
+            .encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
     };
     let state = Arc::new(AppState {
         ca,
@@ -222,10 +256,11 @@ async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},

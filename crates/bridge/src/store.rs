@@ -94,7 +94,11 @@ impl Store {
     }
 
     /// The device's address, or the lowest free one in `pool` (the first host is the hub's).
-    pub fn address_for(&self, device_id: &str, pool: ipnet::Ipv4Net) -> anyhow::Result<Option<Ipv4Addr>> {
+    pub fn address_for(
+        &self,
+        device_id: &str,
+        pool: ipnet::Ipv4Net,
+    ) -> anyhow::Result<Option<Ipv4Addr>> {
         let c = self.conn();
         if let Some(a) = c
             .query_row(
@@ -145,7 +149,12 @@ impl Store {
     }
 
     /// Store a one-time enrollment token for one device; only its hash is kept.
-    pub fn add_device_token(&self, device_id: &str, token: &str, expires_at: i64) -> anyhow::Result<()> {
+    pub fn add_device_token(
+        &self,
+        device_id: &str,
+        token: &str,
+        expires_at: i64,
+    ) -> anyhow::Result<()> {
         self.conn().execute(
             "INSERT INTO device_tokens (token_sha256, device_id, expires_at) VALUES (?1, ?2, ?3)",
             params![token_hash(token), device_id, expires_at],
@@ -203,12 +212,25 @@ mod tests {
         let pool: ipnet::Ipv4Net = "10.8.0.0/29".parse().unwrap();
         let a = s.address_for("a", pool).unwrap().unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 8, 0, 2));
-        s.upsert("a", "k", "01", "t", None, "10.8.0.2/32", &Default::default()).unwrap();
+        s.upsert(
+            "a",
+            "k",
+            "01",
+            "t",
+            None,
+            "10.8.0.2/32",
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(s.address_for("a", pool).unwrap(), Some(a));
-        assert_eq!(s.address_for("b", pool).unwrap(), Some(Ipv4Addr::new(10, 8, 0, 3)));
+        assert_eq!(
+            s.address_for("b", pool).unwrap(),
+            Some(Ipv4Addr::new(10, 8, 0, 3))
+        );
         for (i, id) in ["b", "c", "d", "e"].iter().enumerate() {
             let addr = format!("10.8.0.{}/32", 3 + i);
-            s.upsert(id, "k", "01", "t", None, &addr, &Default::default()).unwrap();
+            s.upsert(id, "k", "01", "t", None, &addr, &Default::default())
+                .unwrap();
         }
         // /29: hosts .1-.6, .1 is the hub, .2-.6 taken
         assert_eq!(s.address_for("f", pool).unwrap(), None);

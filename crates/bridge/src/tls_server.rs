@@ -17,7 +17,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-pub fn server_config(cert_chain: &Path, key: &Path, client_roots_pem: &[u8]) -> anyhow::Result<rustls::ServerConfig> {
+pub fn server_config(
+    cert_chain: &Path,
+    key: &Path,
+    client_roots_pem: &[u8],
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_chain)
         .with_context(|| cert_chain.display().to_string())?
@@ -61,7 +65,9 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await;
             let tls = match handshake {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -80,10 +86,11 @@ pub async fn serve(
                     .and_then(|c| c.first())
                     .map(|c| c.clone().into_owned()),
             );
-            let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                req
-            });
+            let svc =
+                app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                });
             let svc = TowerToHyperService::new(svc);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)

@@ -332,7 +332,10 @@ impl AgentConfig {
         if !(0.1..=0.95).contains(&self.enroll.renew_fraction) {
             return Err((
                 "enroll.renew_fraction",
-                format!("{} must be between 0.1 and 0.95", self.enroll.renew_fraction),
+                format!(
+                    "{} must be between 0.1 and 0.95",
+                    self.enroll.renew_fraction
+                ),
             ));
         }
         let t = &self.telemetry;
@@ -412,7 +415,8 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let e = parse("[device]\nid = \"d\"\n\n[telemetry]\nport = 1\ninterwal = \"5s\"\n").unwrap_err();
+        let e = parse("[device]\nid = \"d\"\n\n[telemetry]\nport = 1\ninterwal = \"5s\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "telemetry.interwal");
         assert_eq!(e.line, Some(6));
         assert!(e.message.contains("unknown field"), "{e}");

@@ -46,7 +46,10 @@ impl Spool {
         for entry in fs::read_dir(&dir).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(seq) = name.strip_suffix(".msg").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(seq) = name
+                .strip_suffix(".msg")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 seqs.push(seq);
             } else if name.starts_with('.') && name.contains(".tmp-") {
                 // An interrupted write: the message was never acknowledged as spooled.
@@ -60,7 +63,9 @@ impl Spool {
             limits,
             index: VecDeque::new(),
             bytes: 0,
-            next_seq: seqs.last().map_or(meta.next_seq, |s| (s + 1).max(meta.next_seq)),
+            next_seq: seqs
+                .last()
+                .map_or(meta.next_seq, |s| (s + 1).max(meta.next_seq)),
             dropped: meta.dropped,
             corrupt: meta.corrupt,
         };
@@ -131,7 +136,11 @@ impl Spool {
         if dropped > 0 {
             self.dropped += dropped;
             self.save_meta()?;
-            tracing::warn!(dropped, total_dropped = self.dropped, "spool full, oldest messages dropped");
+            tracing::warn!(
+                dropped,
+                total_dropped = self.dropped,
+                "spool full, oldest messages dropped"
+            );
         }
         Ok(dropped)
     }
@@ -283,7 +292,15 @@ mod tests {
         drop(s);
         let mut s = Spool::open(t.path(), limits(10)).unwrap();
         let all: Vec<_> = s.peek(None, 10).into_iter().map(|(_, d)| d).collect();
-        assert_eq!(all, vec![b"m1".to_vec(), b"m2".to_vec(), b"m3".to_vec(), b"m4".to_vec()]);
+        assert_eq!(
+            all,
+            vec![
+                b"m1".to_vec(),
+                b"m2".to_vec(),
+                b"m3".to_vec(),
+                b"m4".to_vec()
+            ]
+        );
         // sequence numbers keep growing after reopen
         s.push(b"m5").unwrap();
         let last = s.peek(None, 10).pop().unwrap();
@@ -323,7 +340,11 @@ mod tests {
         s.push(b"bbbb").unwrap();
         assert_eq!(s.push(b"cccc").unwrap(), 1);
         assert!(s.bytes() <= 10);
-        assert_eq!(s.push(&[0u8; 11]).unwrap(), 1, "oversized message is dropped alone");
+        assert_eq!(
+            s.push(&[0u8; 11]).unwrap(),
+            1,
+            "oversized message is dropped alone"
+        );
         assert_eq!(s.len(), 2);
     }
 

@@ -95,9 +95,17 @@ impl StateDir {
         write_atomic(&self.root.join(rel), data, mode)
     }
 
-    pub fn write_json<T: Serialize>(&self, rel: &str, value: &T, mode: u32) -> Result<(), StateError> {
+    pub fn write_json<T: Serialize>(
+        &self,
+        rel: &str,
+        value: &T,
+        mode: u32,
+    ) -> Result<(), StateError> {
         let mut data = serde_json::to_vec_pretty(value).map_err(|e| {
-            StateError::io(&self.root.join(rel), io::Error::new(io::ErrorKind::InvalidData, e))
+            StateError::io(
+                &self.root.join(rel),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
         })?;
         data.push(b'\n');
         self.write_atomic(rel, &data, mode)
@@ -130,7 +138,9 @@ impl StateDir {
     }
 
     pub fn read_json<T: DeserializeOwned>(&self, rel: &str) -> Result<Option<T>, StateError> {
-        self.read_parsed(rel, |d| serde_json::from_slice(d).map_err(|e| e.to_string()))
+        self.read_parsed(rel, |d| {
+            serde_json::from_slice(d).map_err(|e| e.to_string())
+        })
     }
 
     /// Move a bad file out of the way, keeping it for inspection.
@@ -224,11 +234,16 @@ mod tests {
             fs::metadata(d.root()).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        d.write_atomic("identity/device.key", b"one", MODE_SECRET).unwrap();
-        d.write_atomic("identity/device.key", b"two", MODE_SECRET).unwrap();
+        d.write_atomic("identity/device.key", b"one", MODE_SECRET)
+            .unwrap();
+        d.write_atomic("identity/device.key", b"two", MODE_SECRET)
+            .unwrap();
         let p = d.path("identity/device.key");
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // no temp files left behind
         let names: Vec<_> = fs::read_dir(d.path("identity")).unwrap().collect();
         assert_eq!(names.len(), 1);
@@ -247,6 +262,10 @@ mod tests {
             other => panic!("unexpected {other}"),
         }
         assert!(!d.exists("x.json"));
-        assert!(d.read_json::<serde_json::Value>("x.json").unwrap().is_none());
+        assert!(
+            d.read_json::<serde_json::Value>("x.json")
+                .unwrap()
+                .is_none()
+        );
     }
 }

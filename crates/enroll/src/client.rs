@@ -117,8 +117,13 @@ impl EnrollClient {
             .await
     }
 
-    pub async fn renew(&self, device_id: &str, body: &EnrollRequest) -> Result<EnrollResponse, EnrollError> {
-        self.post(&format!("/devices/{device_id}/renew"), None, body).await
+    pub async fn renew(
+        &self,
+        device_id: &str,
+        body: &EnrollRequest,
+    ) -> Result<EnrollResponse, EnrollError> {
+        self.post(&format!("/devices/{device_id}/renew"), None, body)
+            .await
     }
 }
 
@@ -137,7 +142,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn validate(identity: &Identity, resp: &EnrollResponse) -> Result<(), EnrollError> {
     let info = cert_info(resp.certificate_pem.as_bytes()).map_err(EnrollError::Malformed)?;
     if !identity.matches(&info) {
-        return Err(EnrollError::Malformed("certificate is not for our key".into()));
+        return Err(EnrollError::Malformed(
+            "certificate is not for our key".into(),
+        ));
     }
     if info.subject_cn != identity.device_id {
         return Err(EnrollError::Malformed(format!(
@@ -175,7 +182,9 @@ pub async fn ensure_enrolled(
         });
     }
     if server_url.is_empty() {
-        return Err(EnrollError::Config("enroll.server_url is not set and the device has no certificate".into()));
+        return Err(EnrollError::Config(
+            "enroll.server_url is not set and the device has no certificate".into(),
+        ));
     }
     if token.is_empty() {
         return Err(EnrollError::Config(
@@ -190,7 +199,12 @@ pub async fn ensure_enrolled(
     };
     let resp = client.enroll(&identity.device_id, token, &body).await?;
     validate(identity, &resp)?;
-    identity.store(state, &resp.certificate_pem, &resp.ca_chain_pem, Some(&resp.wireguard))?;
+    identity.store(
+        state,
+        &resp.certificate_pem,
+        &resp.ca_chain_pem,
+        Some(&resp.wireguard),
+    )?;
     let credentials = identity
         .credentials(state)?
         .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;
@@ -224,7 +238,12 @@ pub async fn renew(
     };
     let resp = client.renew(&identity.device_id, &body).await?;
     validate(identity, &resp)?;
-    identity.store(state, &resp.certificate_pem, &resp.ca_chain_pem, Some(&resp.wireguard))?;
+    identity.store(
+        state,
+        &resp.certificate_pem,
+        &resp.ca_chain_pem,
+        Some(&resp.wireguard),
+    )?;
     let creds = identity
         .credentials(state)?
         .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;

@@ -76,8 +76,11 @@ impl CertInfo {
 }
 
 pub fn cert_info(pem: &[u8]) -> Result<CertInfo, String> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
-    let cert = p.parse_x509().map_err(|e| format!("bad certificate: {e}"))?;
+    let (_, p) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = p
+        .parse_x509()
+        .map_err(|e| format!("bad certificate: {e}"))?;
     let subject_cn = cert
         .subject()
         .iter_common_name()
@@ -133,7 +136,10 @@ impl Identity {
 
         let b64 = base64::engine::general_purpose::STANDARD;
         let parse_wg = |d: &[u8]| {
-            let s = std::str::from_utf8(d).map_err(|e| e.to_string())?.trim().to_string();
+            let s = std::str::from_utf8(d)
+                .map_err(|e| e.to_string())?
+                .trim()
+                .to_string();
             let raw = b64.decode(&s).map_err(|e| e.to_string())?;
             if raw.len() != 32 {
                 return Err("WireGuard key is not 32 bytes".to_string());
@@ -145,7 +151,11 @@ impl Identity {
             Ok(None) | Err(StateError::Corrupt { .. }) => {
                 let secret = x25519_dalek::StaticSecret::random_from_rng(OsRng);
                 let k = b64.encode(secret.to_bytes());
-                state.write_atomic(paths::WIREGUARD_KEY, format!("{k}\n").as_bytes(), MODE_SECRET)?;
+                state.write_atomic(
+                    paths::WIREGUARD_KEY,
+                    format!("{k}\n").as_bytes(),
+                    MODE_SECRET,
+                )?;
                 tracing::info!("generated WireGuard key");
                 k
             }
@@ -193,7 +203,8 @@ impl Identity {
 
     /// Stored credentials when they certify the current key; `None` when not enrolled.
     pub fn credentials(&self, state: &StateDir) -> Result<Option<Credentials>, StateError> {
-        let parse_cert = |d: &[u8]| cert_info(d).map(|i| (String::from_utf8_lossy(d).into_owned(), i));
+        let parse_cert =
+            |d: &[u8]| cert_info(d).map(|i| (String::from_utf8_lossy(d).into_owned(), i));
         let Some((cert_pem, info)) = state.read_parsed(paths::DEVICE_CERT, parse_cert)? else {
             return Ok(None);
         };
@@ -260,7 +271,10 @@ mod tests {
         assert_eq!(a.key_pem, b.key_pem);
         assert_eq!(a.wireguard_public, b.wireguard_public);
         for p in [paths::DEVICE_KEY, paths::WIREGUARD_KEY] {
-            let mode = std::fs::metadata(state.path(p)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(state.path(p))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{p}");
         }
         assert!(!format!("{a:?}").contains("PRIVATE"));
@@ -275,12 +289,22 @@ mod tests {
         let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         use x509_parser::prelude::FromDer;
         let (_, csr) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents).unwrap();
+            x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
+                .unwrap();
         csr.verify_signature().unwrap();
-        let cn = csr.certification_request_info.subject.iter_common_name().next().unwrap();
+        let cn = csr
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .next()
+            .unwrap();
         assert_eq!(cn.as_str().unwrap(), "dev-42");
         assert_eq!(
-            csr.certification_request_info.subject_pki.subject_public_key.data.to_vec(),
+            csr.certification_request_info
+                .subject_pki
+                .subject_public_key
+                .data
+                .to_vec(),
             id.public_key_der
         );
     }
@@ -290,7 +314,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let state = StateDir::open(t.path()).unwrap();
         state.subdir("identity").unwrap();
-        state.write_atomic(paths::DEVICE_KEY, b"garbage", MODE_SECRET).unwrap();
+        state
+            .write_atomic(paths::DEVICE_KEY, b"garbage", MODE_SECRET)
+            .unwrap();
         Identity::load_or_create(&state, "d").unwrap();
         let aside = std::fs::read_dir(state.path("identity"))
             .unwrap()

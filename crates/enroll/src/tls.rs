@@ -27,16 +27,18 @@ pub fn client_config(
             .add(c)
             .map_err(|e| format!("CA bundle certificate rejected: {e}"))?;
     }
-    let builder =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
     match client_auth {
         None => Ok(builder.with_no_client_auth()),
         Some((chain_pem, key_pem)) => {
             let chain = load_pem_certs(chain_pem)?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("bad private key: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| format!("bad private key: {e}"))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("client certificate rejected: {e}"))

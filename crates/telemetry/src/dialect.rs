@@ -74,7 +74,12 @@ pub fn telemetry_payload(d: Dialect, ts_ms: i64, values: serde_json::Value) -> s
 }
 
 /// An RPC answer on the platform's shape.
-pub fn rpc_reply(d: Dialect, method: &str, result: Result<serde_json::Value, String>, ts_ms: i64) -> serde_json::Value {
+pub fn rpc_reply(
+    d: Dialect,
+    method: &str,
+    result: Result<serde_json::Value, String>,
+    ts_ms: i64,
+) -> serde_json::Value {
     match (d, result) {
         (Dialect::ThingsBoard, Ok(v)) => v,
         (Dialect::ThingsBoard, Err(e)) => serde_json::json!({"error": e}),
@@ -98,7 +103,11 @@ fn json_object(payload: &[u8]) -> Result<serde_json::Map<String, serde_json::Val
 fn rpc_from(payload: &[u8], reply_to: String) -> Inbound {
     match json_object(payload) {
         Ok(m) => Inbound::Rpc {
-            method: m.get("method").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+            method: m
+                .get("method")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string(),
             params: m.get("params").cloned().unwrap_or(serde_json::Value::Null),
             reply_to,
         },
@@ -121,7 +130,10 @@ pub fn classify(d: Dialect, device: &str, topic: &str, payload: &[u8]) -> Inboun
             } else if topic.starts_with(tb::ATTRIBUTES_RESPONSE_PREFIX) {
                 match json_object(payload) {
                     Ok(m) => Inbound::SharedAttributes(
-                        m.get("shared").and_then(|s| s.as_object()).cloned().unwrap_or_default(),
+                        m.get("shared")
+                            .and_then(|s| s.as_object())
+                            .cloned()
+                            .unwrap_or_default(),
                     ),
                     Err(e) => Inbound::Ignored(e),
                 }
@@ -159,23 +171,41 @@ mod tests {
     fn thingsboard_rpc_and_attributes() {
         let d = Dialect::ThingsBoard;
         assert_eq!(
-            classify(d, "x", "v1/devices/me/rpc/request/42", br#"{"method":"ping","params":{}}"#),
+            classify(
+                d,
+                "x",
+                "v1/devices/me/rpc/request/42",
+                br#"{"method":"ping","params":{}}"#
+            ),
             Inbound::Rpc {
                 method: "ping".into(),
                 params: serde_json::json!({}),
                 reply_to: "v1/devices/me/rpc/response/42".into()
             }
         );
-        let resp = classify(d, "x", "v1/devices/me/attributes/response/1", br#"{"shared":{"telemetry_interval":3}}"#);
+        let resp = classify(
+            d,
+            "x",
+            "v1/devices/me/attributes/response/1",
+            br#"{"shared":{"telemetry_interval":3}}"#,
+        );
         assert!(matches!(resp, Inbound::SharedAttributes(m) if m["telemetry_interval"] == 3));
-        assert!(matches!(classify(d, "x", "v1/devices/me/attributes", b"nope"), Inbound::Ignored(_)));
+        assert!(matches!(
+            classify(d, "x", "v1/devices/me/attributes", b"nope"),
+            Inbound::Ignored(_)
+        ));
     }
 
     #[test]
     fn thingsly_commands_and_attribute_set() {
         let d = Dialect::Thingsly;
         assert_eq!(
-            classify(d, "dev1", "devices/command/dev1/m7", br#"{"method":"ReSet","params":{"a":1}}"#),
+            classify(
+                d,
+                "dev1",
+                "devices/command/dev1/m7",
+                br#"{"method":"ReSet","params":{"a":1}}"#
+            ),
             Inbound::Rpc {
                 method: "ReSet".into(),
                 params: serde_json::json!({"a":1}),
@@ -186,7 +216,10 @@ mod tests {
             classify(d, "dev1", "devices/attributes/set/dev1/m8", br#"{"telemetry_interval":2}"#),
             Inbound::SetAttributes { reply_to, .. } if reply_to == "devices/attributes/set/response/m8"
         ));
-        assert_eq!(classify(d, "dev1", "devices/attributes/get/dev1", b"{}"), Inbound::GetAttributes);
+        assert_eq!(
+            classify(d, "dev1", "devices/attributes/get/dev1", b"{}"),
+            Inbound::GetAttributes
+        );
         assert_eq!(subscriptions(d, "dev1")[0], "devices/command/dev1/+");
     }
 }

@@ -21,7 +21,10 @@ pub struct RemoteSettings {
 impl RemoteSettings {
     /// Apply the keys we understand from a shared-attribute object; returns whether anything
     /// changed. Unknown keys are left for other consumers and ignored here.
-    pub fn apply(&mut self, attrs: &serde_json::Map<String, serde_json::Value>) -> Result<bool, String> {
+    pub fn apply(
+        &mut self,
+        attrs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<bool, String> {
         let before = self.clone();
         if let Some(v) = attrs.get("telemetry_interval") {
             let secs = v
@@ -29,7 +32,9 @@ impl RemoteSettings {
                 .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
                 .ok_or_else(|| format!("telemetry_interval {v} is not a number of seconds"))?;
             if !(0.1..=86_400.0).contains(&secs) {
-                return Err(format!("telemetry_interval {secs} must be between 0.1 and 86400 seconds"));
+                return Err(format!(
+                    "telemetry_interval {secs} must be between 0.1 and 86400 seconds"
+                ));
             }
             self.telemetry_interval = Some(secs);
         }
@@ -45,11 +50,23 @@ mod tests {
     fn settings_apply_and_validate() {
         let mut s = RemoteSettings::default();
         let m = |v: serde_json::Value| v.as_object().cloned().unwrap();
-        assert!(s.apply(&m(serde_json::json!({"telemetry_interval": 5}))).unwrap());
+        assert!(
+            s.apply(&m(serde_json::json!({"telemetry_interval": 5})))
+                .unwrap()
+        );
         assert_eq!(s.telemetry_interval, Some(5.0));
-        assert!(!s.apply(&m(serde_json::json!({"telemetry_interval": "5"}))).unwrap());
+        assert!(
+            !s.apply(&m(serde_json::json!({"telemetry_interval": "5"})))
+                .unwrap()
+        );
         assert!(!s.apply(&m(serde_json::json!({"unrelated": 1}))).unwrap());
-        assert!(s.apply(&m(serde_json::json!({"telemetry_interval": 0}))).is_err());
-        assert!(s.apply(&m(serde_json::json!({"telemetry_interval": "x"}))).is_err());
+        assert!(
+            s.apply(&m(serde_json::json!({"telemetry_interval": 0})))
+                .is_err()
+        );
+        assert!(
+            s.apply(&m(serde_json::json!({"telemetry_interval": "x"})))
+                .is_err()
+        );
     }
 }

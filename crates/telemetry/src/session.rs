@@ -4,7 +4,9 @@
 use crate::RemoteSettings;
 use crate::dialect::{self, Inbound};
 use crate::sample::Sampler;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -269,11 +271,12 @@ fn connect(cfg: &TelemetryConfig, creds: &Credentials) -> Result<Conn, Telemetry
         None => creds.ca_chain_pem.clone().into_bytes(),
     };
     let chain = creds.full_chain_pem();
-    let tls = thingsly_enroll::client_config(&ca_pem, Some((chain.as_bytes(), creds.key_pem.as_bytes())))
-        .map_err(|detail| TelemetryError::Ca {
-            path: cfg.ca_bundle.clone().unwrap_or_default(),
-            detail,
-        })?;
+    let tls =
+        thingsly_enroll::client_config(&ca_pem, Some((chain.as_bytes(), creds.key_pem.as_bytes())))
+            .map_err(|detail| TelemetryError::Ca {
+                path: cfg.ca_bundle.clone().unwrap_or_default(),
+                detail,
+            })?;
     let mut opts = MqttOptions::new(cfg.device_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keepalive);
     opts.set_clean_session(true);
@@ -282,7 +285,9 @@ fn connect(cfg: &TelemetryConfig, creds: &Credentials) -> Result<Conn, Telemetry
     if let Some(u) = &cfg.username {
         opts.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
     }
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
     let (client, events) = AsyncClient::new(opts, cfg.max_inflight + 16);
     Ok(Conn {
         client,
@@ -304,10 +309,12 @@ fn pump(c: &mut Conn, spool: &mut Spool, cfg: &TelemetryConfig) {
         let Some((seq, data)) = spool.peek(after, 1).pop() else {
             return;
         };
-        match c
-            .client
-            .try_publish(dialect::telemetry_topic(cfg.dialect), QoS::AtLeastOnce, false, data)
-        {
+        match c.client.try_publish(
+            dialect::telemetry_topic(cfg.dialect),
+            QoS::AtLeastOnce,
+            false,
+            data,
+        ) {
             Ok(()) => {
                 c.inflight.push_back(seq);
                 c.handed.push_back(Some(seq));
@@ -318,8 +325,7 @@ fn pump(c: &mut Conn, spool: &mut Spool, cfg: &TelemetryConfig) {
 }
 
 fn publish_other(c: &mut Conn, topic: String, body: serde_json::Value) {
-    if c
-        .client
+    if c.client
         .try_publish(topic.clone(), QoS::AtLeastOnce, false, body.to_string())
         .is_ok()
     {
@@ -329,14 +335,23 @@ fn publish_other(c: &mut Conn, topic: String, body: serde_json::Value) {
     }
 }
 
-fn publish_attributes(c: &mut Conn, cfg: &TelemetryConfig, s: &DeviceState, settings: &RemoteSettings, msg_id: u64) {
+fn publish_attributes(
+    c: &mut Conn,
+    cfg: &TelemetryConfig,
+    s: &DeviceState,
+    settings: &RemoteSettings,
+    msg_id: u64,
+) {
     let mut attrs = attribute_view(s);
     if let Some(o) = attrs.as_object_mut() {
         let secs = settings
             .telemetry_interval
             .unwrap_or(cfg.interval.as_secs_f64());
         o.insert("telemetry_interval_s".into(), serde_json::json!(secs));
-        o.insert("mqtt_dialect".into(), serde_json::json!(format!("{:?}", cfg.dialect).to_lowercase()));
+        o.insert(
+            "mqtt_dialect".into(),
+            serde_json::json!(format!("{:?}", cfg.dialect).to_lowercase()),
+        );
     }
     publish_other(c, dialect::attributes_topic(cfg.dialect, msg_id), attrs);
 }
@@ -410,7 +425,9 @@ fn handle_inbound(
             let result = apply_settings(&attrs, settings, state_dir);
             reply.interval_changed = matches!(result, Ok(true));
             let body = match result {
-                Ok(_) => serde_json::json!({"result": 0, "message": "success", "ts": now_ms() / 1000}),
+                Ok(_) => {
+                    serde_json::json!({"result": 0, "message": "success", "ts": now_ms() / 1000})
+                }
                 Err(e) => serde_json::json!({"result": 1, "message": e, "ts": now_ms() / 1000}),
             };
             reply.publish.push((reply_to, body));
@@ -424,9 +441,10 @@ fn handle_inbound(
             counters.rpc += 1;
             let result = rpc(&method, &params, cfg, state);
             tracing::info!(%method, ok = result.is_ok(), "RPC");
-            reply
-                .publish
-                .push((reply_to, dialect::rpc_reply(cfg.dialect, &method, result, now_ms())));
+            reply.publish.push((
+                reply_to,
+                dialect::rpc_reply(cfg.dialect, &method, result, now_ms()),
+            ));
         }
         Inbound::Ignored(why) => tracing::debug!(%why, "inbound message ignored"),
     }
@@ -445,7 +463,10 @@ fn rpc(
             let s = state.get();
             let mut v = attribute_view(&s);
             if let Some(o) = v.as_object_mut() {
-                o.insert("modules".into(), serde_json::to_value(&s.modules).unwrap_or_default());
+                o.insert(
+                    "modules".into(),
+                    serde_json::to_value(&s.modules).unwrap_or_default(),
+                );
             }
             Ok(v)
         }
@@ -455,7 +476,9 @@ fn rpc(
             // Answer first; the reboot starts a moment later so the reply can leave.
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let Some((prog, args)) = argv.split_first() else { return };
+                let Some((prog, args)) = argv.split_first() else {
+                    return;
+                };
                 match tokio::process::Command::new(prog).args(args).status().await {
                     Ok(st) if st.success() => {}
                     Ok(st) => tracing::error!(%st, "reboot command failed"),
