@@ -3,7 +3,6 @@
 //! and shuts everything down on SIGTERM/SIGINT within the deadline.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,7 +82,7 @@ struct StatusFile<'a> {
     state: &'a DeviceState,
 }
 
-fn write_status(path: &PathBuf, s: &DeviceState) {
+fn write_status(path: &std::path::Path, s: &DeviceState) {
     let file = StatusFile {
         pid: std::process::id(),
         updated_at: time::OffsetDateTime::now_utc()
@@ -91,10 +90,10 @@ fn write_status(path: &PathBuf, s: &DeviceState) {
             .unwrap_or_default(),
         state: s,
     };
-    if let Ok(data) = serde_json::to_vec_pretty(&file) {
-        if let Err(e) = write_atomic(path, &data, MODE_PUBLIC) {
-            tracing::warn!(error = %e, "cannot write status file");
-        }
+    if let Ok(data) = serde_json::to_vec_pretty(&file)
+        && let Err(e) = write_atomic(path, &data, MODE_PUBLIC)
+    {
+        tracing::warn!(error = %e, "cannot write status file");
     }
 }
 

@@ -2,6 +2,8 @@
 //! real `thingsly-agent` as processes on loopback, each on its own free port and directory,
 //! and stops only the processes it started (on drop).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use anyhow::{Context, bail};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

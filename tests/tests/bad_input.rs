@@ -1,6 +1,8 @@
 //! Bad config, bad token, malformed server JSON, bridge down, full disk: each a clear error,
 //! no corrupted state.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 use thingsly_e2e::*;
 

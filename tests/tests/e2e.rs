@@ -1,5 +1,7 @@
 //! End to end: real bridge, real Mosquitto (mTLS), real agent processes.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 use thingsly_e2e::*;
 

@@ -161,10 +161,10 @@ impl Spool {
                 Ok(d) => out.push((seq, d)),
                 Err(reason) => {
                     self.quarantine(seq, &reason);
-                    if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq) {
-                        if let Some((_, len)) = self.index.remove(pos) {
-                            self.bytes -= len;
-                        }
+                    if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq)
+                        && let Some((_, len)) = self.index.remove(pos)
+                    {
+                        self.bytes -= len;
                     }
                 }
             }
