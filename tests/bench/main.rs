@@ -1,1 +1,84 @@
-fn main() {}
+//! `thingsly-bench enroll URL CA FLEET_TOKEN ADMIN_TOKEN N CONCURRENCY`: enrollments per second
+//! against a running bridge, next to authenticated GETs (new TLS connection each, like a device)
+//! as the baseline of the same TLS + HTTP path. Prints one table row each.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        a.len() == 8 && a[1] == "enroll",
+        "usage: thingsly-bench enroll URL CA FLEET ADMIN N CONCURRENCY"
+    );
+    let (url, ca, fleet, admin) = (
+        a[2].clone(),
+        std::fs::read(&a[3])?,
+        a[4].clone(),
+        a[5].clone(),
+    );
+    let n: usize = a[6].parse()?;
+    let conc: usize = a[7].parse()?;
+    let tmp = tempfile::tempdir()?;
+    let ca = Arc::new(ca);
+
+    // Baseline: GET /devices/{id} with the admin token, one fresh client (TLS handshake) per request.
+    let start = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(conc));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (url, ca, admin, sem) = (url.clone(), ca.clone(), admin.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await?;
+            let tls = thingsly_enroll::client_config(&ca, None).map_err(anyhow::Error::msg)?;
+            let http = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()?;
+            let st = http
+                .get(format!("{url}/devices/none"))
+                .bearer_auth(admin)
+                .send()
+                .await?
+                .status();
+            anyhow::ensure!(st == 404, "unexpected {st}");
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let base = n as f64 / start.elapsed().as_secs_f64();
+
+    // Enrollments: each a new device with its own key and CSR (key generation included).
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (url, ca, fleet, sem) = (url.clone(), ca.clone(), fleet.clone(), sem.clone());
+        let dir = tmp.path().join(format!("d{i}"));
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await?;
+            let state = thingsly_core::state_dir::StateDir::open(&dir)?;
+            let id = format!("bench-{}-{i}", std::process::id());
+            let identity = thingsly_enroll::Identity::load_or_create(&state, &id)?;
+            thingsly_enroll::ensure_enrolled(
+                &state,
+                &identity,
+                &url,
+                &ca,
+                &fleet,
+                Default::default(),
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let enr = n as f64 / start.elapsed().as_secs_f64();
+    println!("| bridge: authenticated GET, new TLS connection each (baseline) | {base:.0} /s |");
+    println!("| bridge: enrollments (key + CSR + sign + SQLite + store) | {enr:.0} /s |");
+    Ok(())
+}
