@@ -286,13 +286,12 @@ async fn broker_outage_loses_nothing_and_keeps_order() {
     while (ts.len() as u64) < produced && tokio::time::Instant::now() < deadline {
         if let Ok(Some((topic, v))) =
             tokio::time::timeout(Duration::from_secs(5), obs.rx.recv()).await
+            && topic == "v1/devices/me/telemetry"
         {
-            if topic == "v1/devices/me/telemetry" {
-                let t = v["ts"].as_i64().unwrap_or(0);
-                // QoS 1 may deliver a message twice after a reconnect; never out of order.
-                if ts.last() != Some(&t) {
-                    ts.push(t);
-                }
+            let t = v["ts"].as_i64().unwrap_or(0);
+            // QoS 1 may deliver a message twice after a reconnect; never out of order.
+            if ts.last() != Some(&t) {
+                ts.push(t);
             }
         }
     }
