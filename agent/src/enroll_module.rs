@@ -119,7 +119,10 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     loop {
         let due = creds.info.renew_at(ctx.cfg.enroll.renew_fraction);
         let wait = (due - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-        let wait = Duration::try_from(wait).unwrap_or_default();
+        // Never renew in a tight loop, whatever the certificate says (clock skew, tiny lifetimes).
+        let wait = Duration::try_from(wait)
+            .unwrap_or_default()
+            .max(Duration::from_secs(5));
         tracing::info!(renew_in = ?wait, "next certificate renewal");
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),

@@ -97,6 +97,16 @@ fn write_status(path: &std::path::Path, s: &DeviceState) {
     }
 }
 
+/// WATCHDOG_USEC when the watchdog is meant for us. Like libsystemd's sd_watchdog_enabled (and
+/// unlike the sd-notify crate), an absent WATCHDOG_PID means "this process".
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then_some(usec),
+    }
+}
+
 pub async fn run(ctx: Ctx, modules: Vec<(&'static str, ModuleFn)>) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -117,13 +127,9 @@ pub async fn run(ctx: Ctx, modules: Vec<(&'static str, ModuleFn)>) -> anyhow::Re
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(device = %ctx.cfg.device.id, "thingsly-agent running");
 
-    let mut watchdog_usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
-    let wd_period = if watchdog {
-        Duration::from_micros(watchdog_usec / 2)
-    } else {
-        Duration::from_secs(3600)
-    };
+    let watchdog_usec = watchdog_usec();
+    let watchdog = watchdog_usec.is_some();
+    let wd_period = Duration::from_micros(watchdog_usec.unwrap_or(7_200_000_000) / 2);
     let mut wd = tokio::time::interval(wd_period);
     let mut state_rx = ctx.state.subscribe();
     let mut last_status = String::new();

@@ -134,13 +134,18 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn init(dir: &Path) -> anyhow::Result<Self> {
+        Self::init_with(dir, "")
+    }
+
+    /// `extra` is appended to the generated bridge.toml (e.g. a `[wireguard]` pool).
+    pub fn init_with(dir: &Path, extra: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
         let config = dir.join("bridge.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n",
+                "data_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n",
                 dir.join("data").display()
             ),
         )?;
@@ -317,13 +322,36 @@ pub struct AgentOpts {
     pub mqtt_port: u16,
     pub interval: String,
     pub spool_max_messages: usize,
+    /// Extra lines inside `[telemetry]`.
+    pub telemetry_extra: String,
+    pub rauc_enabled: bool,
+    /// Extra sections at the end of the file.
     pub extra: String,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        Self {
+            device_id: "dev-test".into(),
+            server_url: format!("https://127.0.0.1:{}", free_port()),
+            token: "unused".into(),
+            ca_bundle: PathBuf::from("/nonexistent/ca.pem"),
+            mqtt_port: free_port(),
+            interval: "1s".into(),
+            spool_max_messages: 10_000,
+            telemetry_extra: String::new(),
+            rauc_enabled: false,
+            extra: String::new(),
+        }
+    }
 }
 
 pub struct Agent {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub proc: Option<Proc>,
+    /// Environment for `run` and subcommands (e.g. DBUS_SYSTEM_BUS_ADDRESS, NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -335,8 +363,8 @@ impl Agent {
             format!(
                 "[device]\nid = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nsw_version = \"1.0.0\"\n\n\
                  [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n\n\
-                 [telemetry]\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n\n\
-                 [rauc]\nenabled = false\n\n[commands]\nreboot = [\"true\"]\n{}\n",
+                 [telemetry]\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
+                 [rauc]\nenabled = {}\n\n[commands]\nreboot = [\"true\"]\n{}\n",
                 o.device_id,
                 dir.join("state").display(),
                 dir.join("run").display(),
@@ -346,6 +374,8 @@ impl Agent {
                 o.mqtt_port,
                 o.interval,
                 o.spool_max_messages,
+                o.telemetry_extra,
+                o.rauc_enabled,
                 o.extra,
             ),
         )?;
@@ -353,6 +383,7 @@ impl Agent {
             dir: dir.to_path_buf(),
             config,
             proc: None,
+            env: Vec::new(),
         })
     }
 
@@ -362,6 +393,7 @@ impl Agent {
             .arg(&self.config)
             .arg("run")
             .env("RUST_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let n = std::fs::read_dir(&self.dir)?.count();
         self.proc = Some(Proc::spawn(
             &mut cmd,
@@ -376,6 +408,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run thingsly-agent");
         (

@@ -21,8 +21,7 @@ fn agent_for(
             ca_bundle: ca,
             mqtt_port: free_port(),
             interval: "10s".into(),
-            spool_max_messages: 100,
-            extra: String::new(),
+            ..Default::default()
         },
     )
     .unwrap()

@@ -12,16 +12,18 @@ fn opts(bridge: &Bridge, broker_port: u16, id: &str) -> AgentOpts {
         token: bridge.fleet_token(),
         ca_bundle: bridge.ca_chain(),
         mqtt_port: broker_port,
-        interval: "1s".into(),
-        spool_max_messages: 10_000,
-        extra: String::new(),
+        ..Default::default()
     }
 }
 
 fn observer(bridge: &Bridge, broker: &Broker, name: &str) -> Observer {
+    observer_on(bridge, broker, name, "v1/devices/me/#")
+}
+
+fn observer_on(bridge: &Bridge, broker: &Broker, name: &str, filter: &str) -> Observer {
     let (crt, key) = bridge.client_cert(name).expect("observer cert");
     let tls = mqtt_tls(&broker.ca(), &crt, &key).expect("tls");
-    Observer::start(broker.port, tls, name, "v1/devices/me/#")
+    Observer::start(broker.port, tls, name, filter)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,4 +375,141 @@ fn kill_9_during_enrollment_then_restart_keeps_the_key() {
     let (ok, _, _) = agent.cmd(&["enroll"]);
     assert!(ok);
     assert_eq!(agent.status()["identity"]["certificate"]["serial"], serial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thingsly_dialect_telemetry_commands_and_attribute_set() {
+    let t = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init(&t.path().join("bridge")).unwrap();
+    bridge.start().unwrap();
+    let mut broker = Broker::new(&bridge, &t.path().join("broker")).unwrap();
+    broker.start().unwrap();
+    let mut obs = observer_on(&bridge, &broker, "observer-ts", "devices/#");
+    obs.wait_ready().await;
+    let mut o = opts(&bridge, broker.port, "dev-ts");
+    o.telemetry_extra = "dialect = \"thingsly\"".into();
+    let mut agent = Agent::new(&t.path().join("agent"), &o).unwrap();
+    agent.start().unwrap();
+
+    let (_, attrs) = obs
+        .next_where(Duration::from_secs(30), |t, v| {
+            t.starts_with("devices/attributes/") && v["device_id"] == "dev-ts"
+        })
+        .await;
+    assert_eq!(attrs["mqtt_dialect"], "thingsly");
+    let (_, tel) = obs
+        .next_where(Duration::from_secs(10), |t, _| t == "devices/telemetry")
+        .await;
+    assert!(
+        tel.get("cpu_usage").is_some() && tel.get("sw_version").is_some(),
+        "flat values: {tel}"
+    );
+
+    obs.client
+        .publish(
+            "devices/command/dev-ts/m1",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"method":"ping","params":{}}"#,
+        )
+        .await
+        .unwrap();
+    let (_, r) = obs
+        .next_where(Duration::from_secs(10), |t, _| {
+            t == "devices/command/response/m1"
+        })
+        .await;
+    assert_eq!(r["result"], 0);
+    assert_eq!(r["method"], "ping");
+    obs.client
+        .publish(
+            "devices/command/dev-ts/m2",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"method":"nope"}"#,
+        )
+        .await
+        .unwrap();
+    let (_, r) = obs
+        .next_where(Duration::from_secs(10), |t, _| {
+            t == "devices/command/response/m2"
+        })
+        .await;
+    assert_eq!(r["result"], 1);
+
+    obs.client
+        .publish(
+            "devices/attributes/set/dev-ts/m3",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"telemetry_interval":3}"#,
+        )
+        .await
+        .unwrap();
+    let (_, r) = obs
+        .next_where(Duration::from_secs(10), |t, _| {
+            t == "devices/attributes/set/response/m3"
+        })
+        .await;
+    assert_eq!(r["result"], 0);
+    obs.next_where(Duration::from_secs(10), |t, v| {
+        t.starts_with("devices/attributes/") && v["telemetry_interval_s"] == 3.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_renews_its_certificate_and_reconnects_with_it() {
+    let t = tempfile::tempdir().unwrap();
+    // 60 s certificates; the agent renews at half their life (about 27 s after enrollment).
+    let mut bridge =
+        Bridge::init_with(&t.path().join("bridge"), "device_cert_lifetime = \"60s\"").unwrap();
+    bridge.start().unwrap();
+    let mut broker = Broker::new(&bridge, &t.path().join("broker")).unwrap();
+    broker.start().unwrap();
+    let mut obs = observer(&bridge, &broker, "observer-renew");
+    obs.wait_ready().await;
+    let mut o = opts(&bridge, broker.port, "dev-renew");
+    o.extra = String::new();
+    let mut agent = Agent::new(&t.path().join("agent"), &o).unwrap();
+    let cfg = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        cfg.replace("timeout = \"5s\"", "timeout = \"5s\"\nrenew_fraction = 0.5"),
+    )
+    .unwrap();
+    agent.start().unwrap();
+    obs.next_where(Duration::from_secs(30), |t, _| {
+        t == "v1/devices/me/telemetry"
+    })
+    .await;
+    let first = agent.status()["identity"]["certificate"]["serial"].clone();
+    assert!(first.is_string());
+    wait_for("renewed certificate", Duration::from_secs(60), || {
+        let s = agent.status();
+        s["identity"]["certificate"]["serial"] != first && s["state"]["credentials_generation"] == 2
+    });
+    // The MQTT session was re-established with the new certificate and telemetry goes on.
+    let key = std::fs::read(agent.state().join("identity/device.key")).unwrap();
+    obs.next_where(Duration::from_secs(20), |t, v| {
+        t == "v1/devices/me/attributes" && v["device_id"] == "dev-renew"
+    })
+    .await;
+    obs.next_where(Duration::from_secs(10), |t, _| {
+        t == "v1/devices/me/telemetry"
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(agent.state().join("identity/device.key")).unwrap(),
+        key
+    );
+    let rec = bridge.cli(&["devices"]).unwrap();
+    let new_serial = agent.status()["identity"]["certificate"]["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        rec.contains(&new_serial),
+        "bridge registry has the new serial: {rec}"
+    );
 }

@@ -206,8 +206,10 @@ impl Ca {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        // A little backdating tolerates device clocks that are slightly behind.
-        p.not_before = now - time::Duration::minutes(5);
+        // A little backdating tolerates device clocks that are slightly behind; bounded by a
+        // tenth of the lifetime so short-lived certificates still renew at the intended point.
+        let backdate = Duration::from_secs(60).min(lifetime / 10);
+        p.not_before = now - time::Duration::try_from(backdate)?;
         p.not_after = now + time::Duration::try_from(lifetime)?;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.as_ref());
