@@ -22,12 +22,13 @@ printf 'persistence false\nallow_anonymous false\nlistener %s 127.0.0.1\ncafile 
 /usr/sbin/mosquitto -c "$W/m.conf" >/dev/null 2>&1 & pids+=($!)
 "$B/thingsly-bridge" --config "$W/bridge.toml" serve 2>/dev/null & pids+=($!)
 sleep 1
-agent() { # name telemetry_enabled
+agent() { # name telemetry_enabled -> sets LAST_PID
   printf '[device]\nid = "%s"\nstate_dir = "%s/%s"\nruntime_dir = "%s/%s-run"\n[enroll]\nserver_url = "https://127.0.0.1:%s"\nca_bundle = "%s/ca.pem"\nbootstrap_token_file = "%s/bridge/fleet-token"\n[telemetry]\nenabled = %s\nhost = "127.0.0.1"\nport = %s\n[rauc]\nenabled = false\n' \
     "$1" "$W" "$1" "$W" "$1" "$BP" "$W" "$W" "$2" "$MP" > "$W/$1.toml"
-  RUST_LOG=warn "$B/thingsly-agent" --config "$W/$1.toml" run 2>/dev/null & pids+=($!); echo $!
+  RUST_LOG=warn "$B/thingsly-agent" --config "$W/$1.toml" run >/dev/null 2>&1 & LAST_PID=$!; pids+=("$LAST_PID")
 }
-A1=$(agent bench-tel true); A2=$(agent bench-off false)
+agent bench-tel true; A1=$LAST_PID
+agent bench-off false; A2=$LAST_PID
 sleep "$RUN"
 tick=$(getconf CLK_TCK)
 measure() { # pid -> "rss_kib cpu_s_per_hour"

@@ -181,17 +181,18 @@ fn issue(
     wg_public_key: Option<&str>,
     metadata: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<EnrollResponse, ApiFailure> {
-    let addr = st
-        .store
+    let exhausted = || {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            error_code::POOL_EXHAUSTED,
+            format!("no free tunnel address left in {}", st.pool),
+        )
+    };
+    // Early refusal before signing; the real allocation happens atomically in `record`.
+    st.store
         .address_for(id, st.pool)
         .map_err(internal)?
-        .ok_or_else(|| {
-            fail(
-                StatusCode::SERVICE_UNAVAILABLE,
-                error_code::POOL_EXHAUSTED,
-                format!("no free tunnel address left in {}", st.pool),
-            )
-        })?;
+        .ok_or_else(exhausted)?;
     let issued = st
         .ca
         .sign_device(id, &csr.spki_der, st.device_cert_lifetime)
@@ -200,18 +201,19 @@ fn issue(
         .not_after
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(internal)?;
-    let address = format!("{addr}/32");
-    st.store
-        .upsert(
+    let address = st
+        .store
+        .record(
             id,
             &hex::encode(&csr.spki_der),
             &issued.serial_hex,
             &not_after,
             wg_public_key,
-            &address,
+            st.pool,
             metadata,
         )
-        .map_err(internal)?;
+        .map_err(internal)?
+        .ok_or_else(exhausted)?;
     Ok(EnrollResponse {
         certificate_pem: issued.pem,
         ca_chain_pem: st.ca.chain_pem.clone(),

@@ -94,46 +94,38 @@ impl Store {
     }
 
     /// The device's address, or the lowest free one in `pool` (the first host is the hub's).
+    /// Only a hint for an early refusal: [`Store::record`] allocates for real.
     pub fn address_for(
         &self,
         device_id: &str,
         pool: ipnet::Ipv4Net,
     ) -> anyhow::Result<Option<Ipv4Addr>> {
-        let c = self.conn();
-        if let Some(a) = c
-            .query_row(
-                "SELECT wg_address FROM devices WHERE device_id = ?1",
-                params![device_id],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()?
-        {
-            return Ok(a.split('/').next().and_then(|s| s.parse().ok()));
-        }
-        let mut stmt = c.prepare("SELECT wg_address FROM devices")?;
-        let used: std::collections::HashSet<Ipv4Addr> = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .filter_map(|r| r.ok())
-            .filter_map(|a| a.split('/').next().and_then(|s| s.parse().ok()))
-            .collect();
-        Ok(pool.hosts().skip(1).find(|a| !used.contains(a)))
+        address_in(&self.conn(), device_id, pool)
     }
 
-    /// Insert or update a device after a successful enroll/renew. The address never changes.
+    /// Record a device after a successful enroll/renew and return its address: the one it
+    /// had, or the lowest free one, chosen under the same lock as the write so that
+    /// concurrent enrollments never pick the same address. `None`: the pool is exhausted.
     #[allow(clippy::too_many_arguments)]
-    pub fn upsert(
+    pub fn record(
         &self,
         device_id: &str,
         public_key_hex: &str,
         serial_hex: &str,
         not_after: &str,
         wg_public_key: Option<&str>,
-        wg_address: &str,
+        pool: ipnet::Ipv4Net,
         metadata: &serde_json::Map<String, serde_json::Value>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<String>> {
         let now = now_rfc3339();
         let meta = serde_json::to_string(metadata)?;
-        self.conn().execute(
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let Some(addr) = address_in(&tx, device_id, pool)? else {
+            return Ok(None);
+        };
+        let wg_address = format!("{addr}/32");
+        tx.execute(
             "INSERT INTO devices (device_id, public_key, cert_serial, cert_not_after, wg_public_key,
                                   wg_address, metadata, enrolled_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
@@ -145,7 +137,8 @@ impl Store {
                 updated_at = excluded.updated_at",
             params![device_id, public_key_hex, serial_hex, not_after, wg_public_key, wg_address, meta, now],
         )?;
-        Ok(())
+        tx.commit()?;
+        Ok(Some(wg_address))
     }
 
     /// Store a one-time enrollment token for one device; only its hash is kept.
@@ -184,6 +177,30 @@ impl Store {
     }
 }
 
+fn address_in(
+    c: &Connection,
+    device_id: &str,
+    pool: ipnet::Ipv4Net,
+) -> anyhow::Result<Option<Ipv4Addr>> {
+    if let Some(a) = c
+        .query_row(
+            "SELECT wg_address FROM devices WHERE device_id = ?1",
+            params![device_id],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+    {
+        return Ok(a.split('/').next().and_then(|s| s.parse().ok()));
+    }
+    let mut stmt = c.prepare("SELECT wg_address FROM devices")?;
+    let used: std::collections::HashSet<Ipv4Addr> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .filter_map(|r| r.ok())
+        .filter_map(|a| a.split('/').next().and_then(|s| s.parse().ok()))
+        .collect();
+    Ok(pool.hosts().skip(1).find(|a| !used.contains(a)))
+}
+
 fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
     let meta: String = r.get(6)?;
     Ok(Device {
@@ -210,30 +227,58 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = Store::open(&t.path().join("db.sqlite")).unwrap();
         let pool: ipnet::Ipv4Net = "10.8.0.0/29".parse().unwrap();
-        let a = s.address_for("a", pool).unwrap().unwrap();
-        assert_eq!(a, Ipv4Addr::new(10, 8, 0, 2));
-        s.upsert(
-            "a",
-            "k",
-            "01",
-            "t",
-            None,
-            "10.8.0.2/32",
-            &Default::default(),
-        )
-        .unwrap();
-        assert_eq!(s.address_for("a", pool).unwrap(), Some(a));
+        let rec = |id: &str| {
+            s.record(id, "k", "01", "t", None, pool, &Default::default())
+                .unwrap()
+        };
+        assert_eq!(rec("a").as_deref(), Some("10.8.0.2/32"));
         assert_eq!(
-            s.address_for("b", pool).unwrap(),
-            Some(Ipv4Addr::new(10, 8, 0, 3))
+            rec("a").as_deref(),
+            Some("10.8.0.2/32"),
+            "kept on re-enroll"
         );
         for (i, id) in ["b", "c", "d", "e"].iter().enumerate() {
-            let addr = format!("10.8.0.{}/32", 3 + i);
-            s.upsert(id, "k", "01", "t", None, &addr, &Default::default())
-                .unwrap();
+            assert_eq!(rec(id), Some(format!("10.8.0.{}/32", 3 + i)));
         }
         // /29: hosts .1-.6, .1 is the hub, .2-.6 taken
         assert_eq!(s.address_for("f", pool).unwrap(), None);
+        assert_eq!(rec("f"), None);
+    }
+
+    #[test]
+    fn concurrent_enrollments_get_distinct_addresses() {
+        let t = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(&t.path().join("db.sqlite")).unwrap());
+        let pool: ipnet::Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    (0..10)
+                        .map(|j| {
+                            s.record(
+                                &format!("d{i}-{j}"),
+                                "k",
+                                "01",
+                                "t",
+                                None,
+                                pool,
+                                &Default::default(),
+                            )
+                            .unwrap()
+                            .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 80);
     }
 
     #[test]
