@@ -161,6 +161,7 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ctx = context(cfg).await?;
+    #[cfg_attr(not(feature = "telemetry"), allow(unused_mut))]
     let mut modules: Vec<(&'static str, ModuleFn)> = vec![(enroll_module::MODULE, enroll_module)];
     #[cfg(feature = "telemetry")]
     if ctx.cfg.telemetry.enabled {

@@ -1,7 +1,6 @@
 //! Where the device's identity facts come from: RAUC over D-Bus when its service answers,
 //! otherwise the config and /etc/os-release; the board name from the device tree or DMI.
 
-use std::time::Duration;
 use thingsly_core::config::AgentConfig;
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -53,7 +52,7 @@ pub async fn rauc_info() -> Result<RaucInfo, String> {
             booted_version,
         })
     };
-    tokio::time::timeout(Duration::from_secs(3), fut)
+    tokio::time::timeout(std::time::Duration::from_secs(3), fut)
         .await
         .map_err(|_| "RAUC did not answer within 3 s".to_string())?
 }
