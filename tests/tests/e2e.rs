@@ -221,7 +221,8 @@ async fn broker_refuses_foreign_and_expired_certificates() {
             now - time::Duration::days(30),
             now - time::Duration::days(1),
         )
-        .unwrap();
+        .unwrap()
+        .pem;
     let crt = t.path().join("expired.crt");
     let key = t.path().join("expired.key");
     std::fs::write(&crt, format!("{pem}{}", ca.chain_pem)).unwrap();

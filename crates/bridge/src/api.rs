@@ -228,6 +228,17 @@ fn issue(
     })
 }
 
+/// The body of enroll and renew, parsed and checked: the WireGuard key and the CSR.
+fn checked_request(
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+    id: &str,
+) -> Result<(EnrollRequest, CheckedCsr), ApiFailure> {
+    let req = parse_body(body)?;
+    check_wg_key(req.wireguard_public_key.as_deref())?;
+    let csr = check_csr(&req.csr_pem, id)?;
+    Ok((req, csr))
+}
+
 fn check_wg_key(key: Option<&str>) -> Result<(), ApiFailure> {
     use base64::Engine;
     if let Some(k) = key {
@@ -263,9 +274,7 @@ async fn enroll(
             "missing, unknown or used bootstrap token",
         ));
     }
-    let req = parse_body(body)?;
-    check_wg_key(req.wireguard_public_key.as_deref())?;
-    let csr = check_csr(&req.csr_pem, &id)?;
+    let (req, csr) = checked_request(body, &id)?;
     if let Some(existing) = st.store.get(&id).map_err(internal)? {
         // The fleet token may repeat an enrollment (an answer lost in a crash) but not hand an
         // enrolled identity to a new key: that takes a one-time token for this device.
@@ -343,9 +352,7 @@ async fn renew(
             "client certificate is not the device's current one",
         ));
     }
-    let req = parse_body(body)?;
-    check_wg_key(req.wireguard_public_key.as_deref())?;
-    let csr = check_csr(&req.csr_pem, &id)?;
+    let (req, csr) = checked_request(body, &id)?;
     let resp = issue(
         &st,
         &id,

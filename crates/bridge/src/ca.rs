@@ -196,6 +196,26 @@ impl Ca {
         spki_der: &[u8],
         lifetime: Duration,
     ) -> anyhow::Result<Issued> {
+        let now = OffsetDateTime::now_utc();
+        // A little backdating tolerates device clocks that are slightly behind; bounded by a
+        // tenth of the lifetime so short-lived certificates still renew at the intended point.
+        let backdate = Duration::from_secs(60).min(lifetime / 10);
+        self.sign_device_with_validity(
+            cn,
+            spki_der,
+            now - time::Duration::try_from(backdate)?,
+            now + time::Duration::try_from(lifetime)?,
+        )
+    }
+
+    /// The device profile with explicit validity (tests use it for expired certificates).
+    pub fn sign_device_with_validity(
+        &self,
+        cn: &str,
+        spki_der: &[u8],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> anyhow::Result<Issued> {
         let public_key =
             rcgen::SubjectPublicKeyInfo::from_der(spki_der).context("CSR public key")?;
         let mut p = CertificateParams::default();
@@ -205,16 +225,11 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        // A little backdating tolerates device clocks that are slightly behind; bounded by a
-        // tenth of the lifetime so short-lived certificates still renew at the intended point.
-        let backdate = Duration::from_secs(60).min(lifetime / 10);
-        p.not_before = now - time::Duration::try_from(backdate)?;
-        p.not_after = now + time::Duration::try_from(lifetime)?;
+        p.not_before = not_before;
+        p.not_after = not_after;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.as_ref());
         p.serial_number = Some(serial);
-        let not_after = p.not_after;
         let cert = p.signed_by(&public_key, &self.issuer)?;
         Ok(Issued {
             pem: cert.pem(),
@@ -257,26 +272,5 @@ impl Ca {
         p.serial_number = Some(random_serial());
         let cert = p.signed_by(&kp, &self.issuer)?;
         Ok((cert.pem(), kp.serialize_pem()))
-    }
-
-    /// A certificate with arbitrary validity for tests (expired ones, for instance).
-    pub fn sign_device_with_validity(
-        &self,
-        cn: &str,
-        spki_der: &[u8],
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
-    ) -> anyhow::Result<String> {
-        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)?;
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.not_before = not_before;
-        p.not_after = not_after;
-        p.serial_number = Some(random_serial());
-        Ok(p.signed_by(&public_key, &self.issuer)?.pem())
     }
 }

@@ -157,6 +157,35 @@ fn validate(identity: &Identity, resp: &EnrollResponse) -> Result<(), EnrollErro
     Ok(())
 }
 
+fn request(
+    identity: &Identity,
+    metadata: serde_json::Map<String, serde_json::Value>,
+) -> Result<EnrollRequest, EnrollError> {
+    Ok(EnrollRequest {
+        csr_pem: identity.csr_pem().map_err(EnrollError::Config)?,
+        wireguard_public_key: Some(identity.wireguard_public.clone()),
+        metadata,
+    })
+}
+
+/// Validate an answer, store it (certificate last) and read it back as credentials.
+fn keep(
+    state: &StateDir,
+    identity: &Identity,
+    resp: &EnrollResponse,
+) -> Result<Credentials, EnrollError> {
+    validate(identity, resp)?;
+    identity.store(
+        state,
+        &resp.certificate_pem,
+        &resp.ca_chain_pem,
+        Some(&resp.wireguard),
+    )?;
+    identity
+        .credentials(state)?
+        .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))
+}
+
 /// Outcome of [`ensure_enrolled`].
 pub struct Enrolled {
     pub credentials: Credentials,
@@ -192,22 +221,10 @@ pub async fn ensure_enrolled(
         ));
     }
     let client = EnrollClient::new(server_url, ca_pem, None, timeout)?;
-    let body = EnrollRequest {
-        csr_pem: identity.csr_pem().map_err(EnrollError::Config)?,
-        wireguard_public_key: Some(identity.wireguard_public.clone()),
-        metadata,
-    };
-    let resp = client.enroll(&identity.device_id, token, &body).await?;
-    validate(identity, &resp)?;
-    identity.store(
-        state,
-        &resp.certificate_pem,
-        &resp.ca_chain_pem,
-        Some(&resp.wireguard),
-    )?;
-    let credentials = identity
-        .credentials(state)?
-        .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;
+    let resp = client
+        .enroll(&identity.device_id, token, &request(identity, metadata)?)
+        .await?;
+    let credentials = keep(state, identity, &resp)?;
     tracing::info!(serial = %credentials.info.serial_hex, not_after = %credentials.info.not_after, "enrolled");
     Ok(Enrolled {
         credentials,
@@ -231,22 +248,10 @@ pub async fn renew(
         Some((chain.as_bytes(), current.key_pem.as_bytes())),
         timeout,
     )?;
-    let body = EnrollRequest {
-        csr_pem: identity.csr_pem().map_err(EnrollError::Config)?,
-        wireguard_public_key: Some(identity.wireguard_public.clone()),
-        metadata: Default::default(),
-    };
-    let resp = client.renew(&identity.device_id, &body).await?;
-    validate(identity, &resp)?;
-    identity.store(
-        state,
-        &resp.certificate_pem,
-        &resp.ca_chain_pem,
-        Some(&resp.wireguard),
-    )?;
-    let creds = identity
-        .credentials(state)?
-        .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))?;
+    let resp = client
+        .renew(&identity.device_id, &request(identity, Default::default())?)
+        .await?;
+    let creds = keep(state, identity, &resp)?;
     tracing::info!(serial = %creds.info.serial_hex, not_after = %creds.info.not_after, "certificate renewed");
     Ok(creds)
 }
