@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local run and the tests need (idempotent, quiet when done).
 set -euo pipefail
-# rauc pkgs=(mosquitto mosquitto-clients openssl systemd) co. are for the RAUC test (tests/rauc/rauc-sandbox.sh): installed here, not mid-test.
+# rauc and friends are for the RAUC test (tests/rauc/rauc-sandbox.sh): installed here, not mid-test.
 pkgs=(mosquitto mosquitto-clients openssl systemd rauc rauc-service squashfs-tools dbus dbus-bin libglib2.0-bin)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
