@@ -91,7 +91,7 @@ pub async fn enroll_until_done(
         }
         .await;
         match result {
-            Ok(e) => return Ok(e.credentials),
+            Ok(credentials) => return Ok(credentials),
             Err(e) if e.is_retryable() && !once => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "enrollment failed, will retry");

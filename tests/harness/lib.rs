@@ -186,6 +186,15 @@ impl Bridge {
         format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// An HTTPS client that trusts this bridge's CA (no client certificate).
+    pub fn http(&self) -> anyhow::Result<reqwest::Client> {
+        let tls = thingsly_enroll::client_config(&std::fs::read(self.ca_chain())?, None)
+            .map_err(anyhow::Error::msg)?;
+        Ok(reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()?)
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::time::Duration;
 use thingsly_e2e::*;
 
 fn agent_for(
@@ -195,7 +194,6 @@ async fn malformed_server_json_is_refused_and_nothing_stored() {
     assert!(!agent.state().join("identity/device.crt").exists());
     assert!(!agent.state().join("identity/ca-chain.pem").exists());
     no_partial_files(&agent.state());
-    let _ = Duration::ZERO;
 }
 
 /// Needs root (mounts a tiny tmpfs as the state directory); CI runs as root.

@@ -24,13 +24,8 @@ struct Api {
 
 impl Api {
     fn new(bridge: &Bridge) -> Self {
-        let tls = thingsly_enroll::client_config(&std::fs::read(bridge.ca_chain()).unwrap(), None)
-            .unwrap();
         Self {
-            http: reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .build()
-                .unwrap(),
+            http: bridge.http().unwrap(),
             url: bridge.url(),
         }
     }
@@ -181,31 +176,40 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     s
 }
 
+/// A device enrolled through the library, as the agent does it.
+async fn enrolled(
+    bridge: &Bridge,
+    ca: &[u8],
+    dir: &std::path::Path,
+    id: &str,
+) -> (
+    thingsly_core::state_dir::StateDir,
+    thingsly_enroll::Identity,
+    thingsly_enroll::Credentials,
+) {
+    let state = thingsly_core::state_dir::StateDir::open(dir).unwrap();
+    let identity = thingsly_enroll::Identity::load_or_create(&state, id).unwrap();
+    let creds = thingsly_enroll::ensure_enrolled(
+        &state,
+        &identity,
+        &bridge.url(),
+        ca,
+        &bridge.fleet_token(),
+        Default::default(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    (state, identity, creds)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_needs_the_current_certificate() {
     let t = tempfile::tempdir().unwrap();
     let mut bridge = Bridge::init(&t.path().join("b")).unwrap();
     bridge.start().unwrap();
     let ca = std::fs::read(bridge.ca_chain()).unwrap();
-    let enroll = |id: &str| {
-        let dir = t.path().join(id);
-        let state = thingsly_core::state_dir::StateDir::open(&dir).unwrap();
-        let identity = thingsly_enroll::Identity::load_or_create(&state, id).unwrap();
-        (state, identity)
-    };
-    let (sa, ia) = enroll("dev-r");
-    let first = thingsly_enroll::ensure_enrolled(
-        &sa,
-        &ia,
-        &bridge.url(),
-        &ca,
-        &bridge.fleet_token(),
-        Default::default(),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap()
-    .credentials;
+    let (sa, ia, first) = enrolled(&bridge, &ca, &t.path().join("dev-r"), "dev-r").await;
     let req = EnrollRequest {
         csr_pem: ia.csr_pem().unwrap(),
         wireguard_public_key: None,
@@ -231,19 +235,7 @@ async fn renewal_needs_the_current_certificate() {
         .to_string();
     assert!(e.contains("cert_not_current"), "{e}");
     // Another device's certificate cannot renew this one.
-    let (sb, ib) = enroll("dev-s");
-    let other = thingsly_enroll::ensure_enrolled(
-        &sb,
-        &ib,
-        &bridge.url(),
-        &ca,
-        &bridge.fleet_token(),
-        Default::default(),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap()
-    .credentials;
+    let (_, _, other) = enrolled(&bridge, &ca, &t.path().join("dev-s"), "dev-s").await;
     let chain = other.full_chain_pem();
     let c = thingsly_enroll::EnrollClient::new(
         &bridge.url(),

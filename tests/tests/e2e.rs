@@ -136,13 +136,7 @@ async fn enrolls_publishes_answers_rpc_and_applies_shared_attributes() {
     assert!(saved.contains("\"telemetry_interval\": 2"), "{saved}");
 
     // The bridge's registry knows the device (admin token), and refuses without it.
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(
-            thingsly_enroll::client_config(&std::fs::read(bridge.ca_chain()).unwrap(), None)
-                .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let http = bridge.http().unwrap();
     let url = format!("{}/devices/dev-e2e-1", bridge.url());
     let rec: serde_json::Value = http
         .get(&url)
@@ -470,8 +464,7 @@ async fn daemon_renews_its_certificate_and_reconnects_with_it() {
     broker.start().unwrap();
     let mut obs = observer(&bridge, &broker, "observer-renew");
     obs.wait_ready().await;
-    let mut o = opts(&bridge, broker.port, "dev-renew");
-    o.extra = String::new();
+    let o = opts(&bridge, broker.port, "dev-renew");
     let mut agent = Agent::new(&t.path().join("agent"), &o).unwrap();
     let cfg = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(

@@ -308,13 +308,8 @@ impl AgentConfig {
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let id = &self.device.id;
-        let id_ok = !id.is_empty()
-            && id.len() <= 64
-            && !id.starts_with('.')
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !id_ok {
+        // The same rule the bridge applies, so a config that passes here enrolls there.
+        if !thingsly_proto::enroll::is_valid_device_id(id) {
             return Err((
                 "device.id",
                 format!("{id:?} is not 1-64 characters of A-Z a-z 0-9 . _ -"),

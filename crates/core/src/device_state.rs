@@ -74,18 +74,6 @@ impl StateHandle {
             m.detail = detail;
         });
     }
-
-    /// Set a module counter. Counters do not wake subscribers that only care about the rest:
-    /// they are compared like everything else, so callers should batch them.
-    pub fn set_counter(&self, module: &str, name: &str, value: u64) {
-        self.update(|s| {
-            s.modules
-                .entry(module.to_string())
-                .or_default()
-                .counters
-                .insert(name.to_string(), value);
-        });
-    }
 }
 
 /// The part of the state that telemetry reports as client attributes; changes to counters or

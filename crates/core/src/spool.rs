@@ -148,13 +148,10 @@ impl Spool {
     /// The oldest `n` messages after `after` (exclusive), oldest first. A file that fails its
     /// checksum is moved aside, counted, and skipped.
     pub fn peek(&mut self, after: Option<u64>, n: usize) -> Vec<(u64, Vec<u8>)> {
-        let seqs: Vec<u64> = self
-            .index
-            .iter()
-            .map(|(s, _)| *s)
-            .filter(|s| after.is_none_or(|a| *s > a))
-            .take(n)
-            .collect();
+        // The index is sorted by sequence: start right after `after` instead of scanning, so
+        // draining a long backlog one message at a time stays linear.
+        let start = after.map_or(0, |a| self.index.partition_point(|(s, _)| *s <= a));
+        let seqs: Vec<u64> = self.index.range(start..).map(|(s, _)| *s).take(n).collect();
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             match self.read_file(seq) {

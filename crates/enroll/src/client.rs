@@ -186,13 +186,6 @@ fn keep(
         .ok_or_else(|| EnrollError::Malformed("stored certificate did not read back".into()))
 }
 
-/// Outcome of [`ensure_enrolled`].
-pub struct Enrolled {
-    pub credentials: Credentials,
-    /// False when the device was already enrolled and nothing was sent.
-    pub fresh: bool,
-}
-
 /// Enroll unless already enrolled. Idempotent and crash-safe: keys exist before the request,
 /// the certificate is stored last.
 pub async fn ensure_enrolled(
@@ -203,12 +196,9 @@ pub async fn ensure_enrolled(
     token: &str,
     metadata: serde_json::Map<String, serde_json::Value>,
     timeout: Duration,
-) -> Result<Enrolled, EnrollError> {
+) -> Result<Credentials, EnrollError> {
     if let Some(credentials) = identity.credentials(state)? {
-        return Ok(Enrolled {
-            credentials,
-            fresh: false,
-        });
+        return Ok(credentials);
     }
     if server_url.is_empty() {
         return Err(EnrollError::Config(
@@ -226,10 +216,7 @@ pub async fn ensure_enrolled(
         .await?;
     let credentials = keep(state, identity, &resp)?;
     tracing::info!(serial = %credentials.info.serial_hex, not_after = %credentials.info.not_after, "enrolled");
-    Ok(Enrolled {
-        credentials,
-        fresh: true,
-    })
+    Ok(credentials)
 }
 
 /// Renew the certificate over mTLS with the current one; the key stays the same.
