@@ -17,6 +17,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub telemetry: TelemetrySection,
     #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
     pub rauc: RaucSection,
     #[serde(default)]
     pub commands: CommandsSection,
@@ -137,6 +139,161 @@ impl Default for TelemetrySection {
     }
 }
 
+/// `[metrics]`: the Telegraf replacement. Key names and defaults follow Telegraf's agent and
+/// `inputs.cpu/disk/net` options so an existing `telegraf.conf` translates line by line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Collect on multiples of `interval` (:00, :10, …), as Telegraf's `round_interval`.
+    #[serde(default = "yes")]
+    pub round_interval: bool,
+    /// Random sleep up to this long before each collection (spreads a fleet's writes).
+    #[serde(default, with = "humantime_serde")]
+    pub collection_jitter: Duration,
+    /// Timestamp precision written: "ns", "us", "ms" or "s".
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    #[serde(default = "yes")]
+    pub percpu: bool,
+    #[serde(default = "yes")]
+    pub totalcpu: bool,
+    /// Only these mount points when not empty (`inputs.disk.mount_points`).
+    #[serde(default)]
+    pub mount_points: Vec<String>,
+    #[serde(default = "default_ignore_fs")]
+    pub ignore_fs: Vec<String>,
+    /// Skip mounts carrying any of these options, e.g. "bind".
+    #[serde(default)]
+    pub ignore_mount_opts: Vec<String>,
+    /// Only these interfaces when not empty (then loopback and down ones are reported too).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Points per write request.
+    #[serde(default = "default_batch_size")]
+    pub metric_batch_size: usize,
+    /// Points kept (on disk) while InfluxDB is unreachable; the oldest are dropped beyond it.
+    #[serde(default = "default_buffer_limit")]
+    pub metric_buffer_limit: usize,
+    /// Extra tags on every point; `host` is the device id.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub influxdb: InfluxSection,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: default_interval(),
+            round_interval: true,
+            collection_jitter: Duration::ZERO,
+            precision: default_precision(),
+            percpu: true,
+            totalcpu: true,
+            mount_points: Vec::new(),
+            ignore_fs: default_ignore_fs(),
+            ignore_mount_opts: Vec::new(),
+            interfaces: Vec::new(),
+            metric_batch_size: default_batch_size(),
+            metric_buffer_limit: default_buffer_limit(),
+            tags: Default::default(),
+            influxdb: InfluxSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InfluxApi {
+    /// `POST /write?db=&rp=` with Basic auth (InfluxDB 1.x, and 2.x's compatibility API).
+    #[default]
+    V1,
+    /// `POST /api/v2/write?org=&bucket=` with `Authorization: Token`.
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfluxSection {
+    /// `http(s)://host:port`; metrics are collected but not sent while empty.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub api: InfluxApi,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default)]
+    pub retention_policy: String,
+    #[serde(default)]
+    pub username: String,
+    /// Inline password; prefer `password_file` (0600).
+    #[serde(default)]
+    pub password: String,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token: String,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub organization: String,
+    #[serde(default)]
+    pub bucket: String,
+    #[serde(default = "yes")]
+    pub gzip: bool,
+    #[serde(default = "default_influx_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// CA bundle for https; the CA chain received at enrollment when unset.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Do not `CREATE DATABASE` when InfluxDB says it is missing (v1).
+    #[serde(default)]
+    pub skip_database_creation: bool,
+}
+
+impl Default for InfluxSection {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            api: InfluxApi::V1,
+            database: default_database(),
+            retention_policy: String::new(),
+            username: String::new(),
+            password: String::new(),
+            password_file: None,
+            token: String::new(),
+            token_file: None,
+            organization: String::new(),
+            bucket: String::new(),
+            gzip: true,
+            timeout: default_influx_timeout(),
+            ca_bundle: None,
+            skip_database_creation: false,
+        }
+    }
+}
+
+impl InfluxSection {
+    /// The secret (v1 password or v2 token), from its file when one is configured.
+    pub fn secret(&self) -> Result<String, String> {
+        let (inline, file, key) = match self.api {
+            InfluxApi::V1 => (&self.password, &self.password_file, "password_file"),
+            InfluxApi::V2 => (&self.token, &self.token_file, "token_file"),
+        };
+        match file {
+            Some(f) => std::fs::read_to_string(f)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("metrics.influxdb.{key} {}: {e}", f.display())),
+            None => Ok(inline.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaucSection {
@@ -224,6 +381,29 @@ fn default_inflight() -> usize {
 }
 fn default_reboot() -> Vec<String> {
     vec!["systemctl".into(), "reboot".into()]
+}
+fn default_precision() -> String {
+    "s".into()
+}
+fn default_ignore_fs() -> Vec<String> {
+    // Telegraf's default, plus autofs (statfs on it would trigger the automount).
+    [
+        "tmpfs", "devtmpfs", "devfs", "iso9660", "overlay", "aufs", "squashfs", "autofs",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_batch_size() -> usize {
+    1000
+}
+fn default_buffer_limit() -> usize {
+    10_000
+}
+fn default_database() -> String {
+    "telegraf".into()
+}
+fn default_influx_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_log_level() -> String {
     "info".into()
@@ -352,8 +532,96 @@ impl AgentConfig {
         if t.host.is_empty() {
             return Err(("telemetry.host", "must not be empty".into()));
         }
+        self.validate_metrics()?;
         if self.commands.reboot.is_empty() {
             return Err(("commands.reboot", "must name a command".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_metrics(&self) -> Result<(), (&'static str, String)> {
+        let m = &self.metrics;
+        if m.interval < Duration::from_secs(1) {
+            return Err(("metrics.interval", "must be at least 1s".into()));
+        }
+        let unit = match m.precision.as_str() {
+            "ns" => Duration::from_nanos(1),
+            "us" => Duration::from_micros(1),
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            other => {
+                return Err((
+                    "metrics.precision",
+                    format!("{other:?} is not one of \"ns\", \"us\", \"ms\", \"s\""),
+                ));
+            }
+        };
+        if unit > m.interval {
+            return Err((
+                "metrics.precision",
+                "is coarser than metrics.interval".into(),
+            ));
+        }
+        if m.metric_batch_size == 0 {
+            return Err(("metrics.metric_batch_size", "must be at least 1".into()));
+        }
+        if m.metric_buffer_limit < m.metric_batch_size {
+            return Err((
+                "metrics.metric_buffer_limit",
+                "must be at least metrics.metric_batch_size".into(),
+            ));
+        }
+        for (k, v) in &m.tags {
+            if k.is_empty() || v.is_empty() || k == "host" {
+                return Err((
+                    "metrics.tags",
+                    format!(
+                        "tag {k:?} = {v:?}: keys and values must not be empty; `host` is the device id"
+                    ),
+                ));
+            }
+        }
+        let i = &m.influxdb;
+        if !i.url.is_empty() {
+            if !(i.url.starts_with("http://") || i.url.starts_with("https://")) {
+                return Err((
+                    "metrics.influxdb.url",
+                    format!("{:?} must start with http:// or https://", i.url),
+                ));
+            }
+            if i.timeout < Duration::from_millis(100) {
+                return Err(("metrics.influxdb.timeout", "must be at least 100ms".into()));
+            }
+            match i.api {
+                InfluxApi::V1 if i.database.is_empty() => {
+                    return Err(("metrics.influxdb.database", "must not be empty".into()));
+                }
+                InfluxApi::V2 if i.bucket.is_empty() => {
+                    return Err((
+                        "metrics.influxdb.bucket",
+                        "must be set for api = \"v2\"".into(),
+                    ));
+                }
+                InfluxApi::V2 if i.organization.is_empty() => {
+                    return Err((
+                        "metrics.influxdb.organization",
+                        "must be set for api = \"v2\"".into(),
+                    ));
+                }
+                _ => {}
+            }
+            if !i.password.is_empty() && i.password_file.is_some() {
+                return Err((
+                    "metrics.influxdb.password",
+                    "set password or password_file, not both".into(),
+                ));
+            }
+            if !i.token.is_empty() && i.token_file.is_some() {
+                return Err((
+                    "metrics.influxdb.token",
+                    "set token or token_file, not both".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -448,6 +716,25 @@ mod tests {
         let e = parse("[device]\nid = \"bad id\"\n").unwrap_err();
         assert_eq!(e.key, "device.id");
         assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn metrics_defaults_and_errors() {
+        let c = parse("[device]\nid = \"d\"\n").unwrap();
+        assert_eq!(c.metrics.metric_buffer_limit, 10_000);
+        assert_eq!(c.metrics.influxdb.database, "telegraf");
+        assert!(c.metrics.ignore_fs.iter().any(|f| f == "squashfs"));
+        let e = parse("[device]\nid = \"d\"\n[metrics]\nprecision = \"m\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("metrics.precision", Some(4)));
+        let e = parse("[device]\nid = \"d\"\n[metrics.influxdb]\nurl = \"x\"\napi = \"v2\"\n")
+            .unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("metrics.influxdb.url", Some(4)));
+        let e =
+            parse("[device]\nid = \"d\"\n[metrics.influxdb]\nurl = \"http://h\"\napi = \"v2\"\n")
+                .unwrap_err();
+        assert_eq!(e.key, "metrics.influxdb.bucket");
+        let e = parse("[device]\nid = \"d\"\n[metrics.influxdb]\napi = \"v3\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("metrics.influxdb.api", Some(4)));
     }
 
     #[test]

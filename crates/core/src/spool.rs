@@ -4,7 +4,10 @@
 //! CRC32 so a torn or bit-rotted file is detected, moved aside and counted instead of sent.
 //! When a push would exceed `max_messages` or `max_bytes`, the oldest messages are dropped and
 //! the drop is counted persistently (`dropped` survives restarts, so it can be reported).
-//! File I/O here is synchronous: messages are small and rare (one per telemetry interval).
+//! A spool can weigh its messages (`open_weighted`): the metrics buffer stores one collection
+//! of line protocol per file and bounds the number of *points*, as Telegraf's
+//! `metric_buffer_limit` does, so `max_messages` and the drop counter are then in points.
+//! File I/O here is synchronous: messages are small and rare (one per interval).
 
 use crate::state_dir::{MODE_SECRET, StateError, fsync_dir, write_atomic};
 use std::collections::VecDeque;
@@ -17,6 +20,7 @@ const HEADER: usize = 12;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SpoolLimits {
+    /// Total weight kept: messages, or what the spool's weigh function counts.
     pub max_messages: usize,
     pub max_bytes: u64,
 }
@@ -25,9 +29,11 @@ pub struct SpoolLimits {
 pub struct Spool {
     dir: PathBuf,
     limits: SpoolLimits,
-    /// (sequence, payload length), oldest first.
-    index: VecDeque<(u64, u64)>,
+    /// (sequence, payload length, weight), oldest first.
+    index: VecDeque<(u64, u64, u64)>,
     bytes: u64,
+    weight: u64,
+    weigh: fn(&[u8]) -> u64,
     next_seq: u64,
     dropped: u64,
     corrupt: u64,
@@ -36,6 +42,15 @@ pub struct Spool {
 impl Spool {
     /// Open or create the spool in `dir`, scanning what a previous run left.
     pub fn open(dir: impl Into<PathBuf>, limits: SpoolLimits) -> Result<Self, StateError> {
+        Self::open_weighted(dir, limits, |_| 1)
+    }
+
+    /// Like `open`, but each message counts `weigh(payload)` against `max_messages`.
+    pub fn open_weighted(
+        dir: impl Into<PathBuf>,
+        limits: SpoolLimits,
+        weigh: fn(&[u8]) -> u64,
+    ) -> Result<Self, StateError> {
         let dir = dir.into();
         let io_err = |e: io::Error| StateError::Io {
             path: dir.clone(),
@@ -63,6 +78,8 @@ impl Spool {
             limits,
             index: VecDeque::new(),
             bytes: 0,
+            weight: 0,
+            weigh,
             next_seq: seqs
                 .last()
                 .map_or(meta.next_seq, |s| (s + 1).max(meta.next_seq)),
@@ -72,14 +89,16 @@ impl Spool {
         for seq in seqs {
             match spool.read_file(seq) {
                 Ok(data) => {
-                    spool.index.push_back((seq, data.len() as u64));
+                    let w = weigh(&data);
+                    spool.index.push_back((seq, data.len() as u64, w));
                     spool.bytes += data.len() as u64;
+                    spool.weight += w;
                 }
                 Err(reason) => spool.quarantine(seq, &reason),
             }
         }
         // Limits may have shrunk since the last run.
-        spool.enforce_limits(0)?;
+        spool.enforce_limits(0, 0)?;
         Ok(spool)
     }
 
@@ -101,36 +120,37 @@ impl Spool {
         let _ = self.save_meta();
     }
 
-    /// Append a message durably. Returns how many old messages were dropped to make room.
+    /// Append a message durably. Returns the weight (messages, points) dropped to make room.
     pub fn push(&mut self, data: &[u8]) -> Result<u64, StateError> {
         let len = data.len() as u64;
-        if len > self.limits.max_bytes {
+        let w = (self.weigh)(data);
+        if len > self.limits.max_bytes || w > self.limits.max_messages as u64 {
             // A single message larger than the whole spool can never be kept; older ones stay.
-            self.dropped += 1;
+            self.dropped += w;
             self.save_meta()?;
             tracing::warn!(len, "message larger than the spool bound dropped");
-            return Ok(1);
+            return Ok(w);
         }
-        let dropped = self.enforce_limits(len)?;
+        let dropped = self.enforce_limits(len, w)?;
         let seq = self.next_seq;
         write_atomic(&self.file(seq), &encode(data), MODE_SECRET)?;
         self.next_seq += 1;
-        self.index.push_back((seq, len));
+        self.index.push_back((seq, len, w));
         self.bytes += len;
+        self.weight += w;
         Ok(dropped)
     }
 
-    /// Drop oldest until one more message of `incoming` bytes fits.
-    fn enforce_limits(&mut self, incoming: u64) -> Result<u64, StateError> {
+    /// Drop oldest until one more message of `incoming` bytes and weight `incoming_w` fits.
+    fn enforce_limits(&mut self, incoming: u64, incoming_w: u64) -> Result<u64, StateError> {
         let mut dropped = 0;
-        let need_msgs = usize::from(incoming > 0);
         while !self.index.is_empty()
-            && (self.index.len() + need_msgs > self.limits.max_messages
+            && (self.weight + incoming_w > self.limits.max_messages as u64
                 || self.bytes + incoming > self.limits.max_bytes)
         {
-            if let Some((seq, _)) = self.index.front().copied() {
+            if let Some((seq, _, w)) = self.index.front().copied() {
                 self.remove(seq)?;
-                dropped += 1;
+                dropped += w;
             }
         }
         if dropped > 0 {
@@ -150,18 +170,24 @@ impl Spool {
     pub fn peek(&mut self, after: Option<u64>, n: usize) -> Vec<(u64, Vec<u8>)> {
         // The index is sorted by sequence: start right after `after` instead of scanning, so
         // draining a long backlog one message at a time stays linear.
-        let start = after.map_or(0, |a| self.index.partition_point(|(s, _)| *s <= a));
-        let seqs: Vec<u64> = self.index.range(start..).map(|(s, _)| *s).take(n).collect();
+        let start = after.map_or(0, |a| self.index.partition_point(|(s, _, _)| *s <= a));
+        let seqs: Vec<u64> = self
+            .index
+            .range(start..)
+            .map(|(s, _, _)| *s)
+            .take(n)
+            .collect();
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
             match self.read_file(seq) {
                 Ok(d) => out.push((seq, d)),
                 Err(reason) => {
                     self.quarantine(seq, &reason);
-                    if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq)
-                        && let Some((_, len)) = self.index.remove(pos)
+                    if let Some(pos) = self.index.iter().position(|(s, _, _)| *s == seq)
+                        && let Some((_, len, w)) = self.index.remove(pos)
                     {
                         self.bytes -= len;
+                        self.weight -= w;
                     }
                 }
             }
@@ -171,9 +197,10 @@ impl Spool {
 
     /// Forget a message (it was acknowledged, or dropped).
     pub fn remove(&mut self, seq: u64) -> Result<(), StateError> {
-        if let Some(pos) = self.index.iter().position(|(s, _)| *s == seq) {
-            if let Some((_, len)) = self.index.remove(pos) {
+        if let Some(pos) = self.index.iter().position(|(s, _, _)| *s == seq) {
+            if let Some((_, len, w)) = self.index.remove(pos) {
                 self.bytes -= len;
+                self.weight -= w;
             }
             let p = self.file(seq);
             match fs::remove_file(&p) {
@@ -197,7 +224,17 @@ impl Spool {
         self.bytes
     }
 
-    /// Messages dropped at the bound since the spool was created (persisted).
+    /// Total weight held (equals `len()` for an unweighted spool).
+    pub fn weight(&self) -> u64 {
+        self.weight
+    }
+
+    /// Weights of the oldest messages, oldest first, without reading them.
+    pub fn weights(&self) -> impl Iterator<Item = u64> + '_ {
+        self.index.iter().map(|(_, _, w)| *w)
+    }
+
+    /// Weight (messages, points) dropped at the bound since the spool was created (persisted).
     pub fn dropped_total(&self) -> u64 {
         self.dropped
     }
@@ -362,5 +399,20 @@ mod tests {
         assert_eq!(s.corrupt_total(), 1);
         let all: Vec<_> = s.peek(None, 10).into_iter().map(|(_, d)| d).collect();
         assert_eq!(all, vec![b"good2".to_vec()]);
+    }
+
+    #[test]
+    fn weighted_spool_bounds_total_weight() {
+        let t = tempfile::tempdir().unwrap();
+        let lines = |d: &[u8]| d.iter().filter(|b| **b == b'\n').count() as u64;
+        let mut s = Spool::open_weighted(t.path(), limits(5), lines).unwrap();
+        assert_eq!(s.push(b"a\nb\n").unwrap(), 0);
+        assert_eq!(s.push(b"c\nd\n").unwrap(), 0);
+        assert_eq!(s.push(b"e\nf\n").unwrap(), 2, "oldest two points dropped");
+        assert_eq!(s.weight(), 4);
+        assert_eq!(s.push(b"1\n2\n3\n4\n5\n6\n").unwrap(), 6, "too heavy alone");
+        drop(s);
+        let s = Spool::open_weighted(t.path(), limits(5), lines).unwrap();
+        assert_eq!((s.weight(), s.dropped_total()), (4, 8));
     }
 }

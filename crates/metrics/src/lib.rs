@@ -1,0 +1,5 @@
+//! Telegraf's job on the device: system metrics every interval, in Telegraf's schema, written
+//! to InfluxDB in batches, kept in a bounded disk buffer while InfluxDB is away.
+
+pub mod collect;
+pub mod lineproto;
