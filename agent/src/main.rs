@@ -37,6 +37,16 @@ enum Cmd {
     },
     /// Validate the config file and exit (0 when valid).
     CheckConfig,
+    /// Print the metrics line protocol exactly as it would be written to InfluxDB.
+    #[cfg(feature = "metrics")]
+    Metrics {
+        /// Collect twice, one interval apart, print the second collection and exit.
+        #[arg(long, required = true)]
+        once: bool,
+        /// Time between the two collections (default: metrics.interval).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+    },
 }
 
 fn init_logging(level: &str) {
@@ -67,6 +77,8 @@ fn main() -> std::process::ExitCode {
             println!("{}: ok (device {})", cli.config.display(), c.device.id);
         }),
         Cmd::Status { json } => load(&cli.config).and_then(|c| status::print(&c, *json)),
+        #[cfg(feature = "metrics")]
+        Cmd::Metrics { interval, .. } => load(&cli.config).and_then(|c| metrics_once(c, *interval)),
         Cmd::Run | Cmd::Enroll => (|| {
             let cfg = load(&cli.config)?;
             init_logging(&cfg.log.level);
@@ -117,6 +129,51 @@ async fn enroll_once(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "metrics")]
+fn metrics_config(cfg: &AgentConfig) -> thingsly_metrics::MetricsConfig {
+    thingsly_metrics::MetricsConfig {
+        device_id: cfg.device.id.clone(),
+        section: cfg.metrics.clone(),
+        fallback_ca: Some(cfg.device.state_dir.join(thingsly_enroll::paths::CA_CHAIN)),
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn metrics_once(cfg: AgentConfig, interval: Option<std::time::Duration>) -> anyhow::Result<()> {
+    init_logging("warn");
+    let interval = interval.unwrap_or(cfg.metrics.interval);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let state = StateHandle::new(thingsly_core::DeviceState {
+        device_id: cfg.device.id.clone(),
+        ..Default::default()
+    });
+    let text = rt.block_on(thingsly_metrics::once(
+        &metrics_config(&cfg),
+        &state,
+        interval,
+    ));
+    use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(feature = "metrics")]
+fn metrics_module(ctx: Ctx) -> ModuleFuture {
+    let cfg = metrics_config(&ctx.cfg);
+    Box::pin(async move {
+        thingsly_metrics::run(
+            cfg,
+            ctx.state.clone(),
+            ctx.dir.clone(),
+            ctx.shutdown.clone(),
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    })
+}
+
 fn enroll_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(enroll_module::run(ctx))
 }
@@ -161,7 +218,10 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ctx = context(cfg).await?;
-    #[cfg_attr(not(feature = "telemetry"), allow(unused_mut))]
+    #[cfg_attr(
+        not(any(feature = "telemetry", feature = "metrics")),
+        allow(unused_mut)
+    )]
     let mut modules: Vec<(&'static str, ModuleFn)> = vec![(enroll_module::MODULE, enroll_module)];
     #[cfg(feature = "telemetry")]
     if ctx.cfg.telemetry.enabled {
@@ -169,6 +229,22 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     } else {
         ctx.state
             .set_module("telemetry", "disabled", "telemetry.enabled = false");
+    }
+    #[cfg(feature = "metrics")]
+    if !ctx.cfg.metrics.enabled {
+        ctx.state.set_module(
+            thingsly_metrics::MODULE,
+            "disabled",
+            "metrics.enabled = false",
+        );
+    } else if ctx.cfg.metrics.influxdb.url.is_empty() {
+        ctx.state.set_module(
+            thingsly_metrics::MODULE,
+            "disabled",
+            "metrics.influxdb.url is empty",
+        );
+    } else {
+        modules.push((thingsly_metrics::MODULE, metrics_module));
     }
     supervisor::run(ctx, modules).await
 }

@@ -133,8 +133,13 @@ impl Collector {
             let Ok(st) = rustix::fs::statvfs(Path::new(&m.fs_file)) else {
                 continue;
             };
-            let Some(p) = disk_point(&m.fs_spec, &m.fs_file, &m.fs_vfstype, m.fs_mntops.contains_key("ro"), &st)
-            else {
+            let Some(p) = disk_point(
+                &m.fs_spec,
+                &m.fs_file,
+                &m.fs_vfstype,
+                m.fs_mntops.contains_key("ro"),
+                &st,
+            ) else {
                 continue;
             };
             out.push(p);
@@ -297,9 +302,7 @@ fn mem(out: &mut Vec<Point>) -> Result<(), String> {
     let m = procfs::Meminfo::current().map_err(|e| format!("/proc/meminfo: {e}"))?;
     let total = m.mem_total;
     // Kernels before 3.14 have no MemAvailable; gopsutil estimates it the same way.
-    let available = m
-        .mem_available
-        .unwrap_or(m.mem_free + m.buffers + m.cached);
+    let available = m.mem_available.unwrap_or(m.mem_free + m.buffers + m.cached);
     let used = total.saturating_sub(available);
     let o = |v: Option<u64>| v.unwrap_or(0);
     let mut p = Point::new("mem");
@@ -363,7 +366,10 @@ pub fn disk_point(
         return None;
     }
     let free = st.f_bavail.saturating_mul(frsize);
-    let used = st.f_blocks.saturating_sub(st.f_bfree).saturating_mul(frsize);
+    let used = st
+        .f_blocks
+        .saturating_sub(st.f_bfree)
+        .saturating_mul(frsize);
     let used_percent = if used + free == 0 {
         0.0
     } else {
@@ -489,7 +495,9 @@ fn physical_cpus(sys: &Path) -> usize {
 }
 
 fn read_trimmed(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Telegraf's interface filter: `*` matches any run of characters.
@@ -530,7 +538,10 @@ mod tests {
         assert!((field(&p, "usage_guest") - 100.0 * 40.0 / 900.0).abs() < 1e-9);
         assert_eq!(p.fields.len(), 10);
         assert!(cpu_point("cpu-total", &b, &b).is_none(), "no time passed");
-        assert!(cpu_point("cpu-total", &b, &a).is_none(), "counters went back");
+        assert!(
+            cpu_point("cpu-total", &b, &a).is_none(),
+            "counters went back"
+        );
         let (name, old) = CpuTicks::parse("cpu3 1 2 3 4").unwrap();
         assert_eq!((name, old.total()), ("cpu3", 10.0));
     }
@@ -553,7 +564,10 @@ mod tests {
     fn uptime_format_matches_telegraf() {
         assert_eq!(format_uptime(300), " 0:05");
         assert_eq!(format_uptime(86_400 + 2 * 3600 + 3 * 60), "1 day,  2:03");
-        assert_eq!(format_uptime(14 * 86_400 + 11 * 3600 + 7 * 60 + 59), "14 days, 11:07");
+        assert_eq!(
+            format_uptime(14 * 86_400 + 11 * 3600 + 7 * 60 + 59),
+            "14 days, 11:07"
+        );
     }
 
     #[test]

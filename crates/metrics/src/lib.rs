@@ -3,3 +3,7 @@
 
 pub mod collect;
 pub mod lineproto;
+mod module;
+pub mod writer;
+
+pub use module::{Counters, MODULE, MetricsConfig, MetricsError, agent_point, gather, once, run};

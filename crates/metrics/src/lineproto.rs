@@ -114,7 +114,10 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(global_tags: impl IntoIterator<Item = (String, String)>, precision: Precision) -> Self {
+    pub fn new(
+        global_tags: impl IntoIterator<Item = (String, String)>,
+        precision: Precision,
+    ) -> Self {
         let mut global_tags: Vec<_> = global_tags.into_iter().collect();
         global_tags.sort();
         Self {
@@ -257,7 +260,9 @@ mod tests {
 
     #[test]
     fn escaping_matches_telegraf() {
-        let mut p = Point::new("we ird,m=x").tag("pa th", "/mnt/a b,c=d").tag("if", "a\nb\tc");
+        let mut p = Point::new("we ird,m=x")
+            .tag("pa th", "/mnt/a b,c=d")
+            .tag("if", "a\nb\tc");
         p.field("f k=", Value::Str("say \"hi\" \\ back\nslash".into()));
         assert_eq!(
             line(&p),
