@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod influx;
+pub use influx::{Influx, Netns, run};
+
 use anyhow::{Context, bail};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -361,6 +364,8 @@ pub struct Agent {
     pub proc: Option<Proc>,
     /// Environment for `run` and subcommands (e.g. DBUS_SYSTEM_BUS_ADDRESS, NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
+    /// Run `run` and subcommands inside this network namespace.
+    pub netns: Option<String>,
 }
 
 impl Agent {
@@ -393,11 +398,23 @@ impl Agent {
             config,
             proc: None,
             env: Vec::new(),
+            netns: None,
         })
     }
 
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("thingsly-agent"));
+                c
+            }
+            None => Command::new(bin("thingsly-agent")),
+        }
+    }
+
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(bin("thingsly-agent"));
+        let mut cmd = self.command();
         cmd.arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -413,7 +430,8 @@ impl Agent {
 
     /// Run a one-shot subcommand: (success, stdout, stderr).
     pub fn cmd(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("thingsly-agent"))
+        let out = self
+            .command()
             .arg("--config")
             .arg(&self.config)
             .args(args)

@@ -113,36 +113,26 @@ impl Collector {
     }
 
     fn disk(&self, out: &mut Vec<Point>) -> Result<(), String> {
-        let mounts = procfs::mounts().map_err(|e| format!("/proc/mounts: {e}"))?;
+        let text = std::fs::read_to_string("/proc/self/mounts")
+            .map_err(|e| format!("/proc/self/mounts: {e}"))?;
         let mut seen = HashSet::new();
-        for m in mounts {
-            if !self.opts.mount_points.is_empty() && !self.opts.mount_points.contains(&m.fs_file) {
+        for m in text.lines().filter_map(Mount::parse) {
+            if !self.opts.mount_points.is_empty() && !self.opts.mount_points.contains(&m.path) {
                 continue;
             }
-            if self.opts.ignore_fs.contains(&m.fs_vfstype)
-                || self
-                    .opts
-                    .ignore_mount_opts
-                    .iter()
-                    .any(|o| m.fs_mntops.contains_key(o))
-                || !seen.insert(m.fs_file.clone())
+            if self.opts.ignore_fs.contains(&m.fstype)
+                || self.opts.ignore_mount_opts.iter().any(|o| m.has_opt(o))
+                || !seen.insert(m.path.clone())
             {
                 continue;
             }
             // A mount that vanished or is not ours to read is skipped, as Telegraf does.
-            let Ok(st) = rustix::fs::statvfs(Path::new(&m.fs_file)) else {
+            let Ok(st) = rustix::fs::statvfs(Path::new(&m.path)) else {
                 continue;
             };
-            let Some(p) = disk_point(
-                &m.fs_spec,
-                &m.fs_file,
-                &m.fs_vfstype,
-                m.fs_mntops.contains_key("ro"),
-                &st,
-            ) else {
-                continue;
-            };
-            out.push(p);
+            if let Some(p) = disk_point(&m.device, &m.path, &m.fstype, m.has_opt("ro"), &st) {
+                out.push(p);
+            }
         }
         Ok(())
     }
@@ -349,6 +339,57 @@ fn mem(out: &mut Vec<Point>) -> Result<(), String> {
     p.float("available_percent", pct(available));
     out.push(p);
     Ok(())
+}
+
+/// One `/proc/self/mounts` line. Parsed here because procfs 0.17's `mounts()` decodes only
+/// `\011 \012 \134 \043` and leaves a space as `\040`, so a mount path with a space would
+/// never match `mount_points` nor be found by statvfs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    pub device: String,
+    pub path: String,
+    pub fstype: String,
+    pub options: String,
+}
+
+impl Mount {
+    pub fn parse(line: &str) -> Option<Self> {
+        let mut f = line.split_ascii_whitespace();
+        Some(Self {
+            device: unmangle(f.next()?),
+            path: unmangle(f.next()?),
+            fstype: unmangle(f.next()?),
+            options: unmangle(f.next()?),
+        })
+    }
+
+    fn has_opt(&self, opt: &str) -> bool {
+        self.options
+            .split(',')
+            .any(|o| o == opt || o.split('=').next() == Some(opt))
+    }
+}
+
+/// The kernel writes space, tab, newline, backslash (and `#`) in mount fields as `\ooo`.
+fn unmangle(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        if let Some(v) = octal {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Telegraf's `disk` point from one mount and its statvfs; `None` for size-less pseudo
@@ -594,6 +635,16 @@ mod tests {
         let mut back = Point::new("diskio");
         diskio_rates(&mut back, &b, &a, 1000.0);
         assert!(back.fields.is_empty());
+    }
+
+    #[test]
+    fn mount_fields_are_unescaped() {
+        let m =
+            Mount::parse("tmpfs /tmp/data\\040a,b=c\\134x\\011y tmpfs ro,relatime,size=4096k 0 0")
+                .unwrap();
+        assert_eq!(m.path, "/tmp/data a,b=c\\x\ty");
+        assert!(m.has_opt("ro") && m.has_opt("size") && !m.has_opt("rw"));
+        assert_eq!(unmangle("a\\04"), "a\\04", "a short escape stays as it is");
     }
 
     #[test]
