@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole loop on this machine with embedded defaults: thingsly-bridge (initialised PKI),
-# Mosquitto with mutual TLS trusting the bridge's CA, and thingsly-agent enrolling and publishing.
+# Mosquitto with mutual TLS trusting the bridge's CA, InfluxDB 1.x for the metrics, and
+# thingsly-agent enrolling, publishing telemetry and writing Telegraf-compatible metrics.
 # Everything listens on 127.0.0.1; state lives in $THINGSLY_LOCAL (default ./.local-run).
 # Ctrl-C stops what this script started (and only that).
 set -euo pipefail
@@ -9,6 +10,8 @@ ROOT=$(pwd)
 BASE=${THINGSLY_LOCAL:-$ROOT/.local-run}
 BRIDGE_PORT=${BRIDGE_PORT:-8443}
 MQTT_PORT=${MQTT_PORT:-8883}
+INFLUX_PORT=${INFLUX_PORT:-8086}
+INFLUX_RPC_PORT=${INFLUX_RPC_PORT:-8088}
 DURATION=${DURATION:-0}   # seconds to run before stopping; 0 = until Ctrl-C
 
 scripts/install-deps.sh
@@ -45,6 +48,27 @@ CONF
 /usr/sbin/mosquitto -c "$BASE/mqtt/mosquitto.conf" > "$BASE/mosquitto.log" 2>&1 & pids+=($!)
 "$BIN/thingsly-bridge" --config "$BASE/bridge.toml" serve > "$BASE/bridge.log" 2>&1 & pids+=($!)
 
+mkdir -p "$BASE/influxdb"
+cat > "$BASE/influxdb/influxdb.conf" <<CONF
+reporting-disabled = true
+reporting-enabled = false
+bind-address = "127.0.0.1:$INFLUX_RPC_PORT"
+[meta]
+  dir = "$BASE/influxdb/meta"
+[data]
+  dir = "$BASE/influxdb/data"
+  wal-dir = "$BASE/influxdb/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[http]
+  bind-address = "127.0.0.1:$INFLUX_PORT"
+  log-enabled = false
+[ifql]
+  enabled = false
+CONF
+influxd run -config "$BASE/influxdb/influxdb.conf" > "$BASE/influxdb.log" 2>&1 & pids+=($!)
+
 cat > "$BASE/agent.toml" <<TOML
 [device]
 id = "device-0001"
@@ -57,6 +81,8 @@ bootstrap_token_file = "$BASE/bridge/fleet-token"
 [telemetry]
 host = "127.0.0.1"
 port = $MQTT_PORT
+[metrics.influxdb]
+url = "http://127.0.0.1:$INFLUX_PORT"
 TOML
 sleep 0.5
 "$BIN/thingsly-agent" --config "$BASE/agent.toml" run > "$BASE/agent.log" 2>&1 & pids+=($!)
@@ -64,10 +90,16 @@ sleep 0.5
 # Show what reaches the broker, as a ThingsBoard server would see it.
 "$BIN/thingsly-bridge" --config "$BASE/bridge.toml" issue-client-cert --cn observer \
   --out-cert "$BASE/observer.crt" --out-key "$BASE/observer.key"
-echo "bridge https://127.0.0.1:$BRIDGE_PORT, broker mqtts://127.0.0.1:$MQTT_PORT, state in $BASE"
+echo "bridge https://127.0.0.1:$BRIDGE_PORT, broker mqtts://127.0.0.1:$MQTT_PORT, InfluxDB http://127.0.0.1:$INFLUX_PORT (db telegraf), state in $BASE"
 echo "messages the agent publishes (Ctrl-C to stop):"
 timeout_args=()
 [[ $DURATION -gt 0 ]] && timeout_args=(-W "$DURATION")
 mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" --cafile "$BASE/mqtt/ca.pem" --cert "$BASE/observer.crt" \
   --key "$BASE/observer.key" -t 'v1/devices/me/#' -v "${timeout_args[@]}" || true
 echo; "$BIN/thingsly-agent" --config "$BASE/agent.toml" status
+echo; echo "metrics in InfluxDB (measurement: points):"
+for m in cpu mem disk diskio net system agent; do
+  n=$(curl -sS -G "http://127.0.0.1:$INFLUX_PORT/query" --data-urlencode db=telegraf \
+    --data-urlencode "q=SELECT count(*) FROM $m" | grep -o '"values":\[\[[^]]*' | cut -d, -f2 || true)
+  echo "  $m: ${n:-0}"
+done

@@ -1,13 +1,31 @@
+//! Benchmarks that print markdown table rows.
+//!
 //! `thingsly-bench enroll URL CA FLEET_TOKEN ADMIN_TOKEN N CONCURRENCY`: enrollments per second
 //! against a running bridge, next to authenticated GETs (new TLS connection each, like a device)
-//! as the baseline of the same TLS + HTTP path. Prints one table row each.
+//! as the baseline of the same TLS + HTTP path.
+//!
+//! `thingsly-bench metrics N`: CPU time and heap allocations of one metrics collect+encode cycle
+//! against the floor of only reading the same /proc and /sys files; bytes per hour on the wire
+//! at a 10 s interval with and without gzip.
+
+mod metrics;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
+    if a.get(1).map(String::as_str) == Some("metrics") {
+        return metrics::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(enroll(a))
+}
+
+async fn enroll(a: Vec<String>) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.len() == 8 && a[1] == "enroll",
         "usage: thingsly-bench enroll URL CA FLEET ADMIN N CONCURRENCY"

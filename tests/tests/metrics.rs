@@ -501,3 +501,113 @@ fn odd_interface_names_and_mount_paths() {
     );
     agent.proc.as_mut().unwrap().terminate();
 }
+
+/// InfluxDB 2.x is not packaged for Debian bookworm, so the v2 API is checked against a
+/// scripted HTTP server: path, query, token, gzip, and Retry-After on 429 honoured.
+#[test]
+fn v2_api_request_shape_and_retry_after() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    struct Req {
+        at: Instant,
+        head: String,
+        body: Vec<u8>,
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel::<Req>();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut w = conn;
+            loop {
+                let mut head = String::new();
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 2 {
+                    head.push_str(&line);
+                    line.clear();
+                }
+                if head.is_empty() {
+                    break;
+                }
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                n += 1;
+                let reply = match n {
+                    1 => {
+                        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"message\":\"slow down pls\"}"
+                    }
+                    2 => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                    _ => "HTTP/1.1 204 No Content\r\n\r\n",
+                };
+                let _ = tx.send(Req {
+                    at: Instant::now(),
+                    head,
+                    body,
+                });
+                if w.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let t = tempfile::tempdir().unwrap();
+    let mut agent = metrics_agent(
+        &t.path().join("agent"),
+        "dev-v2",
+        "",
+        &format!(
+            "url = \"http://127.0.0.1:{port}\"\napi = \"v2\"\norganization = \"acme co\"\nbucket = \"edge\"\ntoken = \"tok-123\"\n"
+        ),
+    );
+    agent.start().unwrap();
+    let reqs: Vec<Req> = (0..4)
+        .map(|_| rx.recv_timeout(Duration::from_secs(30)).unwrap())
+        .collect();
+    agent.proc.as_mut().unwrap().terminate();
+    let first = &reqs[0].head;
+    assert!(
+        first.starts_with("POST /api/v2/write?org=acme+co&bucket=edge&precision=s HTTP/1.1"),
+        "{first}"
+    );
+    let lower = first.to_ascii_lowercase();
+    assert!(lower.contains("authorization: token tok-123"), "{first}");
+    assert!(lower.contains("content-encoding: gzip"), "{first}");
+    assert!(
+        lower.contains("content-type: text/plain; charset=utf-8"),
+        "{first}"
+    );
+    let gunzip = |b: &[u8]| {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(b)
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    };
+    let first_body = gunzip(&reqs[0].body);
+    assert!(
+        first_body
+            .lines()
+            .any(|l| l.starts_with("mem,host=dev-v2 total=")),
+        "{first_body}"
+    );
+    let gap = reqs[1].at - reqs[0].at;
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "Retry-After: 3 not honoured: {gap:?}"
+    );
+    // The collection refused twice is in the first successful request, ahead of newer ones.
+    let ok_body = gunzip(&reqs[2].body);
+    let first_line = first_body.lines().next().unwrap();
+    assert_eq!(ok_body.lines().next(), Some(first_line), "oldest first");
+    assert!(agent.log_text().contains("slow down pls"));
+}
