@@ -257,9 +257,8 @@ fn outage_with_agent_restart_loses_nothing_and_keeps_order() {
         files(&spool) >= 3
     });
     std::thread::sleep(outage / 3);
-    // Restart the agent in the middle of the outage.
-    let (code, _) = agent.proc.as_mut().unwrap().terminate();
-    assert!(code.is_some_and(|c| c.success()));
+    // Power cut in the middle of the outage (SIGKILL: nothing runs at exit), then a restart.
+    agent.proc.as_mut().unwrap().kill();
     let stopped = std::time::SystemTime::now();
     std::thread::sleep(Duration::from_secs(2));
     agent.start().unwrap();
@@ -324,6 +323,50 @@ fn outage_with_agent_restart_loses_nothing_and_keeps_order() {
 
 fn unix(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// At `metric_buffer_limit` the oldest collections go first; the drop is counted, survives a
+/// restart, and reaches InfluxDB in the `agent` measurement.
+#[test]
+fn buffer_bound_drops_the_oldest_and_counts_them() {
+    let t = tempfile::tempdir().unwrap();
+    let mut influx = Influx::new(&t.path().join("influx"), false, None).unwrap();
+    let mut agent = metrics_agent(
+        &t.path().join("agent"),
+        "dev-bound",
+        "percpu = false\nmetric_batch_size = 50\nmetric_buffer_limit = 100\n",
+        &format!("url = \"{}\"\n", influx.url()),
+    );
+    // InfluxDB is not there yet.
+    agent.start().unwrap();
+    let started = unix(std::time::SystemTime::now());
+    wait_for("drops counted", Duration::from_secs(60), || {
+        counter(&agent, "dropped_points") > 0
+    });
+    let buffered = counter(&agent, "buffered_points");
+    assert!(buffered <= 100, "bound exceeded: {buffered}");
+    agent.proc.as_mut().unwrap().terminate();
+    let dropped = counter(&agent, "dropped_points");
+    agent.start().unwrap();
+    influx.start().unwrap();
+    wait_for("backlog written", Duration::from_secs(30), || {
+        counter(&agent, "buffered_points") == 0 && counter(&agent, "points_written") > 0
+    });
+    assert!(
+        counter(&agent, "dropped_points") >= dropped,
+        "drop count persisted"
+    );
+    let got = ticks(&influx, "dev-bound");
+    assert!(
+        got[0] > started + 1,
+        "the oldest were dropped, not the newest: {} vs start {started}",
+        got[0]
+    );
+    let reported = influx.rows(
+        DB,
+        "SELECT max(dropped_points) FROM agent WHERE host = 'dev-bound'",
+    );
+    assert!(reported[0][1].as_u64().unwrap() >= dropped, "{reported:?}");
 }
 
 #[test]

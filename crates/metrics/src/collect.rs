@@ -217,8 +217,10 @@ impl Collector {
         use procfs::Current;
         let load = procfs::LoadAverage::current().map_err(|e| format!("/proc/loadavg: {e}"))?;
         let uptime = procfs::Uptime::current().map_err(|e| format!("/proc/uptime: {e}"))?;
-        let n_cpus = procfs::CpuInfo::current()
-            .map(|c| c.num_cores())
+        // Logical CPUs as gopsutil counts them: "processor" lines of /proc/cpuinfo (procfs's
+        // CpuInfo would build a map of every field of every CPU for this one number).
+        let n_cpus = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
             .unwrap_or(0);
         let (n_users, n_unique_users) = users(Path::new("/var/run/utmp"));
         let mut p = Point::new("system");
@@ -296,6 +298,7 @@ fn mem(out: &mut Vec<Point>) -> Result<(), String> {
     let used = total.saturating_sub(available);
     let o = |v: Option<u64>| v.unwrap_or(0);
     let mut p = Point::new("mem");
+    p.fields.reserve_exact(34);
     p.uint("total", total);
     p.uint("available", available);
     p.uint("used", used);

@@ -262,6 +262,7 @@ async fn collect_loop(
         };
         let enc = encoder.clone();
         let agent = agent_point(&state, &counters);
+        let began = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let (text, errors) = gather(&mut c, &enc, stamp.as_nanos() as i128, &agent);
             (c, text, errors)
@@ -273,6 +274,10 @@ async fn collect_loop(
             continue;
         };
         collector = Some(c);
+        // A hung mount (NFS, FUSE) blocks statvfs; say so instead of going quiet.
+        if began.elapsed() > s.interval {
+            tracing::warn!(took = ?began.elapsed(), "metrics collection took longer than the interval; ticks were skipped");
+        }
         if errors != reported_errors {
             for e in &errors {
                 tracing::warn!(input = e.input, error = %e.message, "metrics input failed");
