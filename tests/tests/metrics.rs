@@ -486,31 +486,40 @@ fn odd_interface_names_and_mount_paths() {
     .unwrap();
     ns.ip(&["link", "set", "a,b=1", "up"]).unwrap();
     ns.ip(&["link", "set", "x=y,z", "up"]).unwrap();
+    // A read-write tmpfs and a read-only one; both paths need escaping.
     let mnt = t.path().join("data a,b=c");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(&[
-        "mount",
-        "-t",
-        "tmpfs",
-        "-o",
-        "size=4m",
-        "tmpfs",
-        mnt.to_str().unwrap(),
-    ])
-    .unwrap();
+    let ro = t.path().join("ro x=1");
     struct Umount(std::path::PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
             let _ = run(&["umount", self.0.to_str().unwrap()]);
         }
     }
-    let _umount = Umount(mnt.clone());
+    let mut _umount = Vec::new();
+    for (dir, opts) in [(&mnt, "size=4m"), (&ro, "ro,size=2m")] {
+        std::fs::create_dir_all(dir).unwrap();
+        run(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            opts,
+            "tmpfs",
+            dir.to_str().unwrap(),
+        ])
+        .unwrap();
+        _umount.push(Umount(dir.clone()));
+    }
     let mut influx = Influx::new(&t.path().join("influx"), false, Some(&ns.name)).unwrap();
     influx.start().unwrap();
     let mut agent = metrics_agent(
         &t.path().join("agent"),
         "dev-odd",
-        &format!("ignore_fs = []\nmount_points = [\"{}\"]\n", mnt.display()),
+        &format!(
+            "ignore_fs = []\nmount_points = [\"{}\", \"{}\"]\n",
+            mnt.display(),
+            ro.display()
+        ),
         &format!("url = \"{}\"\n", influx.url()),
     );
     agent.netns = Some(ns.name.clone());
@@ -529,19 +538,40 @@ fn odd_interface_names_and_mount_paths() {
         BTreeSet::from(["a,b=1".to_string(), "x=y,z".to_string()]),
         "loopback is not reported by default"
     );
-    let paths = influx.rows(DB, "SHOW TAG VALUES FROM disk WITH KEY = \"path\"");
-    assert_eq!(paths.len(), 1, "{paths:?}");
-    assert_eq!(paths[0][1], mnt.display().to_string());
-    let disk = influx.rows(DB, "SELECT total, fstype, mode, device FROM disk");
-    assert_eq!(disk[0][1].as_u64(), Some(4 * 1024 * 1024));
-    assert_eq!(
-        (
-            disk[0][2].as_str(),
-            disk[0][3].as_str(),
-            disk[0][4].as_str()
-        ),
-        (Some("tmpfs"), Some("rw"), Some("tmpfs"))
+    wait_for("both mounts", Duration::from_secs(10), || {
+        influx
+            .rows(DB, "SHOW TAG VALUES FROM disk WITH KEY = \"path\"")
+            .len()
+            == 2
+    });
+    let by_path = influx.query(
+        DB,
+        "SELECT last(total), fstype, mode, device FROM disk GROUP BY path",
     );
+    let mut got = BTreeMap::new();
+    for series in by_path["results"][0]["series"].as_array().unwrap() {
+        let v = &series["values"][0];
+        got.insert(
+            series["tags"]["path"].as_str().unwrap().to_string(),
+            (
+                v[1].as_u64().unwrap(),
+                v[2].as_str().unwrap().to_string(),
+                v[3].as_str().unwrap().to_string(),
+                v[4].as_str().unwrap().to_string(),
+            ),
+        );
+    }
+    let want = BTreeMap::from([
+        (
+            mnt.display().to_string(),
+            (4 << 20, "tmpfs".into(), "rw".into(), "tmpfs".into()),
+        ),
+        (
+            ro.display().to_string(),
+            (2 << 20, "tmpfs".into(), "ro".into(), "tmpfs".into()),
+        ),
+    ]);
+    assert_eq!(got, want);
     agent.proc.as_mut().unwrap().terminate();
 }
 

@@ -113,8 +113,8 @@ impl Collector {
     }
 
     fn disk(&self, out: &mut Vec<Point>) -> Result<(), String> {
-        let text = std::fs::read_to_string("/proc/self/mounts")
-            .map_err(|e| format!("/proc/self/mounts: {e}"))?;
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
         let mut seen = HashSet::new();
         for m in text.lines().filter_map(Mount::parse) {
             if !self.opts.mount_points.is_empty() && !self.opts.mount_points.contains(&m.path) {
@@ -130,7 +130,7 @@ impl Collector {
             let Ok(st) = rustix::fs::statvfs(Path::new(&m.path)) else {
                 continue;
             };
-            if let Some(p) = disk_point(&m.device, &m.path, &m.fstype, m.has_opt("ro"), &st) {
+            if let Some(p) = disk_point(&m.device, &m.path, &m.fstype, m.read_only, &st) {
                 out.push(p);
             }
         }
@@ -344,7 +344,7 @@ fn mem(out: &mut Vec<Point>) -> Result<(), String> {
     Ok(())
 }
 
-/// One `/proc/self/mounts` line. Parsed here because procfs 0.17's `mounts()` decodes only
+/// One `/proc/self/mountinfo` line. Parsed here because procfs 0.17 decodes only
 /// `\011 \012 \134 \043` and leaves a space as `\040`, so a mount path with a space would
 /// never match `mount_points` nor be found by statvfs.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,17 +352,32 @@ pub struct Mount {
     pub device: String,
     pub path: String,
     pub fstype: String,
+    /// Per-mount options (what `ignore_mount_opts` matches, as in Telegraf).
     pub options: String,
+    /// The filesystem itself is read-only (superblock `ro`: a squashfs rootfs, an ext4 that
+    /// remounted itself ro after errors). Not the per-mount flag: under the shipped unit's
+    /// `ProtectSystem=strict` every mount the agent sees is a read-only bind, and `mode` must
+    /// not depend on how the agent is sandboxed.
+    pub read_only: bool,
 }
 
 impl Mount {
+    /// `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL…] - FSTYPE SOURCE SUPER_OPTIONS`
     pub fn parse(line: &str) -> Option<Self> {
-        let mut f = line.split_ascii_whitespace();
+        let (left, right) = line.split_once(" - ")?;
+        let mut l = left.split(' ').skip(4);
+        let path = unmangle(l.next()?);
+        let options = unmangle(l.next()?);
+        let mut r = right.split(' ');
+        let fstype = unmangle(r.next()?);
+        let device = unmangle(r.next()?);
+        let read_only = r.next().unwrap_or("").split(',').any(|o| o == "ro");
         Some(Self {
-            device: unmangle(f.next()?),
-            path: unmangle(f.next()?),
-            fstype: unmangle(f.next()?),
-            options: unmangle(f.next()?),
+            device,
+            path,
+            fstype,
+            options,
+            read_only,
         })
     }
 
@@ -642,11 +657,17 @@ mod tests {
 
     #[test]
     fn mount_fields_are_unescaped() {
-        let m =
-            Mount::parse("tmpfs /tmp/data\\040a,b=c\\134x\\011y tmpfs ro,relatime,size=4096k 0 0")
-                .unwrap();
+        let m = Mount::parse(
+            "40 27 0:35 / /tmp/data\\040a,b=c\\134x\\011y ro,relatime shared:20 - tmpfs tmp\\040fs rw,size=4096k",
+        )
+        .unwrap();
         assert_eq!(m.path, "/tmp/data a,b=c\\x\ty");
-        assert!(m.has_opt("ro") && m.has_opt("size") && !m.has_opt("rw"));
+        assert_eq!((m.fstype.as_str(), m.device.as_str()), ("tmpfs", "tmp fs"));
+        assert!(m.has_opt("ro") && m.has_opt("relatime") && !m.has_opt("rw"));
+        assert!(!m.read_only, "a read-only bind of a read-write filesystem");
+        let sq = Mount::parse("27 1 7:0 / / ro,relatime - squashfs /dev/loop0 ro,errors=continue")
+            .unwrap();
+        assert!(sq.read_only && sq.device == "/dev/loop0" && sq.path == "/");
         assert_eq!(unmangle("a\\04"), "a\\04", "a short escape stays as it is");
     }
 
