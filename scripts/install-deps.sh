@@ -3,7 +3,9 @@
 set -euo pipefail
 # rauc and friends are for the RAUC test (tests/rauc/rauc-sandbox.sh): installed here, not mid-test.
 # influxdb (1.6, influxd) and curl for the metrics tests; iproute2 for their network namespaces.
-pkgs=(mosquitto mosquitto-clients openssl systemd rauc rauc-service squashfs-tools dbus dbus-bin libglib2.0-bin influxdb influxdb-client curl iproute2)
+# Cross gcc + qemu-user for the board targets (scripts/test-cross.sh); python3-venv for oelint-adv.
+pkgs=(mosquitto mosquitto-clients openssl systemd rauc rauc-service squashfs-tools dbus dbus-bin libglib2.0-bin influxdb influxdb-client curl iproute2
+      gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user file python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

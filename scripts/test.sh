@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh Debian machine: installs what the tests need (Debian packages),
 # checks formatting and lints, builds the binaries the end-to-end tests start, runs unit and
-# end-to-end tests (real thingsly-bridge, Mosquitto with mTLS, thingsly-agent; root is needed
-# for the full-disk test's tmpfs), and checks the systemd units.
+# end-to-end tests (real thingsly-bridge, Mosquitto with mTLS, InfluxDB, thingsly-agent; root is
+# needed for tmpfs mounts and network namespaces), builds with the MSRV toolchain (the Rust of the
+# current Yocto LTS) and every agent feature set the recipe offers, lints the Yocto layer, checks
+# the systemd units, and cross-builds for the boards with their unit tests under qemu-user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 scripts/install-deps.sh
+msrv=$(scripts/install-toolchains.sh)
 if grep -q '^name = "aws-lc' Cargo.lock; then echo "aws-lc found in Cargo.lock: ring is the only crypto provider" >&2; exit 1; fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -14,5 +17,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p thingsly-agent --no-default-features --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+# Yocto's Rust (wrynose: 1.94) must build everything that ships (default members).
+cargo +"$msrv" build --locked --target-dir target/msrv
+# Each PACKAGECONFIG combination the recipe offers alone, and none.
+for features in "" telemetry metrics rauc; do
+  cargo build -q --locked -p thingsly-agent --no-default-features --features "$features"
+done
+scripts/lint-layer.sh
 scripts/check-units.sh
+scripts/test-cross.sh
 echo "all checks passed in $(( $(date +%s) - start )) s"

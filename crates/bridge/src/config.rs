@@ -113,3 +113,17 @@ impl BridgeConfig {
             .unwrap_or_else(|| self.data_dir.join("admin-token"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file the Yocto recipe installs as /etc/thingsly/bridge.toml.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn example_config_in_repo_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bridge.example.toml");
+        let cfg = BridgeConfig::load(&path).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/thingsly-bridge"));
+    }
+}

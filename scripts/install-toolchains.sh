@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rust toolchains and targets the tests build with: stable (default), the MSRV (the Rust of the
+# current Yocto LTS, read from Cargo.toml), and the board targets. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+have() { rustup "$@" 2>/dev/null; }
+if ! rustup toolchain list | grep -q "^$msrv-"; then rustup toolchain install "$msrv" --profile minimal >&2; fi
+targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl)
+installed=$(rustup target list --installed)
+for t in "${targets[@]}"; do grep -qx "$t" <<<"$installed" || rustup target add "$t" >&2; done
+have component list --installed | grep -q '^clippy' || rustup component add clippy rustfmt >&2
+echo "$msrv"

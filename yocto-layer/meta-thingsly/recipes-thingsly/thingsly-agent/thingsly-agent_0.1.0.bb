@@ -1,0 +1,43 @@
+SUMMARY = "Thingsly Edge device agent"
+DESCRIPTION = "One daemon for RAUC A/B boards: enrollment, WireGuard tunnel, ThingsBoard MQTT \
+               telemetry, Telegraf-compatible metrics to InfluxDB, hawkBit OTA through RAUC, \
+               remote terminal."
+HOMEPAGE = "https://github.com/thingsly/thingsly-edge"
+BUGTRACKER = "https://github.com/thingsly/thingsly-edge/issues"
+SECTION = "net"
+CVE_PRODUCT = "thingsly-edge"
+LICENSE = "Apache-2.0"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
+
+require recipes-thingsly/include/thingsly-source.inc
+require ${BPN}-crates.inc
+
+inherit cargo systemd useradd
+
+# Build the agent package of the workspace.
+CARGO_SRC_DIR = "agent"
+
+# Each agent module is a cargo feature; drop one from PACKAGECONFIG to compile it out.
+PACKAGECONFIG ??= "telemetry metrics rauc"
+PACKAGECONFIG[telemetry] = "--features=telemetry"
+PACKAGECONFIG[metrics] = "--features=metrics"
+PACKAGECONFIG[rauc] = "--features=rauc"
+CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
+
+USERADD_PACKAGES = "${PN}"
+USERADD_PARAM:${PN} = "--system --user-group --home-dir ${localstatedir}/lib/thingsly-agent \
+                       --no-create-home --shell /sbin/nologin thingsly"
+
+SYSTEMD_SERVICE:${PN} = "thingsly-agent.service"
+SYSTEMD_AUTO_ENABLE:${PN} = "enable"
+
+do_install:append() {
+    install -d ${D}${systemd_system_unitdir}
+    install -m 0644 ${S}/systemd/thingsly-agent.service ${D}${systemd_system_unitdir}/
+    install -d ${D}${sysconfdir}/thingsly
+    # The example lists every key with its default; the image sets [device] id and [enroll].
+    install -m 0640 -g thingsly ${S}/agent/agent.example.toml ${D}${sysconfdir}/thingsly/agent.toml
+}
+
+CONFFILES:${PN} = "${sysconfdir}/thingsly/agent.toml"
+FILES:${PN} += "${systemd_system_unitdir}/thingsly-agent.service"
