@@ -1,0 +1,10 @@
+//! The device side of the remote terminal: a ttyd-compatible WebSocket server that runs one
+//! PTY per session, only for sessions that present a bridge-signed single-use ticket.
+
+pub mod protocol;
+mod server;
+mod session;
+pub mod ticket;
+
+pub use server::{MAX_MESSAGE, TerminalConfig, serve};
+pub use session::SessionConfig;

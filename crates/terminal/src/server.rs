@@ -1,0 +1,283 @@
+//! Accepts connections, answers plain HTTP itself (ttyd's `/token`, refusals with a real
+//! status), upgrades `/ws` with subprotocol `tty`, checks the ticket, then hands over to a
+//! session. Nothing touches a PTY before the ticket and the session limit are satisfied.
+
+use crate::session::{self, SessionConfig};
+use crate::ticket::TicketVerifier;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, http};
+use tokio_util::sync::CancellationToken;
+
+/// Longest request head we read before refusing (ttyd clients send well under 2 KiB).
+const MAX_HEAD: usize = 8192;
+/// Time a client gets to send its head and then its first (auth) message.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// WebSocket messages larger than this are refused (input is typed or pasted text).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct TerminalConfig {
+    pub listen: SocketAddr,
+    pub session: SessionConfig,
+    pub max_sessions: usize,
+}
+
+struct Shared {
+    cfg: TerminalConfig,
+    tickets: Mutex<TicketVerifier>,
+    slots: Arc<Semaphore>,
+}
+
+/// Serve until `shutdown`; returns the bound address through `bound` (port 0 in tests).
+pub async fn serve(
+    cfg: TerminalConfig,
+    tickets: TicketVerifier,
+    shutdown: CancellationToken,
+    bound: tokio::sync::oneshot::Sender<SocketAddr>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let _ = bound.send(listener.local_addr()?);
+    tracing::info!(listen = %listener.local_addr()?, "terminal listening");
+    let shared = Arc::new(Shared {
+        slots: Arc::new(Semaphore::new(cfg.max_sessions)),
+        cfg,
+        tickets: Mutex::new(tickets),
+    });
+    let sessions = tokio_util::task::TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "terminal accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let stop = shutdown.clone();
+                sessions.spawn(async move {
+                    if let Err(e) = connection(stream, peer, shared, stop).await {
+                        tracing::debug!(%peer, error = %e, "terminal connection ended");
+                    }
+                });
+            }
+        }
+    }
+    sessions.close();
+    sessions.wait().await;
+    Ok(())
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_head(&stream))
+        .await
+        .map_err(|_| "request head timeout".to_string())??;
+    match head {
+        Head::Token => {
+            // ttyd's page fetches /token first; the ticket comes from the proxy instead.
+            return reply(
+                &mut stream,
+                200,
+                "OK",
+                "application/json",
+                "{\"token\": \"\"}",
+            )
+            .await;
+        }
+        Head::Refuse(code, reason) => {
+            return reply(&mut stream, code, reason, "text/plain", reason).await;
+        }
+        Head::Upgrade => {}
+    }
+    let ws_cfg = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024);
+    let mut ws = tokio_tungstenite::accept_hdr_async_with_config(stream, select_tty, Some(ws_cfg))
+        .await
+        .map_err(|e| e.to_string())?;
+
+    // First message: {"AuthToken","columns","rows"}.
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, ws.next()).await;
+    let hello = match first {
+        Ok(Some(Ok(Message::Text(t)))) => crate::protocol::parse_hello(t.as_bytes()),
+        Ok(Some(Ok(Message::Binary(b)))) => crate::protocol::parse_hello(&b),
+        Ok(_) => return Err("closed before the first message".into()),
+        Err(_) => {
+            close(
+                &mut ws,
+                CloseCode::Policy,
+                "no AuthToken message within 10s",
+            )
+            .await;
+            return Err("auth timeout".into());
+        }
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(e) => {
+            close(
+                &mut ws,
+                CloseCode::Protocol,
+                &format!("bad first message: {e}"),
+            )
+            .await;
+            return Err(e.to_string());
+        }
+    };
+    let claims = shared
+        .tickets
+        .lock()
+        .map_err(|_| "ticket verifier poisoned".to_string())?
+        .verify(&hello.auth_token);
+    let claims = match claims {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, reason = %e, "terminal session refused");
+            close(&mut ws, CloseCode::Policy, &format!("refused: {e}")).await;
+            return Err(e.to_string());
+        }
+    };
+    let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, operator = %claims.sub, "terminal session refused: session limit");
+        close(
+            &mut ws,
+            CloseCode::Again,
+            &format!("refused: {} sessions already open", shared.cfg.max_sessions),
+        )
+        .await;
+        return Err("session limit".into());
+    };
+    let result = session::run(ws, &shared.cfg.session, &hello, &claims, peer, shutdown).await;
+    drop(slot);
+    result
+}
+
+/// Answer with subprotocol `tty` when the client offers it (ttyd's clients always do).
+// The signature is tungstenite's handshake callback; its error type is not ours to shrink.
+#[allow(clippy::result_large_err)]
+fn select_tty(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
+    let offers_tty = req
+        .headers()
+        .get_all("Sec-WebSocket-Protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "tty");
+    if offers_tty {
+        resp.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            http::HeaderValue::from_static("tty"),
+        );
+    }
+    Ok(resp)
+}
+
+enum Head {
+    Token,
+    Upgrade,
+    Refuse(u16, &'static str),
+}
+
+/// Look at the request head without consuming it, so the WebSocket handshake reads it again.
+async fn peek_head(stream: &TcpStream) -> Result<Head, String> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..n]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let path = req.path.unwrap_or("");
+                let upgrade = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("upgrade")
+                        && String::from_utf8_lossy(h.value).eq_ignore_ascii_case("websocket")
+                });
+                return Ok(match (req.method, path) {
+                    (Some("GET"), "/token") => Head::Token,
+                    (Some("GET"), "/ws") if upgrade => Head::Upgrade,
+                    (Some("GET"), "/ws") => Head::Refuse(426, "Upgrade Required"),
+                    (Some("GET"), _) => Head::Refuse(404, "Not Found"),
+                    _ => Head::Refuse(405, "Method Not Allowed"),
+                });
+            }
+            Ok(httparse::Status::Partial) if n < MAX_HEAD => {
+                // More is on its way: wait for it without busy-looping on peek.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(httparse::Status::Partial) => {
+                return Ok(Head::Refuse(431, "Request Header Fields Too Large"));
+            }
+            Err(_) => return Ok(Head::Refuse(400, "Bad Request")),
+        }
+    }
+}
+
+async fn reply(
+    stream: &mut TcpStream,
+    code: u16,
+    reason: &str,
+    content_type: &str,
+    body: &str,
+) -> Result<(), String> {
+    let text = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(text.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn close<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    code: CloseCode,
+    reason: &str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // Close reasons are limited to 123 bytes by the protocol.
+    let mut reason = reason.to_string();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+    // Wait briefly for the client's close so the TCP connection ends cleanly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+}

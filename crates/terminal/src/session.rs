@@ -1,0 +1,270 @@
+//! One terminal session: a PTY running the configured command, bridged to the WebSocket.
+//!
+//! Flow control: the PTY is read only while the client is not paused and only as fast as the
+//! WebSocket takes frames, so a fast producer with a slow client stalls the producer instead of
+//! growing memory. When the child exits the PTY is read to its end before the close frame
+//! (1000, the exit status in the reason). When the client goes away the session's process group
+//! gets SIGHUP, then SIGKILL after a grace period, so no shell is left behind.
+
+use crate::protocol::{self, ClientMessage, Hello};
+use crate::server::close;
+use crate::ticket::Claims;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes read from the PTY per output frame.
+const CHUNK: usize = 16 * 1024;
+/// After the child exits, how long to wait for the PTY to drain (a background job may keep
+/// it open forever).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// argv of the session's process (default: a login shell).
+    pub command: Vec<String>,
+    /// Run as this user (name from /etc/passwd); the agent's own user when `None`.
+    pub user: Option<String>,
+    pub term: String,
+    pub idle_timeout: Duration,
+    pub read_only: bool,
+    /// Between SIGHUP and SIGKILL of the session's process group.
+    pub hangup_grace: Duration,
+    /// Shown as the window title.
+    pub title: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            command: vec!["/bin/sh".into(), "-l".into()],
+            user: None,
+            term: "xterm-256color".into(),
+            idle_timeout: Duration::from_secs(15 * 60),
+            read_only: false,
+            hangup_grace: Duration::from_secs(2),
+            title: "thingsly".into(),
+        }
+    }
+}
+
+struct Account {
+    uid: u32,
+    gid: u32,
+    home: String,
+    shell: String,
+}
+
+/// `/etc/passwd` lookup (the format is fixed; no NSS on these boards).
+fn account(name: &str) -> Result<Account, String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && f[0] == name)
+        .and_then(|f| {
+            Some(Account {
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                home: f[5].to_string(),
+                shell: f[6].to_string(),
+            })
+        })
+        .ok_or_else(|| format!("terminal.user {name:?} not in /etc/passwd"))
+}
+
+enum End {
+    Exited(String),
+    ClientGone,
+    Idle,
+    Shutdown,
+}
+
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    cfg: &SessionConfig,
+    hello: &Hello,
+    claims: &Claims,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut ws = ws;
+    let spawned = spawn(cfg, hello);
+    let (mut child, pty) = match spawned {
+        Ok(x) => x,
+        Err(e) => {
+            close(
+                &mut ws,
+                CloseCode::Error,
+                &format!("cannot start session: {e}"),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    let read_only = cfg.read_only || claims.read_only;
+    let started = Instant::now();
+    tracing::info!(target: "audit", operator = %claims.sub, ticket = %claims.jti, %peer, pid = ?child.id(), read_only, "terminal session started");
+
+    let (mut pty_r, mut pty_w) = pty.into_split();
+    let (mut tx, mut rx) = ws.split();
+    let title = protocol::server_frame(protocol::SET_WINDOW_TITLE, cfg.title.as_bytes());
+    let prefs = protocol::server_frame(protocol::SET_PREFERENCES, b"{}");
+    for f in [title, prefs] {
+        tx.send(Message::Binary(f.into()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    let mut paused = false;
+    let mut pty_open = true;
+    let mut exit: Option<String> = None;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut last_activity = tokio::time::Instant::now();
+    let mut buf = vec![0u8; CHUNK];
+    let end = loop {
+        if exit.is_some()
+            && (!pty_open || drain_deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
+        {
+            break End::Exited(exit.take().unwrap_or_default());
+        }
+        let idle_at = last_activity + cfg.idle_timeout;
+        let drain_at = drain_deadline.unwrap_or(idle_at);
+        tokio::select! {
+            _ = shutdown.cancelled() => break End::Shutdown,
+            _ = tokio::time::sleep_until(idle_at) => break End::Idle,
+            _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => continue,
+            status = child.wait(), if exit.is_none() => {
+                exit = Some(match status {
+                    Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                        (Some(c), _) => format!("exit status {c}"),
+                        (None, Some(sig)) => format!("killed by signal {sig}"),
+                        _ => "exited".into(),
+                    },
+                    Err(e) => format!("wait failed: {e}"),
+                });
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            }
+            n = pty_r.read(&mut buf), if pty_open && !paused => {
+                match n {
+                    // EIO: every slave fd is closed (the child and its children are gone).
+                    Ok(0) | Err(_) => pty_open = false,
+                    Ok(n) => {
+                        bytes_out += n as u64;
+                        last_activity = tokio::time::Instant::now();
+                        let frame = protocol::server_frame(protocol::OUTPUT, &buf[..n]);
+                        if tx.send(Message::Binary(frame.into())).await.is_err() {
+                            break End::ClientGone;
+                        }
+                    }
+                }
+            }
+            msg = rx.next() => {
+                let data = match msg {
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break End::ClientGone,
+                };
+                last_activity = tokio::time::Instant::now();
+                match protocol::parse_client(&data) {
+                    Ok(ClientMessage::Input(bytes)) if !read_only => {
+                        bytes_in += bytes.len() as u64;
+                        if pty_w.write_all(&bytes).await.is_err() {
+                            pty_open = false;
+                        }
+                    }
+                    Ok(ClientMessage::Input(_)) => {}
+                    Ok(ClientMessage::Resize { columns, rows }) => {
+                        let _ = pty_w.resize(pty_process::Size::new(rows, columns));
+                    }
+                    Ok(ClientMessage::Pause) => paused = true,
+                    // Repeating resume is harmless: it only lifts the read guard.
+                    Ok(ClientMessage::Resume) => paused = false,
+                    Err(e) => tracing::debug!(error = %e, "ignored client message"),
+                }
+            }
+        }
+    };
+
+    let (code, reason) = match &end {
+        End::Exited(s) => (CloseCode::Normal, s.clone()),
+        End::ClientGone => (CloseCode::Normal, "client closed".into()),
+        End::Idle => (
+            CloseCode::Normal,
+            format!("idle for {}s", cfg.idle_timeout.as_secs()),
+        ),
+        End::Shutdown => (CloseCode::Away, "agent stopping".into()),
+    };
+    if !matches!(end, End::Exited(_)) {
+        hang_up(&mut child, pgid, cfg.hangup_grace).await;
+    }
+    if !matches!(end, End::ClientGone)
+        && let Ok(mut ws) = tx.reunite(rx)
+    {
+        close(&mut ws, code, &reason).await;
+    }
+    tracing::info!(target: "audit", operator = %claims.sub, ticket = %claims.jti, %peer, bytes_in, bytes_out,
+        seconds = started.elapsed().as_secs(), end = %reason, "terminal session ended");
+    Ok(())
+}
+
+fn spawn(
+    cfg: &SessionConfig,
+    hello: &Hello,
+) -> Result<(tokio::process::Child, pty_process::Pty), String> {
+    let (pty, pts) = pty_process::open().map_err(|e| format!("no PTY: {e}"))?;
+    pty.resize(pty_process::Size::new(hello.rows, hello.columns))
+        .map_err(|e| format!("PTY resize: {e}"))?;
+    let (program, args) = cfg
+        .command
+        .split_first()
+        .ok_or("terminal.command is empty")?;
+    let mut cmd = pty_process::Command::new(program)
+        .args(args)
+        .env("TERM", &cfg.term)
+        .kill_on_drop(true);
+    if let Some(name) = &cfg.user {
+        let a = account(name)?;
+        cmd = cmd
+            .uid(a.uid)
+            .gid(a.gid)
+            .env("HOME", &a.home)
+            .env("USER", name)
+            .env("LOGNAME", name)
+            .env("SHELL", &a.shell)
+            .current_dir(&a.home);
+    }
+    let child = cmd.spawn(pts).map_err(|e| format!("{program}: {e}"))?;
+    Ok((child, pty))
+}
+
+/// SIGHUP to the session's process group (the shell is its leader), SIGKILL after `grace`.
+async fn hang_up(
+    child: &mut tokio::process::Child,
+    pgid: Option<rustix::process::Pid>,
+    grace: Duration,
+) {
+    use rustix::process::{Signal, kill_process_group};
+    let Some(pgid) = pgid else { return };
+    let _ = kill_process_group(pgid, Signal::HUP);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = kill_process_group(pgid, Signal::KILL);
+        let _ = child.wait().await;
+    } else {
+        // The leader left; anything it started in the group goes too.
+        let _ = kill_process_group(pgid, Signal::KILL);
+    }
+}

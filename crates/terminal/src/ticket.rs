@@ -1,0 +1,191 @@
+//! Session tickets: short-lived ES256 JWTs the bridge signs for one device and one session.
+//! Checked before any PTY exists; the public key is the one the device got at enrollment.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The `aud` every ticket carries.
+pub const AUDIENCE: &str = "thingsly-terminal";
+/// A ticket may not live longer than this (exp − iat), whatever the bridge says.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(300);
+/// Clock skew tolerated on exp/iat.
+const LEEWAY_SECS: u64 = 5;
+/// Unexpired ticket ids remembered for replay detection; beyond it new tickets are refused
+/// (fail closed) rather than forgetting one that could then be replayed.
+const MAX_REMEMBERED: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Claims {
+    /// The operator, for the audit log.
+    pub sub: String,
+    pub device: String,
+    pub exp: u64,
+    pub iat: u64,
+    pub jti: String,
+    /// The bridge may make a session read-only on top of the device's own setting.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TicketError {
+    #[error("no ticket (AuthToken is empty)")]
+    Missing,
+    #[error("ticket expired")]
+    Expired,
+    #[error("ticket is for device {0:?}")]
+    WrongDevice(String),
+    #[error("ticket already used")]
+    Replayed,
+    #[error("ticket lifetime over {}s", MAX_LIFETIME.as_secs())]
+    TooLong,
+    #[error("ticket signature invalid")]
+    BadSignature,
+    #[error("ticket malformed: {0}")]
+    Malformed(String),
+    #[error("too many tickets in flight")]
+    Busy,
+}
+
+pub struct TicketVerifier {
+    key: DecodingKey,
+    device_id: String,
+    /// jti → exp, for single use.
+    seen: HashMap<String, u64>,
+}
+
+impl TicketVerifier {
+    /// `public_key_pem`: the bridge's ticket key (SPKI PEM, P-256).
+    pub fn new(public_key_pem: &[u8], device_id: &str) -> Result<Self, String> {
+        let key = DecodingKey::from_ec_pem(public_key_pem)
+            .map_err(|e| format!("ticket public key: {e}"))?;
+        Ok(Self {
+            key,
+            device_id: device_id.to_string(),
+            seen: HashMap::new(),
+        })
+    }
+
+    /// Verify and consume a ticket.
+    pub fn verify(&mut self, token: &str) -> Result<Claims, TicketError> {
+        self.verify_at(token, unix_now())
+    }
+
+    pub fn verify_at(&mut self, token: &str, now: u64) -> Result<Claims, TicketError> {
+        if token.is_empty() {
+            return Err(TicketError::Missing);
+        }
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[AUDIENCE]);
+        v.set_required_spec_claims(&["exp", "aud"]);
+        // exp is checked below against our own clock reading (testable, same leeway).
+        v.validate_exp = false;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature | K::InvalidAlgorithm | K::InvalidEcdsaKey => {
+                    TicketError::BadSignature
+                }
+                _ => TicketError::Malformed(e.to_string()),
+            }
+        })?;
+        let c = data.claims;
+        if c.exp + LEEWAY_SECS < now {
+            return Err(TicketError::Expired);
+        }
+        if c.iat > now + LEEWAY_SECS || c.exp < c.iat || c.exp - c.iat > MAX_LIFETIME.as_secs() {
+            return Err(TicketError::TooLong);
+        }
+        if c.device != self.device_id {
+            return Err(TicketError::WrongDevice(c.device));
+        }
+        self.seen.retain(|_, exp| *exp + LEEWAY_SECS >= now);
+        if self.seen.contains_key(&c.jti) {
+            return Err(TicketError::Replayed);
+        }
+        if self.seen.len() >= MAX_REMEMBERED {
+            return Err(TicketError::Busy);
+        }
+        self.seen.insert(c.jti.clone(), c.exp);
+        Ok(c)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod testkey {
+    //! A P-256 key pair and a signer, for tests (the bridge signs in production).
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+    pub struct Signer {
+        key: EncodingKey,
+        pub public_pem: String,
+    }
+
+    impl Signer {
+        pub fn new() -> Self {
+            let sk = p256::SecretKey::random(&mut rand_core::OsRng);
+            let pem = sk.to_pkcs8_pem(LineEnding::LF).unwrap();
+            let public_pem = sk.public_key().to_public_key_pem(LineEnding::LF).unwrap();
+            Self {
+                key: EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+                public_pem,
+            }
+        }
+
+        pub fn ticket(&self, device: &str, jti: &str, iat: u64, exp: u64) -> String {
+            let claims = serde_json::json!({
+                "sub": "alice@example.com", "device": device, "aud": AUDIENCE,
+                "iat": iat, "exp": exp, "jti": jti,
+            });
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.key).unwrap()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::testkey::Signer;
+    use super::*;
+
+    #[test]
+    fn accepts_once_and_refuses_the_rest() {
+        let s = Signer::new();
+        let mut v = TicketVerifier::new(s.public_pem.as_bytes(), "dev-1").unwrap();
+        let now = 1_800_000_000;
+        let t = s.ticket("dev-1", "a", now, now + 60);
+        assert_eq!(v.verify_at(&t, now).unwrap().sub, "alice@example.com");
+        assert_eq!(v.verify_at(&t, now + 1), Err(TicketError::Replayed));
+        assert_eq!(v.verify_at("", now), Err(TicketError::Missing));
+        let old = s.ticket("dev-1", "b", now - 200, now - 100);
+        assert_eq!(v.verify_at(&old, now), Err(TicketError::Expired));
+        let other = s.ticket("dev-2", "c", now, now + 60);
+        assert_eq!(
+            v.verify_at(&other, now),
+            Err(TicketError::WrongDevice("dev-2".into()))
+        );
+        let long = s.ticket("dev-1", "d", now, now + 3600);
+        assert_eq!(v.verify_at(&long, now), Err(TicketError::TooLong));
+        let forged = Signer::new().ticket("dev-1", "e", now, now + 60);
+        assert_eq!(v.verify_at(&forged, now), Err(TicketError::BadSignature));
+        // alg "none" / unsigned.
+        let parts: Vec<&str> = t.split('.').collect();
+        let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", parts[1]);
+        assert!(v.verify_at(&unsigned, now).is_err());
+        assert!(matches!(
+            v.verify_at("garbage", now),
+            Err(TicketError::Malformed(_))
+        ));
+    }
+}
