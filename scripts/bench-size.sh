@@ -17,13 +17,13 @@ dist() { # target features -> path of the stripped binary
     --features "$f" --target-dir "target/size-build"
   mkdir -p "$dir"; cp "target/size-build/$t/dist/thingsly-agent" "$dir/"; echo "$dir/thingsly-agent"
 }
-all="telemetry,metrics,rauc"
+all="telemetry,metrics,terminal,rauc"
 echo "| what | value |"
 echo "| --- | --- |"
 for t in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl; do
   b=$(dist "$t" "$all"); echo "| agent, $t, all modules ($all) | $(size "$b") |"
 done
-for f in "" telemetry metrics rauc; do
+for f in "" telemetry metrics terminal rauc; do
   b=$(dist aarch64-unknown-linux-gnu "$f"); echo "| agent, aarch64-unknown-linux-gnu, features: ${f:-none (enroll only)} | $(size "$b") |"
 done
 
@@ -51,8 +51,8 @@ agent() { # name modules_on runner binary -> LAST_PID
     "$1" "$W" "$1" "$W" "$1" "$BP" "$W" "$W" "$2" "$MP" "$2" "$IP" > "$W/$1.toml"
   RUST_LOG=warn $3 "$4" --config "$W/$1.toml" run >/dev/null 2>&1 & LAST_PID=$!; pids+=("$LAST_PID")
 }
-A64=target/size/aarch64-unknown-linux-gnu/telemetry,metrics,rauc/thingsly-agent
-X86=target/size/x86_64-unknown-linux-gnu/telemetry,metrics,rauc/thingsly-agent
+A64=target/size/aarch64-unknown-linux-gnu/$all/thingsly-agent
+X86=target/size/x86_64-unknown-linux-gnu/$all/thingsly-agent
 agent x86-on true "" "$X86"; P1=$LAST_PID
 agent arm-on true "qemu-aarch64 -L /usr/aarch64-linux-gnu" "$A64"; P2=$LAST_PID
 agent arm-off false "qemu-aarch64 -L /usr/aarch64-linux-gnu" "$A64"; P3=$LAST_PID

@@ -4,6 +4,8 @@ mod enroll_module;
 mod platform;
 mod status;
 mod supervisor;
+#[cfg(feature = "terminal")]
+mod terminal_module;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -174,6 +176,11 @@ fn metrics_module(ctx: Ctx) -> ModuleFuture {
     })
 }
 
+#[cfg(feature = "terminal")]
+fn terminal_module(ctx: Ctx) -> ModuleFuture {
+    Box::pin(terminal_module::run(ctx))
+}
+
 fn enroll_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(enroll_module::run(ctx))
 }
@@ -219,7 +226,7 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ctx = context(cfg).await?;
     #[cfg_attr(
-        not(any(feature = "telemetry", feature = "metrics")),
+        not(any(feature = "telemetry", feature = "metrics", feature = "terminal")),
         allow(unused_mut)
     )]
     let mut modules: Vec<(&'static str, ModuleFn)> = vec![(enroll_module::MODULE, enroll_module)];
@@ -245,6 +252,16 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     } else {
         modules.push((thingsly_metrics::MODULE, metrics_module));
+    }
+    #[cfg(feature = "terminal")]
+    if ctx.cfg.terminal.enabled {
+        modules.push((terminal_module::MODULE, terminal_module));
+    } else {
+        ctx.state.set_module(
+            terminal_module::MODULE,
+            "disabled",
+            "terminal.enabled = false",
+        );
     }
     supervisor::run(ctx, modules).await
 }

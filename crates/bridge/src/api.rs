@@ -27,6 +27,8 @@ pub struct AppState {
     pub wg_endpoint: String,
     pub wg_keepalive: u16,
     pub wg_public_key: String,
+    /// Public half of the terminal ticket key (SPKI PEM), sent with every certificate.
+    pub ticket_public_pem: String,
 }
 
 /// The verified client certificate of the TLS connection, if the client sent one.
@@ -225,6 +227,7 @@ fn issue(
             allowed_ips: vec![st.pool.to_string()],
             persistent_keepalive: Some(st.wg_keepalive),
         },
+        terminal_ticket_key_pem: Some(st.ticket_public_pem.clone()),
     })
 }
 

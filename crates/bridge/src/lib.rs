@@ -6,6 +6,7 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod store;
+pub mod ticket_key;
 pub mod tls_server;
 
 pub use config::BridgeConfig;

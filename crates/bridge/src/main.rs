@@ -247,6 +247,7 @@ async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
         wg_endpoint: cfg.wireguard.endpoint.clone(),
         wg_keepalive: cfg.wireguard.persistent_keepalive,
         wg_public_key: wg_public,
+        ticket_public_pem: thingsly_bridge::ticket_key::load_or_create(&cfg.data_dir)?.public_pem,
     });
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

@@ -19,6 +19,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub metrics: MetricsSection,
     #[serde(default)]
+    pub terminal: TerminalSection,
+    #[serde(default)]
     pub rauc: RaucSection,
     #[serde(default)]
     pub commands: CommandsSection,
@@ -294,6 +296,50 @@ impl InfluxSection {
     }
 }
 
+/// `[terminal]`: the ttyd-compatible PTY bridge, reachable only through the tunnel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// "tunnel" (the tunnel address, once the tunnel is up) or an IP address (loopback for
+    /// tests). Never a wildcard: the terminal must not be reachable from the LAN.
+    #[serde(default = "default_terminal_listen")]
+    pub listen: String,
+    #[serde(default = "default_terminal_port")]
+    pub port: u16,
+    /// argv of each session (default: a login shell).
+    #[serde(default = "default_terminal_command")]
+    pub command: Vec<String>,
+    /// Run sessions as this user (from /etc/passwd); the agent's own user when empty.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default = "default_term")]
+    pub term: String,
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Default for TerminalSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_terminal_listen(),
+            port: default_terminal_port(),
+            command: default_terminal_command(),
+            user: String::new(),
+            term: default_term(),
+            max_sessions: default_max_sessions(),
+            idle_timeout: default_idle_timeout(),
+            read_only: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaucSection {
@@ -404,6 +450,24 @@ fn default_database() -> String {
 }
 fn default_influx_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_terminal_listen() -> String {
+    "tunnel".into()
+}
+fn default_terminal_port() -> u16 {
+    7681
+}
+fn default_terminal_command() -> Vec<String> {
+    vec!["/bin/sh".into(), "-l".into()]
+}
+fn default_term() -> String {
+    "xterm-256color".into()
+}
+fn default_max_sessions() -> usize {
+    4
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(15 * 60)
 }
 fn default_log_level() -> String {
     "info".into()
@@ -533,6 +597,36 @@ impl AgentConfig {
             return Err(("telemetry.host", "must not be empty".into()));
         }
         self.validate_metrics()?;
+        let t = &self.terminal;
+        if t.listen != "tunnel" {
+            match t.listen.parse::<std::net::IpAddr>() {
+                Ok(ip) if ip.is_unspecified() => {
+                    return Err((
+                        "terminal.listen",
+                        format!("{ip} would expose the terminal outside the tunnel"),
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    return Err((
+                        "terminal.listen",
+                        format!("{:?} is neither \"tunnel\" nor an IP address", t.listen),
+                    ));
+                }
+            }
+        }
+        if t.port == 0 {
+            return Err(("terminal.port", "must not be 0".into()));
+        }
+        if t.command.is_empty() || t.command[0].is_empty() {
+            return Err(("terminal.command", "must name a program".into()));
+        }
+        if !(1..=64).contains(&t.max_sessions) {
+            return Err(("terminal.max_sessions", "must be between 1 and 64".into()));
+        }
+        if t.idle_timeout < Duration::from_secs(1) {
+            return Err(("terminal.idle_timeout", "must be at least 1s".into()));
+        }
         if self.commands.reboot.is_empty() {
             return Err(("commands.reboot", "must name a command".into()));
         }
@@ -735,6 +829,18 @@ mod tests {
         assert_eq!(e.key, "metrics.influxdb.bucket");
         let e = parse("[device]\nid = \"d\"\n[metrics.influxdb]\napi = \"v3\"\n").unwrap_err();
         assert_eq!((e.key.as_str(), e.line), ("metrics.influxdb.api", Some(4)));
+    }
+
+    #[test]
+    fn terminal_never_listens_on_a_wildcard() {
+        let c = parse("[device]\nid = \"d\"\n").unwrap();
+        assert_eq!(
+            (c.terminal.listen.as_str(), c.terminal.port),
+            ("tunnel", 7681)
+        );
+        let e = parse("[device]\nid = \"d\"\n[terminal]\nlisten = \"0.0.0.0\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("terminal.listen", Some(4)));
+        assert!(parse("[device]\nid = \"d\"\n[terminal]\nlisten = \"127.0.0.1\"\n").is_ok());
     }
 
     #[test]

@@ -140,6 +140,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Check an answer before anything of it is stored: it must certify our key for our id.
 fn validate(identity: &Identity, resp: &EnrollResponse) -> Result<(), EnrollError> {
+    if let Some(pem) = &resp.terminal_ticket_key_pem {
+        use p256::pkcs8::DecodePublicKey;
+        p256::PublicKey::from_public_key_pem(pem).map_err(|e| {
+            EnrollError::Malformed(format!(
+                "terminal_ticket_key_pem is not a P-256 public key: {e}"
+            ))
+        })?;
+    }
     let info = cert_info(resp.certificate_pem.as_bytes()).map_err(EnrollError::Malformed)?;
     if !identity.matches(&info) {
         return Err(EnrollError::Malformed(
@@ -180,6 +188,7 @@ fn keep(
         &resp.certificate_pem,
         &resp.ca_chain_pem,
         Some(&resp.wireguard),
+        resp.terminal_ticket_key_pem.as_deref(),
     )?;
     identity
         .credentials(state)?

@@ -231,8 +231,12 @@ impl Identity {
         cert_pem: &str,
         ca_chain_pem: &str,
         wireguard: Option<&WireguardConfig>,
+        ticket_key_pem: Option<&str>,
     ) -> Result<(), StateError> {
         state.write_atomic(paths::CA_CHAIN, ca_chain_pem.as_bytes(), MODE_PUBLIC)?;
+        if let Some(pem) = ticket_key_pem {
+            state.write_atomic(paths::TICKET_KEY, pem.as_bytes(), MODE_PUBLIC)?;
+        }
         if let Some(wg) = wireguard {
             let mut wg = wg.clone();
             wg.private_key = Some(self.wireguard_private.clone());

@@ -15,6 +15,7 @@ pub mod paths {
     pub const DEVICE_KEY: &str = "identity/device.key";
     pub const DEVICE_CERT: &str = "identity/device.crt";
     pub const CA_CHAIN: &str = "identity/ca-chain.pem";
+    pub const TICKET_KEY: &str = "identity/terminal-ticket.pub";
     pub const WIREGUARD_KEY: &str = "tunnel/wireguard.key";
     pub const WIREGUARD_CONFIG: &str = "tunnel/wireguard.json";
 }

@@ -25,6 +25,10 @@ pub struct EnrollResponse {
     /// sent after the leaf when the device authenticates.
     pub ca_chain_pem: String,
     pub wireguard: WireguardConfig,
+    /// The bridge's terminal ticket key (SPKI PEM, P-256): the device accepts terminal sessions
+    /// only with tickets it signed. Absent from bridges that predate the terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal_ticket_key_pem: Option<String>,
 }
 
 /// What the device needs to bring its tunnel up. Stored as `tunnel/wireguard.json`.

@@ -26,7 +26,6 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct TerminalConfig {
-    pub listen: SocketAddr,
     pub session: SessionConfig,
     pub max_sessions: usize,
 }
@@ -37,15 +36,13 @@ struct Shared {
     slots: Arc<Semaphore>,
 }
 
-/// Serve until `shutdown`; returns the bound address through `bound` (port 0 in tests).
+/// Serve on `listener` (bound by the caller to the tunnel address) until `shutdown`.
 pub async fn serve(
+    listener: TcpListener,
     cfg: TerminalConfig,
     tickets: TicketVerifier,
     shutdown: CancellationToken,
-    bound: tokio::sync::oneshot::Sender<SocketAddr>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(cfg.listen).await?;
-    let _ = bound.send(listener.local_addr()?);
     tracing::info!(listen = %listener.local_addr()?, "terminal listening");
     let shared = Arc::new(Shared {
         slots: Arc::new(Semaphore::new(cfg.max_sessions)),

@@ -81,18 +81,14 @@ async fn server(session: SessionConfig, max_sessions: usize) -> Server {
     let signer = Signer::new();
     let verifier = TicketVerifier::new(signer.public_pem.as_bytes(), DEVICE).unwrap();
     let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let cfg = TerminalConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
         session,
         max_sessions,
     };
-    tokio::spawn(serve(cfg, verifier, stop.clone(), tx));
-    Server {
-        addr: rx.await.unwrap(),
-        signer,
-        stop,
-    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, cfg, verifier, stop.clone()));
+    Server { addr, signer, stop }
 }
 
 fn sh(script: &str) -> SessionConfig {

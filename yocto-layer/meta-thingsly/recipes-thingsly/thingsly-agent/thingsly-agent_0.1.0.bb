@@ -18,9 +18,10 @@ inherit cargo systemd useradd
 CARGO_SRC_DIR = "agent"
 
 # Each agent module is a cargo feature; drop one from PACKAGECONFIG to compile it out.
-PACKAGECONFIG ??= "telemetry metrics rauc"
+PACKAGECONFIG ??= "telemetry metrics terminal rauc"
 PACKAGECONFIG[telemetry] = "--features=telemetry"
 PACKAGECONFIG[metrics] = "--features=metrics"
+PACKAGECONFIG[terminal] = "--features=terminal"
 PACKAGECONFIG[rauc] = "--features=rauc"
 CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
 

@@ -1,0 +1,118 @@
+//! The remote terminal end to end on the device side: the bridge's ticket key reaches the
+//! device with its certificate, and the agent's terminal accepts exactly the tickets that key
+//! signs for this device (real bridge, real agent process, real shell).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use futures_util::{SinkExt, StreamExt};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use thingsly_e2e::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn ticket(key_pem: &[u8], device: &str, jti: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "operator@example.com", "device": device, "aud": "thingsly-terminal",
+        "iat": now, "exp": now + 60, "jti": jti,
+    });
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(key_pem).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &key,
+    )
+    .unwrap()
+}
+
+/// Runs `line` in a session; returns the output and the close reason.
+async fn session(port: u16, token: &str, line: &str) -> (String, String) {
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "tty".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = serde_json::json!({"AuthToken": token, "columns": 80, "rows": 24}).to_string();
+    ws.send(Message::Text(hello.into())).await.unwrap();
+    ws.send(Message::Text(format!("0{line}\r").into()))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&b'0') => {
+                out.extend_from_slice(&b[1..])
+            }
+            Ok(Some(Ok(Message::Close(f)))) => {
+                return (
+                    String::from_utf8_lossy(&out).into_owned(),
+                    f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                );
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!(
+                "session ended without close: {other:?} after {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_signed_tickets_open_a_shell_on_the_enrolled_device() {
+    let t = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init(&t.path().join("bridge")).unwrap();
+    bridge.start().unwrap();
+    let port = free_port();
+    let mut agent = Agent::new(
+        &t.path().join("agent"),
+        &AgentOpts {
+            device_id: "dev-shell".into(),
+            server_url: bridge.url(),
+            token: bridge.fleet_token(),
+            ca_bundle: bridge.ca_chain(),
+            extra: format!(
+                "\n[terminal]\nlisten = \"127.0.0.1\"\nport = {port}\nmax_sessions = 2\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    agent.start().unwrap();
+    wait_for("terminal listening", Duration::from_secs(30), || {
+        agent.status()["state"]["modules"]["terminal"]["state"] == "running"
+    });
+    let stored = std::fs::read(agent.state().join("identity/terminal-ticket.pub")).unwrap();
+    let key = std::fs::read(bridge.data().join("terminal-ticket.key")).unwrap();
+    assert!(String::from_utf8_lossy(&stored).contains("BEGIN PUBLIC KEY"));
+
+    let (out, reason) = session(
+        port,
+        &ticket(&key, "dev-shell", "j1"),
+        "echo sum=$((40+2)); exit 7",
+    )
+    .await;
+    assert!(out.contains("sum=42"), "{out}");
+    assert_eq!(reason, "exit status 7");
+
+    // Another device's ticket, a replay, a key that is not the bridge's: refused, no shell.
+    let foreign = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    for (token, why) in [
+        (ticket(&key, "dev-other", "j2"), "for device"),
+        (ticket(&key, "dev-shell", "j1"), "already used"),
+        (
+            ticket(foreign.as_bytes(), "dev-shell", "j3"),
+            "signature invalid",
+        ),
+    ] {
+        let (out, reason) = session(port, &token, "echo should-not-run").await;
+        assert!(!out.contains("should-not-run"), "{out}");
+        assert!(reason.contains(why), "{reason:?} should say {why:?}");
+    }
+    let (code, took) = agent.proc.as_mut().unwrap().terminate();
+    assert!(code.is_some_and(|c| c.success()) && took < Duration::from_secs(5));
+}
