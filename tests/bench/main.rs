@@ -7,8 +7,12 @@
 //! `thingsly-bench metrics N`: CPU time and heap allocations of one metrics collect+encode cycle
 //! against the floor of only reading the same /proc and /sys files; bytes per hour on the wire
 //! at a 10 s interval with and without gzip.
+//!
+//! `thingsly-bench terminal MB`: output throughput and keystroke echo latency of a terminal
+//! session, direct to the device's PTY bridge, against a plain PTY copied to a local socket.
 
 mod metrics;
+mod terminal;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +21,14 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.get(1).map(String::as_str) == Some("metrics") {
         return metrics::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000));
+    }
+    if a.get(1).map(String::as_str) == Some("terminal") {
+        let mb = a.get(2).and_then(|n| n.parse().ok()).unwrap_or(64);
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(terminal::run(mb));
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
