@@ -106,7 +106,7 @@ async fn direct(
     ws.send(Message::Text(hello.into())).await?;
     let mut got = 0;
     let mut lat = Vec::new();
-    let mut next_output =
+    let next_output =
         async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> anyhow::Result<usize> {
             loop {
                 match ws.next().await {
