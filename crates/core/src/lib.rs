@@ -9,3 +9,16 @@ pub mod spool;
 pub mod state_dir;
 
 pub use device_state::{DeviceState, ModuleState, StateHandle};
+
+/// An error with its sources, one line: what reqwest and friends hide behind "error sending
+/// request" (connection refused, certificate unknown …).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

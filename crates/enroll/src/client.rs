@@ -78,12 +78,12 @@ impl EnrollClient {
         }
         let resp = req.send().await.map_err(|e| EnrollError::Network {
             url: url.clone(),
-            detail: error_chain(&e),
+            detail: thingsly_core::error_chain(&e),
         })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
             url: url.clone(),
-            detail: error_chain(&e),
+            detail: thingsly_core::error_chain(&e),
         })?;
         if !status.is_success() {
             let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
@@ -125,17 +125,6 @@ impl EnrollClient {
         self.post(&format!("/devices/{device_id}/renew"), None, body)
             .await
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Check an answer before anything of it is stored: it must certify our key for our id.

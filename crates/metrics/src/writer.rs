@@ -172,7 +172,7 @@ impl Writer {
             req = req.header("Authorization", a);
         }
         match req.send().await {
-            Err(e) => Response::Network(error_chain(&e)),
+            Err(e) => Response::Network(thingsly_core::error_chain(&e)),
             Ok(r) => {
                 let status = r.status().as_u16();
                 let retry_after = r
@@ -200,7 +200,10 @@ impl Writer {
         if let Some(a) = &self.auth {
             req = req.header("Authorization", a);
         }
-        let r = req.send().await.map_err(|e| error_chain(&e))?;
+        let r = req
+            .send()
+            .await
+            .map_err(|e| thingsly_core::error_chain(&e))?;
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
         // /query answers 200 even for a failed statement; the error is in the body.
@@ -307,17 +310,6 @@ fn influx_message(body: &str) -> String {
         msg = "(no message)".into();
     }
     msg
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 fn is_loopback(host: &str) -> bool {
