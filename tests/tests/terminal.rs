@@ -113,6 +113,52 @@ async fn bridge_signed_tickets_open_a_shell_on_the_enrolled_device() {
         assert!(!out.contains("should-not-run"), "{out}");
         assert!(reason.contains(why), "{reason:?} should say {why:?}");
     }
+    // A paused client with a fast producer (`yes`): the agent stops reading the PTY, its
+    // memory stays flat.
+    let pid = agent.proc.as_ref().unwrap().pid();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "tty".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = serde_json::json!({"AuthToken": ticket(&key, "dev-shell", "j4"), "columns": 80, "rows": 24});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text("0yes flat-memory-check\r".into()))
+        .await
+        .unwrap();
+    let mut seen = 0usize;
+    while seen < 1 << 20 {
+        if let Some(Ok(Message::Binary(b))) = ws.next().await {
+            seen += b.len();
+        }
+    }
+    ws.send(Message::Binary(b"2".to_vec().into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss();
+    assert!(
+        after < before + 2048,
+        "agent RSS grew from {before} to {after} KiB while paused"
+    );
+    drop(ws);
+
     let (code, took) = agent.proc.as_mut().unwrap().terminate();
     assert!(code.is_some_and(|c| c.success()) && took < Duration::from_secs(5));
 }
