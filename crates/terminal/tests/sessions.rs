@@ -335,3 +335,28 @@ async fn plain_http_gets_real_statuses() {
         }
     }
 }
+
+/// ttyd drops fragmented messages; here a command split over a text frame and a continuation
+/// frame runs like any other input.
+#[tokio::test]
+async fn fragmented_input_is_reassembled() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = server(SessionConfig::default(), 4).await;
+    let mut ws = connect(s.addr, &s.signer.ticket(), 80, 24).await;
+    let first = Frame::message(b"0echo frag-".to_vec(), OpCode::Data(Data::Text), false);
+    let rest = Frame::message(
+        b"$((1+1)); exit\r".to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    );
+    ws.send(Message::Frame(first)).await.unwrap();
+    ws.send(Message::Frame(rest)).await.unwrap();
+    let (out, close) = collect(&mut ws, Duration::from_secs(10)).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("frag-2"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(close.unwrap().1, "exit status 0");
+}
