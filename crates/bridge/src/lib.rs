@@ -5,6 +5,7 @@
 pub mod api;
 pub mod ca;
 pub mod config;
+pub mod operator_auth;
 pub mod store;
 pub mod ticket_key;
 pub mod tls_server;
