@@ -157,8 +157,8 @@ pub struct MetricsSection {
     #[serde(default, with = "humantime_serde")]
     pub collection_jitter: Duration,
     /// Timestamp precision written: "ns", "us", "ms" or "s".
-    #[serde(default = "default_precision")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
     #[serde(default = "yes")]
     pub percpu: bool,
     #[serde(default = "yes")]
@@ -194,7 +194,7 @@ impl Default for MetricsSection {
             interval: default_interval(),
             round_interval: true,
             collection_jitter: Duration::ZERO,
-            precision: default_precision(),
+            precision: Precision::default(),
             percpu: true,
             totalcpu: true,
             mount_points: Vec::new(),
@@ -205,6 +205,37 @@ impl Default for MetricsSection {
             metric_buffer_limit: default_buffer_limit(),
             tags: Default::default(),
             influxdb: InfluxSection::default(),
+        }
+    }
+}
+
+/// Timestamp precision of written points (InfluxDB's `precision` parameter).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Ns,
+    Us,
+    Ms,
+    #[default]
+    S,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ns => "ns",
+            Self::Us => "us",
+            Self::Ms => "ms",
+            Self::S => "s",
+        }
+    }
+
+    pub fn unit(self) -> Duration {
+        match self {
+            Self::Ns => Duration::from_nanos(1),
+            Self::Us => Duration::from_micros(1),
+            Self::Ms => Duration::from_millis(1),
+            Self::S => Duration::from_secs(1),
         }
     }
 }
@@ -222,7 +253,7 @@ pub enum InfluxApi {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InfluxSection {
-    /// `http(s)://host:port`; metrics are collected but not sent while empty.
+    /// `http(s)://host:port`; the metrics module stays off while empty (`metrics --once` works).
     #[serde(default)]
     pub url: String,
     #[serde(default)]
@@ -428,9 +459,6 @@ fn default_inflight() -> usize {
 fn default_reboot() -> Vec<String> {
     vec!["systemctl".into(), "reboot".into()]
 }
-fn default_precision() -> String {
-    "s".into()
-}
 fn default_ignore_fs() -> Vec<String> {
     // Telegraf's default, plus autofs (statfs on it would trigger the automount).
     [
@@ -597,6 +625,14 @@ impl AgentConfig {
             return Err(("telemetry.host", "must not be empty".into()));
         }
         self.validate_metrics()?;
+        self.validate_terminal()?;
+        if self.commands.reboot.is_empty() {
+            return Err(("commands.reboot", "must name a command".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_terminal(&self) -> Result<(), (&'static str, String)> {
         let t = &self.terminal;
         if t.listen != "tunnel" {
             match t.listen.parse::<std::net::IpAddr>() {
@@ -627,9 +663,6 @@ impl AgentConfig {
         if t.idle_timeout < Duration::from_secs(1) {
             return Err(("terminal.idle_timeout", "must be at least 1s".into()));
         }
-        if self.commands.reboot.is_empty() {
-            return Err(("commands.reboot", "must name a command".into()));
-        }
         Ok(())
     }
 
@@ -638,19 +671,7 @@ impl AgentConfig {
         if m.interval < Duration::from_secs(1) {
             return Err(("metrics.interval", "must be at least 1s".into()));
         }
-        let unit = match m.precision.as_str() {
-            "ns" => Duration::from_nanos(1),
-            "us" => Duration::from_micros(1),
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            other => {
-                return Err((
-                    "metrics.precision",
-                    format!("{other:?} is not one of \"ns\", \"us\", \"ms\", \"s\""),
-                ));
-            }
-        };
-        if unit > m.interval {
+        if m.precision.unit() > m.interval {
             return Err((
                 "metrics.precision",
                 "is coarser than metrics.interval".into(),

@@ -68,43 +68,10 @@ impl Point {
     }
 }
 
-/// Timestamp precision of the written lines (the `precision` query parameter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Ns,
-    Us,
-    Ms,
-    S,
-}
+pub use thingsly_core::config::Precision;
 
-impl Precision {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "ns" => Self::Ns,
-            "us" => Self::Us,
-            "ms" => Self::Ms,
-            "s" => Self::S,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ns => "ns",
-            Self::Us => "us",
-            Self::Ms => "ms",
-            Self::S => "s",
-        }
-    }
-
-    fn divisor(self) -> i128 {
-        match self {
-            Self::Ns => 1,
-            Self::Us => 1_000,
-            Self::Ms => 1_000_000,
-            Self::S => 1_000_000_000,
-        }
-    }
+fn divisor(p: Precision) -> i128 {
+    p.unit().as_nanos() as i128
 }
 
 /// Turns points into lines with the global tags (`host`, configured ones) merged in.
@@ -191,7 +158,7 @@ impl Encoder {
                 }
             }
         }
-        let _ = writeln!(out, " {}", unix_ns / self.precision.divisor());
+        let _ = writeln!(out, " {}", unix_ns / divisor(self.precision));
         true
     }
 }

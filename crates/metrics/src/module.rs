@@ -9,7 +9,7 @@
 //! again; InfluxDB keeps one point per series and timestamp, so a repeat is harmless.
 
 use crate::collect::{CollectOptions, Collector, InputError};
-use crate::lineproto::{Encoder, Point, Precision, Value, count_lines};
+use crate::lineproto::{Encoder, Point, Value, count_lines};
 use crate::writer::{Outcome, Writer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,11 +55,7 @@ impl MetricsConfig {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         tags.push(("host".into(), self.device_id.clone()));
-        // The config validator only lets known precisions through.
-        Encoder::new(
-            tags,
-            Precision::parse(&self.section.precision).unwrap_or(Precision::S),
-        )
+        Encoder::new(tags, self.section.precision)
     }
 
     pub fn collect_options(&self) -> CollectOptions {
