@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use thingsly_core::StateHandle;
-use thingsly_metrics::collect::{CollectOptions, Collector};
+use thingsly_metrics::collect::Collector;
 use thingsly_metrics::lineproto::{Encoder, Precision};
 use thingsly_metrics::{Counters, agent_point, gather};
 
@@ -104,7 +104,7 @@ pub fn run(n: u32) -> anyhow::Result<()> {
         [("host".to_string(), "bench-device".to_string())],
         Precision::S,
     );
-    let mut collector = Collector::new(CollectOptions::default());
+    let mut collector = Collector::new(Default::default());
     let mut buf = String::with_capacity(64 * 1024);
     let (floor_t, floor_a, floor_b) = measure(n, || floor(&mut buf));
     let mut last = String::new();
@@ -112,7 +112,7 @@ pub fn run(n: u32) -> anyhow::Result<()> {
     let (cyc_t, cyc_a, cyc_b) = measure(n, || {
         ts += 10_000_000_000;
         let agent = agent_point(&state, &counters);
-        last = gather(&mut collector, &encoder, ts, &agent).0;
+        last = gather(&mut collector, &encoder, ts, agent).0;
     });
     println!(
         "| metrics: read the same /proc, /sys files + statvfs (floor), per cycle | {:.0} µs CPU, {floor_a:.0} allocations, {:.1} KiB |",
@@ -127,7 +127,7 @@ pub fn run(n: u32) -> anyhow::Result<()> {
     // A full cycle (CPU counters moved) for the wire size.
     std::thread::sleep(Duration::from_millis(300));
     let agent = agent_point(&state, &counters);
-    last = gather(&mut collector, &encoder, ts + 10_000_000_000, &agent).0;
+    last = gather(&mut collector, &encoder, ts + 10_000_000_000, agent).0;
     // Wire bytes per hour at the default 10 s interval, one request per collection (healthy).
     let plain = last.len() as f64 * 360.0;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -12,35 +12,12 @@ use crate::lineproto::{Point, Value};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Which inputs report what; names follow Telegraf's plugin options.
-#[derive(Debug, Clone)]
-pub struct CollectOptions {
-    pub percpu: bool,
-    pub totalcpu: bool,
-    pub mount_points: Vec<String>,
-    pub ignore_fs: Vec<String>,
-    pub ignore_mount_opts: Vec<String>,
-    pub interfaces: Vec<String>,
-}
-
-impl Default for CollectOptions {
-    fn default() -> Self {
-        let d = thingsly_core::config::MetricsSection::default();
-        Self {
-            percpu: d.percpu,
-            totalcpu: d.totalcpu,
-            mount_points: d.mount_points,
-            ignore_fs: d.ignore_fs,
-            ignore_mount_opts: d.ignore_mount_opts,
-            interfaces: d.interfaces,
-        }
-    }
-}
+use thingsly_core::config::MetricsSection;
 
 /// Keeps the previous sample of the counters whose fields are rates over the interval.
 pub struct Collector {
-    opts: CollectOptions,
+    /// `[metrics]`: which inputs report what (Telegraf's plugin option names).
+    opts: MetricsSection,
     sys: PathBuf,
     last_cpu: HashMap<String, CpuTicks>,
     last_diskio: HashMap<String, DiskSample>,
@@ -55,7 +32,7 @@ pub struct InputError {
 }
 
 impl Collector {
-    pub fn new(opts: CollectOptions) -> Self {
+    pub fn new(opts: MetricsSection) -> Self {
         Self {
             opts,
             sys: PathBuf::from("/sys"),
@@ -607,7 +584,7 @@ mod tests {
 
     #[test]
     fn first_cpu_gather_emits_nothing_second_does() {
-        let mut c = Collector::new(CollectOptions::default());
+        let mut c = Collector::new(MetricsSection::default());
         let mut out = Vec::new();
         c.cpu(&mut out).unwrap();
         assert!(out.is_empty());
@@ -682,7 +659,7 @@ mod tests {
 
     #[test]
     fn full_collect_has_every_measurement() {
-        let mut c = Collector::new(CollectOptions::default());
+        let mut c = Collector::new(MetricsSection::default());
         let mut out = Vec::new();
         assert_eq!(c.collect(&mut out), vec![]);
         out.clear();

@@ -94,10 +94,6 @@ impl Encoder {
         }
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Append one line (with its `\n`) to `out`. A point left without fields is skipped, as
     /// InfluxDB would refuse it. Returns whether a line was written.
     pub fn encode(&self, out: &mut String, p: &Point, unix_ns: i128) -> bool {

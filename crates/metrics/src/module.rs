@@ -8,7 +8,7 @@
 //! in memory is persisted too. A batch that was in flight when the agent stopped may be sent
 //! again; InfluxDB keeps one point per series and timestamp, so a repeat is harmless.
 
-use crate::collect::{CollectOptions, Collector, InputError};
+use crate::collect::{Collector, InputError};
 use crate::lineproto::{Encoder, Point, Value, count_lines};
 use crate::writer::{Outcome, Writer};
 use std::path::PathBuf;
@@ -58,18 +58,6 @@ impl MetricsConfig {
         Encoder::new(tags, self.section.precision)
     }
 
-    pub fn collect_options(&self) -> CollectOptions {
-        let s = &self.section;
-        CollectOptions {
-            percpu: s.percpu,
-            totalcpu: s.totalcpu,
-            mount_points: s.mount_points.clone(),
-            ignore_fs: s.ignore_fs.clone(),
-            ignore_mount_opts: s.ignore_mount_opts.clone(),
-            interfaces: s.interfaces.clone(),
-        }
-    }
-
     fn writer(&self) -> Result<Writer, String> {
         let i = &self.section.influxdb;
         let secret = i.secret()?;
@@ -80,7 +68,7 @@ impl MetricsConfig {
             ),
             _ => None,
         };
-        Writer::new(i, &secret, self.encoder().precision(), ca.as_deref())
+        Writer::new(i, &secret, self.section.precision, ca.as_deref())
     }
 }
 
@@ -99,11 +87,11 @@ pub fn gather(
     collector: &mut Collector,
     encoder: &Encoder,
     unix_ns: i128,
-    agent: &Point,
+    agent: Point,
 ) -> (String, Vec<InputError>) {
     let mut points = Vec::with_capacity(64);
     let errors = collector.collect(&mut points);
-    points.push(agent.clone());
+    points.push(agent);
     let mut out = String::with_capacity(points.len() * 160);
     for p in &points {
         encoder.encode(&mut out, p, unix_ns);
@@ -166,7 +154,7 @@ pub fn next_tick(
 pub async fn once(cfg: &MetricsConfig, state: &StateHandle, interval: Duration) -> String {
     let encoder = cfg.encoder();
     let counters = Counters::default();
-    let mut collector = Collector::new(cfg.collect_options());
+    let mut collector = Collector::new(cfg.section.clone());
     let mut sink = Vec::new();
     collector.collect(&mut sink);
     tokio::time::sleep(interval).await;
@@ -174,7 +162,7 @@ pub async fn once(cfg: &MetricsConfig, state: &StateHandle, interval: Duration) 
         &mut collector,
         &encoder,
         unix_now().as_nanos() as i128,
-        &agent_point(state, &counters),
+        agent_point(state, &counters),
     );
     for e in errors {
         tracing::warn!(input = e.input, error = %e.message, "input failed");
@@ -234,7 +222,7 @@ async fn collect_loop(
 ) {
     let s = &cfg.section;
     let encoder = cfg.encoder();
-    let mut collector = Some(Collector::new(cfg.collect_options()));
+    let mut collector = Some(Collector::new(cfg.section.clone()));
     let mut last_tick = None;
     let mut reported_errors: Vec<InputError> = Vec::new();
     loop {
@@ -260,13 +248,13 @@ async fn collect_loop(
         let agent = agent_point(&state, &counters);
         let began = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
-            let (text, errors) = gather(&mut c, &enc, stamp.as_nanos() as i128, &agent);
+            let (text, errors) = gather(&mut c, &enc, stamp.as_nanos() as i128, agent);
             (c, text, errors)
         })
         .await;
         let Ok((c, text, errors)) = joined else {
             tracing::error!("metrics collection panicked; collector state reset");
-            collector = Some(Collector::new(cfg.collect_options()));
+            collector = Some(Collector::new(cfg.section.clone()));
             continue;
         };
         collector = Some(c);
