@@ -2,8 +2,8 @@
 //! ttyd framing) against the floor of a bare PTY copied to a TCP socket on loopback.
 
 use futures_util::{SinkExt, StreamExt};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use thingsly_terminal::ticket::{AUDIENCE, TicketVerifier};
+use std::time::{Duration, Instant};
+use thingsly_terminal::ticket::{Claims, TicketSigner, TicketVerifier};
 use thingsly_terminal::{SessionConfig, TerminalConfig, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -16,7 +16,8 @@ fn sh(script: &str) -> Vec<String> {
 }
 
 /// Floor: a PTY running `script`, its output copied to a loopback TCP socket, read by a client.
-/// Returns the bytes the client read and how long it took; `echo` sends each byte back first.
+/// Returns the bytes read and the times: one echo latency per key sent, or (no keys) the
+/// time from the first to the last output byte.
 async fn bare(
     script: &str,
     send: Option<&[u8]>,
@@ -57,13 +58,18 @@ async fn bare(
             lat.push(t.elapsed());
         }
     } else {
+        // Throughput is timed from the first output byte, so start-up and settle sleeps
+        // do not count.
+        let mut first = None;
         while got < expect {
             let n = c.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
+            first.get_or_insert_with(Instant::now);
             got += n;
         }
+        lat.extend(first.map(|f| f.elapsed()));
     }
     let _ = child.kill().await;
     server.abort();
@@ -91,13 +97,10 @@ async fn direct(
         max_sessions: 1,
     };
     tokio::spawn(serve(listener, cfg, verifier, stop.clone()));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let claims = serde_json::json!({"sub": "bench", "device": "bench", "aud": AUDIENCE, "iat": now, "exp": now + 60, "jti": "1"});
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_ec_pem(private.as_bytes())?,
-    )?;
+    let claims = Claims::new("bench", "bench", Duration::from_secs(60), "1");
+    let token = TicketSigner::from_pem(private.as_bytes())
+        .and_then(|s| s.sign(&claims))
+        .map_err(anyhow::Error::msg)?;
     let mut req = format!("ws://{addr}/ws").into_client_request()?;
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", "tty".parse()?);
@@ -128,13 +131,18 @@ async fn direct(
             lat.push(t.elapsed());
         }
     } else {
+        // Throughput is timed from the first output byte, so start-up and settle sleeps
+        // do not count.
+        let mut first = None;
         while got < expect {
             let n = next_output(&mut ws).await?;
             if n == 0 {
                 break;
             }
+            first.get_or_insert_with(Instant::now);
             got += n;
         }
+        lat.extend(first.map(|f| f.elapsed()));
     }
     stop.cancel();
     Ok((got, lat))
@@ -161,13 +169,12 @@ pub async fn run(mb: usize) -> anyhow::Result<()> {
         ("bare PTY → TCP socket (floor)", false),
         ("device PTY bridge, WebSocket direct", true),
     ] {
-        let t = Instant::now();
-        let (got, _) = if is_direct {
+        let (got, transfer) = if is_direct {
             direct(&cat, None, bytes).await?
         } else {
             bare(&cat, None, bytes).await?
         };
-        let secs = t.elapsed().as_secs_f64() - 0.5; // minus the settle sleeps
+        let secs = transfer.first().map_or(f64::NAN, Duration::as_secs_f64);
         anyhow::ensure!(got >= bytes, "{name}: only {got} of {bytes} bytes");
         let (_, lat) = if is_direct {
             direct(echo, Some(&keys), 0).await?

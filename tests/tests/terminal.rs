@@ -5,31 +5,25 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use futures_util::{SinkExt, StreamExt};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use thingsly_e2e::*;
+use thingsly_terminal::ticket::{Claims, TicketSigner};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 fn ticket(key_pem: &[u8], device: &str, jti: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    let claims = Claims::new("operator@example.com", device, Duration::from_secs(60), jti);
+    TicketSigner::from_pem(key_pem)
         .unwrap()
-        .as_secs();
-    let claims = serde_json::json!({
-        "sub": "operator@example.com", "device": device, "aud": "thingsly-terminal",
-        "iat": now, "exp": now + 60, "jti": jti,
-    });
-    let key = jsonwebtoken::EncodingKey::from_ec_pem(key_pem).unwrap();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-        &claims,
-        &key,
-    )
-    .unwrap()
+        .sign(&claims)
+        .unwrap()
 }
 
-/// Runs `line` in a session; returns the output and the close reason.
-async fn session(port: u16, token: &str, line: &str) -> (String, String) {
+/// A ttyd client session: connect with subprotocol `tty` and send the auth message.
+async fn open(port: u16, token: &str) -> Ws {
     let mut req = format!("ws://127.0.0.1:{port}/ws")
         .into_client_request()
         .unwrap();
@@ -38,6 +32,12 @@ async fn session(port: u16, token: &str, line: &str) -> (String, String) {
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let hello = serde_json::json!({"AuthToken": token, "columns": 80, "rows": 24}).to_string();
     ws.send(Message::Text(hello.into())).await.unwrap();
+    ws
+}
+
+/// Runs `line` in a session; returns the output and the close reason.
+async fn session(port: u16, token: &str, line: &str) -> (String, String) {
+    let mut ws = open(port, token).await;
     ws.send(Message::Text(format!("0{line}\r").into()))
         .await
         .unwrap();
@@ -127,16 +127,7 @@ async fn bridge_signed_tickets_open_a_shell_on_the_enrolled_device() {
             .parse()
             .unwrap()
     };
-    let mut req = format!("ws://127.0.0.1:{port}/ws")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "tty".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let hello = serde_json::json!({"AuthToken": ticket(&key, "dev-shell", "j4"), "columns": 80, "rows": 24});
-    ws.send(Message::Text(hello.to_string().into()))
-        .await
-        .unwrap();
+    let mut ws = open(port, &ticket(&key, "dev-shell", "j4")).await;
     ws.send(Message::Text("0yes flat-memory-check\r".into()))
         .await
         .unwrap();

@@ -314,13 +314,16 @@ impl WriteLoop<'_> {
                 chunk = rx.recv() => {
                     let Some(chunk) = chunk else { break };
                     if self.spool.is_empty() && self.retry_at.is_none() {
-                        let body = chunk.clone().into_bytes();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {
+                        let out = tokio::select! {
+                            _ = shutdown.cancelled() => None,
+                            out = self.send(chunk.as_bytes()) => Some(out),
+                        };
+                        match out {
+                            Some(out) => self.settle(out, Batch::Direct(chunk))?,
+                            None => {
                                 self.buffer(&chunk)?;
                                 break;
                             }
-                            out = self.send(&body) => self.settle(out, Batch::Direct(chunk))?,
                         }
                     } else {
                         self.buffer(&chunk)?;

@@ -1,8 +1,8 @@
 //! Session tickets: short-lived ES256 JWTs the bridge signs for one device and one session.
 //! Checked before any PTY exists; the public key is the one the device got at enrollment.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,7 @@ const LEEWAY_SECS: u64 = 5;
 /// (fail closed) rather than forgetting one that could then be replayed.
 const MAX_REMEMBERED: usize = 4096;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
     /// The operator, for the audit log.
     pub sub: String,
@@ -120,64 +120,89 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-pub(crate) mod testkey {
-    //! A P-256 key pair and a signer, for tests (the bridge signs in production).
-    use super::*;
-    use jsonwebtoken::{EncodingKey, Header};
-    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+impl Claims {
+    /// A ticket for `operator` on `device`, valid from now for `lifetime`; `jti` must be unique.
+    pub fn new(operator: &str, device: &str, lifetime: Duration, jti: &str) -> Self {
+        let now = unix_now();
+        Self {
+            sub: operator.into(),
+            device: device.into(),
+            iat: now,
+            exp: now + lifetime.as_secs(),
+            jti: jti.into(),
+            read_only: false,
+        }
+    }
+}
 
-    pub struct Signer {
-        key: EncodingKey,
-        pub public_pem: String,
+/// Signs tickets (the bridge; tests and benchmarks).
+pub struct TicketSigner {
+    key: EncodingKey,
+}
+
+impl TicketSigner {
+    /// `private_pem`: PKCS#8 PEM of the P-256 ticket key.
+    pub fn from_pem(private_pem: &[u8]) -> Result<Self, String> {
+        EncodingKey::from_ec_pem(private_pem)
+            .map(|key| Self { key })
+            .map_err(|e| format!("ticket private key: {e}"))
     }
 
-    impl Signer {
-        pub fn new() -> Self {
-            let sk = p256::SecretKey::random(&mut rand_core::OsRng);
-            let pem = sk.to_pkcs8_pem(LineEnding::LF).unwrap();
-            let public_pem = sk.public_key().to_public_key_pem(LineEnding::LF).unwrap();
-            Self {
-                key: EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
-                public_pem,
-            }
+    pub fn sign(&self, claims: &Claims) -> Result<String, String> {
+        #[derive(Serialize)]
+        struct Signed<'a> {
+            #[serde(flatten)]
+            claims: &'a Claims,
+            aud: &'static str,
         }
-
-        pub fn ticket(&self, device: &str, jti: &str, iat: u64, exp: u64) -> String {
-            let claims = serde_json::json!({
-                "sub": "alice@example.com", "device": device, "aud": AUDIENCE,
-                "iat": iat, "exp": exp, "jti": jti,
-            });
-            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.key).unwrap()
-        }
+        let body = Signed {
+            claims,
+            aud: AUDIENCE,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &body, &self.key)
+            .map_err(|e| e.to_string())
     }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::testkey::Signer;
     use super::*;
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+    /// A fresh key pair: (signer, public PEM).
+    fn keys() -> (TicketSigner, String) {
+        let sk = p256::SecretKey::random(&mut rand_core::OsRng);
+        let pem = sk.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let public = sk.public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        (TicketSigner::from_pem(pem.as_bytes()).unwrap(), public)
+    }
+
+    fn ticket(s: &TicketSigner, device: &str, jti: &str, iat: u64, exp: u64) -> String {
+        let mut c = Claims::new("alice@example.com", device, Duration::ZERO, jti);
+        (c.iat, c.exp) = (iat, exp);
+        s.sign(&c).unwrap()
+    }
 
     #[test]
     fn accepts_once_and_refuses_the_rest() {
-        let s = Signer::new();
-        let mut v = TicketVerifier::new(s.public_pem.as_bytes(), "dev-1").unwrap();
+        let (s, public) = keys();
+        let mut v = TicketVerifier::new(public.as_bytes(), "dev-1").unwrap();
         let now = 1_800_000_000;
-        let t = s.ticket("dev-1", "a", now, now + 60);
+        let t = ticket(&s, "dev-1", "a", now, now + 60);
         assert_eq!(v.verify_at(&t, now).unwrap().sub, "alice@example.com");
         assert_eq!(v.verify_at(&t, now + 1), Err(TicketError::Replayed));
         assert_eq!(v.verify_at("", now), Err(TicketError::Missing));
-        let old = s.ticket("dev-1", "b", now - 200, now - 100);
+        let old = ticket(&s, "dev-1", "b", now - 200, now - 100);
         assert_eq!(v.verify_at(&old, now), Err(TicketError::Expired));
-        let other = s.ticket("dev-2", "c", now, now + 60);
+        let other = ticket(&s, "dev-2", "c", now, now + 60);
         assert_eq!(
             v.verify_at(&other, now),
             Err(TicketError::WrongDevice("dev-2".into()))
         );
-        let long = s.ticket("dev-1", "d", now, now + 3600);
+        let long = ticket(&s, "dev-1", "d", now, now + 3600);
         assert_eq!(v.verify_at(&long, now), Err(TicketError::TooLong));
-        let forged = Signer::new().ticket("dev-1", "e", now, now + 60);
+        let forged = ticket(&keys().0, "dev-1", "e", now, now + 60);
         assert_eq!(v.verify_at(&forged, now), Err(TicketError::BadSignature));
         // alg "none" / unsigned.
         let parts: Vec<&str> = t.split('.').collect();

@@ -3,11 +3,11 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use thingsly_terminal::ticket::{AUDIENCE, TicketVerifier};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use thingsly_terminal::ticket::{Claims, TicketSigner, TicketVerifier};
 use thingsly_terminal::{SessionConfig, TerminalConfig, serve};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 const DEVICE: &str = "dev-term";
 
+/// The bridge's role: a ticket key pair and a signer.
 struct Signer {
-    key: EncodingKey,
+    signer: TicketSigner,
     public_pem: String,
 }
 
@@ -28,41 +29,30 @@ impl Signer {
         let sk = p256::SecretKey::random(&mut rand_core::OsRng);
         let pem = sk.to_pkcs8_pem(LineEnding::LF).unwrap();
         Self {
-            key: EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            signer: TicketSigner::from_pem(pem.as_bytes()).unwrap(),
             public_pem: sk.public_key().to_public_key_pem(LineEnding::LF).unwrap(),
         }
     }
 
+    /// A ticket for `device`; a negative lifetime gives one that expired a minute ago.
     fn ticket_for(&self, device: &str, lifetime: i64) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        let (iat, exp) = if lifetime < 0 {
-            (now - 120, now - 60)
-        } else {
-            (now, now + lifetime)
-        };
-        let claims = serde_json::json!({
-            "sub": "alice@example.com", "device": device, "aud": AUDIENCE,
-            "iat": iat, "exp": exp, "jti": format!("{}", fastrand_id()),
-        });
-        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.key).unwrap()
+        static JTI: AtomicU64 = AtomicU64::new(0);
+        let jti = format!("t{}", JTI.fetch_add(1, Ordering::Relaxed));
+        let mut c = Claims::new(
+            "alice@example.com",
+            device,
+            Duration::from_secs(lifetime.unsigned_abs()),
+            &jti,
+        );
+        if lifetime < 0 {
+            (c.iat, c.exp) = (c.iat - 120, c.iat - 60);
+        }
+        self.signer.sign(&c).unwrap()
     }
 
     fn ticket(&self) -> String {
         self.ticket_for(DEVICE, 60)
     }
-}
-
-fn fastrand_id() -> u128 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    (SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos())
-        ^ u128::from(N.fetch_add(1, Ordering::Relaxed))
 }
 
 struct Server {
