@@ -29,33 +29,14 @@ done
 
 # RSS with every module working: bridge (enrollment), Mosquitto (telemetry), InfluxDB (metrics).
 cargo build -q --locked --release -p thingsly-bridge
-W=$(mktemp -d); chmod 755 "$W"
-pids=(); cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-BP=$(port); MP=$(port); IP=$(port); IRPC=$(port)
-B=target/release/thingsly-bridge
-printf 'data_dir = "%s/bridge"\nlisten = "127.0.0.1:%s"\n' "$W" "$BP" > "$W/bridge.toml"
-"$B" --config "$W/bridge.toml" init >/dev/null
-"$B" --config "$W/bridge.toml" issue-server-cert --name 127.0.0.1 --out-cert "$W/m.crt" --out-key "$W/m.key" >/dev/null
-cp "$W/bridge/ca/chain.pem" "$W/ca.pem"; chmod 644 "$W/m.crt" "$W/m.key" "$W/ca.pem"
-printf 'persistence false\nallow_anonymous false\nlistener %s 127.0.0.1\ncafile %s/ca.pem\ncertfile %s/m.crt\nkeyfile %s/m.key\nrequire_certificate true\nuse_identity_as_username true\n' "$MP" "$W" "$W" "$W" > "$W/m.conf"
-/usr/sbin/mosquitto -c "$W/m.conf" >/dev/null 2>&1 & pids+=($!)
-mkdir -p "$W/influx"
-printf 'reporting-disabled = true\nreporting-enabled = false\nbind-address = "127.0.0.1:%s"\n[meta]\n dir = "%s/influx/meta"\n[data]\n dir = "%s/influx/data"\n wal-dir = "%s/influx/wal"\n[monitor]\n store-enabled = false\n[http]\n bind-address = "127.0.0.1:%s"\n log-enabled = false\n[ifql]\n enabled = false\n' "$IRPC" "$W" "$W" "$W" "$IP" > "$W/influx/influxdb.conf"
-influxd run -config "$W/influx/influxdb.conf" >/dev/null 2>&1 & pids+=($!)
-"$B" --config "$W/bridge.toml" serve >/dev/null 2>&1 & pids+=($!)
-sleep 1
-agent() { # name modules_on runner binary -> LAST_PID
-  printf '[device]\nid = "%s"\nstate_dir = "%s/%s"\nruntime_dir = "%s/%s-run"\n[enroll]\nserver_url = "https://127.0.0.1:%s"\nca_bundle = "%s/ca.pem"\nbootstrap_token_file = "%s/bridge/fleet-token"\n[telemetry]\nenabled = %s\nhost = "127.0.0.1"\nport = %s\n[metrics]\nenabled = %s\n[metrics.influxdb]\nurl = "http://127.0.0.1:%s"\n[rauc]\nenabled = false\n' \
-    "$1" "$W" "$1" "$W" "$1" "$BP" "$W" "$W" "$2" "$MP" "$2" "$IP" > "$W/$1.toml"
-  RUST_LOG=warn $3 "$4" --config "$W/$1.toml" run >/dev/null 2>&1 & LAST_PID=$!; pids+=("$LAST_PID")
-}
+BRIDGE_BIN=target/release/thingsly-bridge
+# shellcheck source=scripts/bench-services.sh
+source scripts/bench-services.sh
 A64=target/size/aarch64-unknown-linux-gnu/$all/thingsly-agent
 X86=target/size/x86_64-unknown-linux-gnu/$all/thingsly-agent
-agent x86-on true "" "$X86"; P1=$LAST_PID
-agent arm-on true "qemu-aarch64 -L /usr/aarch64-linux-gnu" "$A64"; P2=$LAST_PID
-agent arm-off false "qemu-aarch64 -L /usr/aarch64-linux-gnu" "$A64"; P3=$LAST_PID
+agent x86-on true true "$X86"; P1=$LAST_PID
+agent arm-on true true qemu-aarch64 -L /usr/aarch64-linux-gnu "$A64"; P2=$LAST_PID
+agent arm-off false false qemu-aarch64 -L /usr/aarch64-linux-gnu "$A64"; P3=$LAST_PID
 sleep "$RUN"
 rss() { awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status"; }
 echo "| agent x86_64 (dist), all modules on, ${RUN} s: RSS | $(rss "$P1") |"

@@ -10,30 +10,12 @@ scripts/install-deps.sh
 cargo build --release --bins -q
 cargo build --profile dist -p thingsly-agent -q
 B=$(pwd)/target/release
-W=$(mktemp -d); chmod 755 "$W"
-pids=(); cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-BP=$(port); MP=$(port); IP=$(port); IRPC=$(port)
-mkdir -p "$W/influx"
-printf 'reporting-disabled = true\nreporting-enabled = false\nbind-address = "127.0.0.1:%s"\n[meta]\n dir = "%s/influx/meta"\n[data]\n dir = "%s/influx/data"\n wal-dir = "%s/influx/wal"\n query-log-enabled = false\n[monitor]\n store-enabled = false\n[http]\n bind-address = "127.0.0.1:%s"\n log-enabled = false\n[ifql]\n enabled = false\n' "$IRPC" "$W" "$W" "$W" "$IP" > "$W/influx/influxdb.conf"
-influxd run -config "$W/influx/influxdb.conf" >/dev/null 2>&1 & pids+=($!)
-printf 'data_dir = "%s/bridge"\nlisten = "127.0.0.1:%s"\n' "$W" "$BP" > "$W/bridge.toml"
-"$B/thingsly-bridge" --config "$W/bridge.toml" init >/dev/null
-"$B/thingsly-bridge" --config "$W/bridge.toml" issue-server-cert --name 127.0.0.1 --out-cert "$W/m.crt" --out-key "$W/m.key"
-cp "$W/bridge/ca/chain.pem" "$W/ca.pem"; chmod 644 "$W/m.crt" "$W/m.key" "$W/ca.pem"
-printf 'persistence false\nallow_anonymous false\nlistener %s 127.0.0.1\ncafile %s/ca.pem\ncertfile %s/m.crt\nkeyfile %s/m.key\nrequire_certificate true\nuse_identity_as_username true\n' "$MP" "$W" "$W" "$W" > "$W/m.conf"
-/usr/sbin/mosquitto -c "$W/m.conf" >/dev/null 2>&1 & pids+=($!)
-"$B/thingsly-bridge" --config "$W/bridge.toml" serve 2>/dev/null & pids+=($!)
-sleep 1
-agent() { # name telemetry_enabled metrics_enabled -> sets LAST_PID
-  printf '[device]\nid = "%s"\nstate_dir = "%s/%s"\nruntime_dir = "%s/%s-run"\n[enroll]\nserver_url = "https://127.0.0.1:%s"\nca_bundle = "%s/ca.pem"\nbootstrap_token_file = "%s/bridge/fleet-token"\n[telemetry]\nenabled = %s\nhost = "127.0.0.1"\nport = %s\n[metrics]\nenabled = %s\n[metrics.influxdb]\nurl = "http://127.0.0.1:%s"\n[rauc]\nenabled = false\n' \
-    "$1" "$W" "$1" "$W" "$1" "$BP" "$W" "$W" "$2" "$MP" "$3" "$IP" > "$W/$1.toml"
-  RUST_LOG=warn "$B/thingsly-agent" --config "$W/$1.toml" run >/dev/null 2>&1 & LAST_PID=$!; pids+=("$LAST_PID")
-}
-agent bench-tel true false; A1=$LAST_PID
-agent bench-off false false; A2=$LAST_PID
-agent bench-met false true; A3=$LAST_PID
+BRIDGE_BIN=$B/thingsly-bridge
+# shellcheck source=scripts/bench-services.sh
+source scripts/bench-services.sh
+agent bench-tel true false "$B/thingsly-agent"; A1=$LAST_PID
+agent bench-off false false "$B/thingsly-agent"; A2=$LAST_PID
+agent bench-met false true "$B/thingsly-agent"; A3=$LAST_PID
 sleep "$RUN"
 tick=$(getconf CLK_TCK)
 measure() { # pid -> "rss_kib cpu_s_per_hour"
