@@ -6,5 +6,5 @@ mod server;
 mod session;
 pub mod ticket;
 
-pub use server::{MAX_MESSAGE, TerminalConfig, serve};
+pub use server::{TerminalConfig, serve};
 pub use session::SessionConfig;

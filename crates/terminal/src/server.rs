@@ -22,7 +22,7 @@ const MAX_HEAD: usize = 8192;
 /// Time a client gets to send its head and then its first (auth) message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket messages larger than this are refused (input is typed or pasted text).
-pub const MAX_MESSAGE: usize = 64 * 1024;
+const MAX_MESSAGE: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct TerminalConfig {
