@@ -29,13 +29,15 @@ pub struct AppState {
     pub wg_public_key: String,
     /// Public half of the terminal ticket key (SPKI PEM), sent with every certificate.
     pub ticket_public_pem: String,
+    /// `None` without `[terminal]` in bridge.toml.
+    pub terminal: Option<crate::terminal_proxy::TerminalProxy>,
 }
 
 /// The verified client certificate of the TLS connection, if the client sent one.
 #[derive(Clone, Default)]
 pub struct PeerCert(pub Option<CertificateDer<'static>>);
 
-pub struct ApiFailure(StatusCode, &'static str, String);
+pub struct ApiFailure(pub StatusCode, pub &'static str, pub String);
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
@@ -56,7 +58,7 @@ impl IntoResponse for ApiFailure {
     }
 }
 
-fn fail(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiFailure {
+pub(crate) fn fail(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiFailure {
     ApiFailure(status, code, msg.into())
 }
 
@@ -74,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/renew", post(renew))
         .route("/devices/{id}", get(get_device))
         .route("/devices", get(list_devices))
+        .route("/terminal", get(crate::terminal_proxy::handle))
         .fallback(|| async {
             fail(
                 StatusCode::NOT_FOUND,

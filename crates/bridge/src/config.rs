@@ -26,6 +26,64 @@ pub struct BridgeConfig {
     pub admin_token_file: Option<PathBuf>,
     #[serde(default)]
     pub wireguard: WireguardSection,
+    /// The terminal proxy; absent: `/terminal` answers 404.
+    #[serde(default)]
+    pub terminal: Option<TerminalSection>,
+}
+
+/// `[terminal]`: who may open a shell on which device, and how the proxy reaches it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSection {
+    /// The identity provider's JWKS (Keycloak: `<realm>/protocol/openid-connect/certs`). https.
+    pub jwks_url: String,
+    /// Trust anchors (PEM) for `jwks_url`.
+    pub jwks_ca: PathBuf,
+    /// Expected `iss` of operator tokens.
+    pub issuer: String,
+    /// Expected `aud` (Keycloak: the client id); its client roles count as roles too.
+    pub audience: String,
+    /// Casbin policy (CSV). Reread on SIGHUP.
+    pub policy: PathBuf,
+    /// Casbin model; default: the platform's (`crates/bridge/casbin/model.conf`).
+    #[serde(default)]
+    pub policy_model: Option<PathBuf>,
+    /// The device agent's terminal port on its tunnel address.
+    #[serde(default = "default_device_port")]
+    pub device_port: u16,
+    /// Lifetime of the device tickets the proxy mints (10 s ..= 300 s).
+    #[serde(default = "default_ticket_lifetime", with = "humantime_serde")]
+    pub ticket_lifetime: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Proxied sessions at once, all operators together.
+    #[serde(default = "default_proxy_sessions")]
+    pub max_sessions: usize,
+    /// Unknown `kid`s refetch the JWKS at most this often.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    pub jwks_min_refresh: Duration,
+    /// Clock skew allowed on `exp`/`nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_device_port() -> u16 {
+    7681
+}
+fn default_ticket_lifetime() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_proxy_sessions() -> usize {
+    64
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +155,20 @@ impl BridgeConfig {
                 "{}: key `device_cert_lifetime`: must be at least 60s",
                 path.display()
             );
+        }
+        if let Some(t) = &cfg.terminal {
+            let key = |k: &str| format!("{}: key `terminal.{k}`", path.display());
+            if !t.jwks_url.starts_with("https://") {
+                anyhow::bail!("{}: must be an https:// URL", key("jwks_url"));
+            }
+            if !(Duration::from_secs(10)..=thingsly_terminal::ticket::MAX_LIFETIME)
+                .contains(&t.ticket_lifetime)
+            {
+                anyhow::bail!("{}: must be between 10s and 5m", key("ticket_lifetime"));
+            }
+            if t.max_sessions == 0 {
+                anyhow::bail!("{}: must be at least 1", key("max_sessions"));
+            }
         }
         Ok(cfg)
     }

@@ -3,10 +3,12 @@
 //! operators use. It never holds a device's private keys.
 
 pub mod api;
+pub mod authz;
 pub mod ca;
 pub mod config;
 pub mod operator_auth;
 pub mod store;
+pub mod terminal_proxy;
 pub mod ticket_key;
 pub mod tls_server;
 

@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(serve(cfg))
+            rt.block_on(serve(cfg, &cli.config))
         }
         Cmd::Token { device, ttl } => {
             anyhow::ensure!(
@@ -217,7 +217,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let paths = CaPaths::new(&cfg.data_dir);
     let tls = tls_server::server_config(
@@ -237,6 +237,15 @@ async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
         base64::engine::general_purpose::STANDARD
             .encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
     };
+    let ticket_key = thingsly_bridge::ticket_key::load_or_create(&cfg.data_dir)?;
+    let terminal = match &cfg.terminal {
+        Some(t) => Some(
+            thingsly_bridge::terminal_proxy::TerminalProxy::from_config(t, &ticket_key.private_pem)
+                .await
+                .with_context(|| format!("{}: [terminal]", config_path.display()))?,
+        ),
+        None => None,
+    };
     let state = Arc::new(AppState {
         ca,
         store: Store::open(&cfg.data_dir.join("bridge.sqlite"))?,
@@ -247,7 +256,8 @@ async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
         wg_endpoint: cfg.wireguard.endpoint.clone(),
         wg_keepalive: cfg.wireguard.persistent_keepalive,
         wg_public_key: wg_public,
-        ticket_public_pem: thingsly_bridge::ticket_key::load_or_create(&cfg.data_dir)?.public_pem,
+        ticket_public_pem: ticket_key.public_pem,
+        terminal,
     });
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -256,6 +266,24 @@ async fn serve(cfg: BridgeConfig) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
+    let reload = state.clone();
+    tokio::spawn(async move {
+        // SIGHUP rereads the operator policy; a broken file keeps the old one in force.
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Some(t) = &reload.terminal {
+                match t.policy().reload().await {
+                    Ok(()) => tracing::info!("terminal policy reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "terminal policy reload failed; old policy kept")
+                    }
+                }
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

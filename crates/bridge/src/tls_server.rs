@@ -94,6 +94,7 @@ pub async fn serve(
             let svc = TowerToHyperService::new(svc);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades() // the terminal proxy's WebSocket
                 .await
             {
                 tracing::debug!(%remote, error = %e, "connection ended with error");

@@ -80,6 +80,14 @@ pub mod error_code {
     pub const NOT_FOUND: &str = "not_found";
     /// 500
     pub const INTERNAL: &str = "internal";
+    /// 403: the operator's policy does not allow this action on this device.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// 502/504: the device did not answer on its tunnel address.
+    pub const DEVICE_UNREACHABLE: &str = "device_unreachable";
+    /// 503: the proxy's session limit is reached.
+    pub const BUSY: &str = "busy";
+    /// 426: a plain HTTP request where a WebSocket upgrade is needed.
+    pub const UPGRADE_REQUIRED: &str = "upgrade_required";
 }
 
 /// A device as the bridge's registry knows it (`GET /devices/{id}`).

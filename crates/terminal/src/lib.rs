@@ -6,5 +6,5 @@ mod server;
 mod session;
 pub mod ticket;
 
-pub use server::{TerminalConfig, serve};
+pub use server::{TerminalConfig, close, serve};
 pub use session::SessionConfig;

@@ -250,11 +250,9 @@ async fn reply(
     Ok(())
 }
 
-pub(crate) async fn close<S>(
-    ws: &mut tokio_tungstenite::WebSocketStream<S>,
-    code: CloseCode,
-    reason: &str,
-) where
+/// Send a close frame (reason cut to the protocol's 123 bytes) and wait briefly for the peer's.
+pub async fn close<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, code: CloseCode, reason: &str)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     // Close reasons are limited to 123 bytes by the protocol.
