@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod idp;
 mod influx;
+pub use idp::{Idp, SigningKey};
 pub use influx::{Influx, Netns, run};
 
 use anyhow::{Context, bail};

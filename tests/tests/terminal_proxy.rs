@@ -1,0 +1,435 @@
+//! The bridge's terminal proxy end to end: a real identity provider endpoint (HTTPS JWKS), the
+//! real bridge with a Casbin policy, a real agent whose terminal listens on its registry
+//! address, and WebSocket clients speaking ttyd's protocol over TLS.
+//!
+//! The device's tunnel address comes from the bridge's pool; the pool here is a loopback
+//! range (127.77.x.0/24), so the proxy's lookup-and-connect path runs for real without a
+//! tunnel (the tunnel's own tests cover reaching 10.8.0.x).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use thingsly_e2e::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+const POLICY: &str = "\
+p, role:operator, group:line-3, terminal
+p, role:auditor, *, terminal-readonly
+g2, dev-proxy, group:line-3
+";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    bridge: Bridge,
+    agent: Agent,
+    idp: Idp,
+    es: SigningKey,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Bridge with `[terminal]` and a loopback pool `127.77.<net>.0/24`, IdP with one ES256 key,
+/// an enrolled agent `dev-proxy` whose terminal listens on its registry address.
+async fn setup(net: u8) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init_with(
+        &dir.path().join("bridge"),
+        &format!("[wireguard]\npool = \"127.77.{net}.0/24\"\n"),
+    )
+    .unwrap();
+    let (idp_crt, idp_key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
+    bridge
+        .cli(&[
+            "issue-server-cert",
+            "--name",
+            "127.0.0.1",
+            "--out-cert",
+            idp_crt.to_str().unwrap(),
+            "--out-key",
+            idp_key.to_str().unwrap(),
+        ])
+        .unwrap();
+    let idp = Idp::start(&idp_crt, &idp_key).await;
+    let es = SigningKey::es256("es-1");
+    idp.publish(&es);
+    let policy = dir.path().join("policy.csv");
+    std::fs::write(&policy, POLICY).unwrap();
+    let device_port = free_port();
+    let mut cfg = std::fs::read_to_string(&bridge.config).unwrap();
+    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port));
+    std::fs::write(&bridge.config, cfg).unwrap();
+    bridge.start().unwrap();
+
+    let device_ip = format!("127.77.{net}.2"); // first device address (.1 is the hub's)
+    let mut agent = Agent::new(
+        &dir.path().join("agent"),
+        &AgentOpts {
+            device_id: "dev-proxy".into(),
+            server_url: bridge.url(),
+            token: bridge.fleet_token(),
+            ca_bundle: bridge.ca_chain(),
+            extra: format!(
+                "\n[terminal]\nlisten = \"{device_ip}\"\nport = {device_port}\nmax_sessions = 4\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    agent.start().unwrap();
+    wait_for("terminal listening", Duration::from_secs(30), || {
+        agent.status()["state"]["modules"]["terminal"]["state"] == "running"
+    });
+    let devices: serde_json::Value =
+        serde_json::from_str(&bridge.cli(&["devices"]).unwrap()).unwrap();
+    assert_eq!(devices[0]["wireguard_address"], format!("{device_ip}/32"));
+    let tls = Arc::new(
+        thingsly_enroll::client_config(&std::fs::read(bridge.ca_chain()).unwrap(), None).unwrap(),
+    );
+    Setup {
+        _dir: dir,
+        bridge,
+        agent,
+        idp,
+        es,
+        tls,
+    }
+}
+
+impl Setup {
+    /// Open `/terminal?<query>` over TLS; `Err((status, body))` when the upgrade is refused.
+    async fn open(&self, query: &str, bearer: Option<&str>) -> Result<Ws, (u16, String)> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.bridge.port))
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut req = format!("wss://127.0.0.1:{}/terminal?{query}", self.bridge.port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "tty".parse().unwrap());
+        if let Some(b) = bearer {
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {b}").parse().unwrap());
+        }
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, resp)) => {
+                assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "tty");
+                Ok(ws)
+            }
+            Err(WsError::Http(r)) => Err((
+                r.status().as_u16(),
+                String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+            )),
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+
+    /// A session as ttyd's page runs it: hello with the operator's JWT as AuthToken.
+    async fn session(&self, token: &str) -> Ws {
+        let mut ws = self
+            .open(&format!("deviceId=dev-proxy&token={token}"), None)
+            .await
+            .unwrap_or_else(|(s, b)| panic!("refused: {s} {b}"));
+        hello(&mut ws, token).await;
+        ws
+    }
+
+    fn refused(&self, r: Result<Ws, (u16, String)>) -> (u16, String) {
+        match r {
+            Ok(_) => panic!("upgrade should have been refused"),
+            Err(e) => e,
+        }
+    }
+}
+
+async fn hello(ws: &mut Ws, token: &str) {
+    let hello = serde_json::json!({"AuthToken": token, "columns": 100, "rows": 30}).to_string();
+    ws.send(Message::Binary(hello.into_bytes().into()))
+        .await
+        .unwrap();
+}
+
+async fn input(ws: &mut Ws, line: &str) {
+    ws.send(Message::Binary(format!("0{line}\r").into_bytes().into()))
+        .await
+        .unwrap();
+}
+
+/// Output until `pat` appears (Ok) or the socket closes (Err with the close reason).
+async fn read_until(ws: &mut Ws, pat: &str) -> Result<String, (String, String)> {
+    let mut out = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.contains(pat) {
+            return Ok(text);
+        }
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&b'0') => {
+                out.extend_from_slice(&b[1..])
+            }
+            Ok(Some(Ok(Message::Close(f)))) => {
+                let f = f.unwrap();
+                return Err((text, format!("{} {}", u16::from(f.code), f.reason)));
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("waiting for {pat:?}: {other:?} after {text:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
+    let mut s = setup(1).await;
+    let rs = SigningKey::rs256("rs-1", s._dir.path());
+    s.idp.publish(&rs);
+
+    // ES256 operator with a role for the device's group: a shell, resized by the hello, whose
+    // exit closes the browser side with the device's own close (1000, exit status).
+    let op = s.es.token("olga", &["operator"]);
+    let mut ws = s.session(&op).await;
+    input(&mut ws, "stty size; echo sum=$((40+2))").await;
+    let out = read_until(&mut ws, "sum=42").await.unwrap();
+    assert!(out.contains("30 100"), "{out}");
+    input(&mut ws, "exit 5").await;
+    let (_, close) = read_until(&mut ws, "never").await.unwrap_err();
+    assert_eq!(close, "1000 exit status 5");
+
+    // RS256 (Keycloak's default) and the token in a header work as well.
+    let rs_op = rs.token("rita", &["operator"]);
+    let mut ws = s
+        .open("deviceId=dev-proxy", Some(&rs_op))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    hello(&mut ws, "").await;
+    input(&mut ws, "echo rs=$((6*7))").await;
+    read_until(&mut ws, "rs=42").await.unwrap();
+
+    // The browser going away ends the shell on the device (SIGHUP to its process group).
+    // `1000000+$$` so the typed command's echo cannot match `pid=1`.
+    input(&mut ws, "echo pid=$((1000000+$$)) .").await;
+    let out = read_until(&mut ws, " .\r\n").await.unwrap();
+    let pid: u32 = out
+        .split("pid=1")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(ws);
+    wait_for(
+        "shell gone after disconnect",
+        Duration::from_secs(10),
+        || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    );
+
+    // Watch-only role: the session opens, typed input never runs.
+    let marker = s._dir.path().join("readonly-ran");
+    let mut ws = s.session(&s.es.token("otto", &["auditor"])).await;
+    input(&mut ws, &format!("touch {}", marker.display())).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ws.close(None).await.unwrap();
+    assert!(!marker.exists(), "input reached a read-only session");
+
+    // Refusals, each a real HTTP status with a reason, none opening a session.
+    let q = |t: &str| format!("deviceId=dev-proxy&token={t}");
+    let now = idp_now();
+    let foreign = SigningKey::es256("es-1"); // same kid, other key: bad signature
+    let cases = [
+        (foreign.token("olga", &["operator"]), 401, "signature"),
+        (
+            s.es.token_with(serde_json::json!({"preferred_username": "olga",
+                "realm_access": {"roles": ["operator"]}, "exp": now - 120, "iat": now - 600})),
+            401,
+            "expired",
+        ),
+        (
+            s.es.token_with(serde_json::json!({"preferred_username": "olga",
+                "realm_access": {"roles": ["operator"]}, "aud": "grafana"})),
+            401,
+            "audience",
+        ),
+        (
+            SigningKey::es256("es-unknown").token("olga", &["operator"]),
+            401,
+            "unknown signing key",
+        ),
+        (
+            s.es.token("mallory", &["guest"]),
+            403,
+            "may not open a terminal",
+        ),
+        (String::new(), 401, "no token"),
+    ];
+    for (token, status, why) in cases {
+        let (code, body) = s.refused(s.open(&q(&token), None).await);
+        assert_eq!(code, status, "{why}: {body}");
+        assert!(body.contains(why), "{body:?} should say {why:?}");
+    }
+    // Operator of another device group, device not enrolled, not a WebSocket.
+    let (code, _) = s.refused(
+        s.open(
+            &format!(
+                "deviceId=dev-other&token={}",
+                s.es.token("olga", &["operator"])
+            ),
+            None,
+        )
+        .await,
+    );
+    assert_eq!(code, 403);
+    let (code, body) = s.refused(
+        s.open(
+            &format!(
+                "deviceId=dev-ghost&token={}",
+                s.es.token("root", &["auditor"])
+            ),
+            None,
+        )
+        .await,
+    );
+    assert_eq!((code, body.contains("not enrolled")), (404, true), "{body}");
+    let plain = s
+        .bridge
+        .http()
+        .unwrap()
+        .get(format!("{}/terminal?{}", s.bridge.url(), q(&op)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status().as_u16(), 426);
+
+    // An unknown kid refetches the key set, at most once per jwks_min_refresh (1 s here):
+    // a burst of bogus kids does not hammer the provider.
+    let before = s.idp.fetches();
+    let burst = std::time::Instant::now();
+    for _ in 0..20 {
+        let t = SigningKey::es256("bogus").token("olga", &["operator"]);
+        s.refused(s.open(&q(&t), None).await);
+    }
+    let fetched = s.idp.fetches() - before;
+    let allowed = burst.elapsed().as_secs() as usize + 1;
+    assert!(
+        fetched <= allowed,
+        "{fetched} fetches in {:?}",
+        burst.elapsed()
+    );
+    // Key rotation: a key published after start is picked up on first use.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let rotated = SigningKey::es256("es-2");
+    s.idp.publish(&rotated);
+    let mut ws = s.session(&rotated.token("olga", &["operator"])).await;
+    input(&mut ws, "echo rotated-$((1+1))").await;
+    read_until(&mut ws, "rotated-2").await.unwrap();
+    ws.close(None).await.unwrap();
+
+    // Policy order: with the device down, a permitted operator gets 502 (the proxy tried the
+    // device) while a forbidden one still gets 403 (it never did).
+    s.agent.proc.as_mut().unwrap().terminate();
+    let (code, body) = s.refused(s.open(&q(&op), None).await);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("device_unreachable"), "{body}");
+    let (code, _) = s.refused(s.open(&q(&s.es.token("mallory", &[])), None).await);
+    assert_eq!(code, 403);
+
+    // Audit: who, where, bytes, how it ended.
+    let log = s.bridge.proc.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("terminal session end")
+            && log.contains("operator=olga")
+            && log.contains("device closed: 1000 exit status 5"),
+        "{log}"
+    );
+}
+
+/// A fast producer through the proxy with a paused client: the device stops reading its PTY,
+/// the bridge's memory stays flat; after resume, the rest arrives intact (checksum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_holds_across_the_proxy() {
+    let s = setup(2).await;
+    let mut ws = s.session(&s.es.token("olga", &["operator"])).await;
+    input(&mut ws, "stty -echo; echo READY").await;
+    read_until(&mut ws, "READY").await.unwrap();
+    // 20 MB of deterministic output, then its checksum from the device's point of view.
+    input(
+        &mut ws,
+        "head -c 20000000 /dev/zero | tr '\\0' 'x' | fold -w 100 > /tmp/.tp-$$; \
+         sha256sum < /tmp/.tp-$$ | sed 's/ .*/ SUM/'; cat /tmp/.tp-$$; rm /tmp/.tp-$$; echo; echo DONE",
+    )
+    .await;
+    let mut out = Vec::new();
+    let mut paused_once = false;
+    let bridge_pid = s.bridge.proc.as_ref().unwrap().pid();
+    while !String::from_utf8_lossy(&out[out.len().saturating_sub(64)..]).contains("DONE") {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&b'0') => {
+                out.extend_from_slice(&b[1..])
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("{other:?}"),
+        }
+        if !paused_once && out.len() > 2_000_000 {
+            paused_once = true;
+            ws.send(Message::Binary(b"2".to_vec().into()))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = rss_kib(bridge_pid);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = rss_kib(bridge_pid);
+            assert!(
+                after < before + 2048,
+                "bridge RSS grew from {before} to {after} KiB while paused"
+            );
+            // Repeated resume is harmless.
+            for _ in 0..3 {
+                ws.send(Message::Binary(b"3".to_vec().into()))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+    // The line may start with the shell's prompt.
+    let sum = text
+        .lines()
+        .find_map(|l| l.strip_suffix(" SUM"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .to_string();
+    let start = text.find(" SUM\n").unwrap() + 5;
+    let end = text.rfind("\nDONE").unwrap();
+    // `fold` leaves the last line without newline; the `\n` before DONE is our `echo`'s.
+    let body = &text[start..end];
+    use sha2::Digest;
+    let got = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    assert_eq!(got, sum, "{} bytes arrived", body.len());
+    assert!(body.len() >= 20_000_000);
+}
+
+fn idp_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
