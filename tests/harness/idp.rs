@@ -195,9 +195,16 @@ impl Idp {
     }
 
     /// The `[terminal]` section of bridge.toml for this provider.
-    pub fn bridge_section(&self, ca: &Path, policy: &Path, device_port: u16) -> String {
+    /// `operator_port`: the bridge's `terminal.listen` port.
+    pub fn bridge_section(
+        &self,
+        ca: &Path,
+        policy: &Path,
+        device_port: u16,
+        operator_port: u16,
+    ) -> String {
         format!(
-            "[terminal]\njwks_url = \"{}\"\njwks_ca = \"{}\"\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\npolicy = \"{}\"\ndevice_port = {device_port}\njwks_min_refresh = \"{}s\"\n",
+            "[terminal]\nlisten = \"127.0.0.1:{operator_port}\"\njwks_url = \"{}\"\njwks_ca = \"{}\"\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\npolicy = \"{}\"\ndevice_port = {device_port}\njwks_min_refresh = \"{}s\"\n",
             self.jwks_url(),
             ca.display(),
             policy.display(),

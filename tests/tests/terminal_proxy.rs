@@ -29,6 +29,8 @@ struct Setup {
     bridge: Bridge,
     agent: Agent,
     idp: Idp,
+    /// The bridge's `terminal.listen` (no client-certificate request).
+    operator_port: u16,
     es: SigningKey,
     tls: Arc<rustls::ClientConfig>,
 }
@@ -59,9 +61,9 @@ async fn setup(net: u8) -> Setup {
     idp.publish(&es);
     let policy = dir.path().join("policy.csv");
     std::fs::write(&policy, POLICY).unwrap();
-    let device_port = free_port();
+    let (device_port, operator_port) = (free_port(), free_port());
     let mut cfg = std::fs::read_to_string(&bridge.config).unwrap();
-    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port));
+    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port, operator_port));
     std::fs::write(&bridge.config, cfg).unwrap();
     bridge.start().unwrap();
 
@@ -95,22 +97,32 @@ async fn setup(net: u8) -> Setup {
         bridge,
         agent,
         idp,
+        operator_port,
         es,
         tls,
     }
 }
 
 impl Setup {
-    /// Open `/terminal?<query>` over TLS; `Err((status, body))` when the upgrade is refused.
+    /// Open `/terminal?<query>` on the operator port; `Err((status, body))` when refused.
     async fn open(&self, query: &str, bearer: Option<&str>) -> Result<Ws, (u16, String)> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.bridge.port))
+        self.open_on(self.operator_port, query, bearer).await
+    }
+
+    async fn open_on(
+        &self,
+        port: u16,
+        query: &str,
+        bearer: Option<&str>,
+    ) -> Result<Ws, (u16, String)> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect("127.0.0.1".try_into().unwrap(), tcp)
             .await
             .unwrap();
-        let mut req = format!("wss://127.0.0.1:{}/terminal?{query}", self.bridge.port)
+        let mut req = format!("wss://127.0.0.1:{port}/terminal?{query}")
             .into_client_request()
             .unwrap();
         req.headers_mut()
@@ -202,10 +214,10 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
     let (_, close) = read_until(&mut ws, "never").await.unwrap_err();
     assert_eq!(close, "1000 exit status 5");
 
-    // RS256 (Keycloak's default) and the token in a header work as well.
+    // RS256 (Keycloak's default), the token in a header, and the main API port work as well.
     let rs_op = rs.token("rita", &["operator"]);
     let mut ws = s
-        .open("deviceId=dev-proxy", Some(&rs_op))
+        .open_on(s.bridge.port, "deviceId=dev-proxy", Some(&rs_op))
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
     hello(&mut ws, "").await;
@@ -213,13 +225,13 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
     read_until(&mut ws, "rs=42").await.unwrap();
 
     // The browser going away ends the shell on the device (SIGHUP to its process group).
-    // `1000000+$$` so the typed command's echo cannot match `pid=1`.
-    input(&mut ws, "echo pid=$((1000000+$$)) .").await;
-    let out = read_until(&mut ws, " .\r\n").await.unwrap();
+    // `DO NE` joined by printf, so the typed command's echo cannot match `DONE`.
+    input(&mut ws, "printf 'pid=%d%s%s\\n' $$ DO NE").await;
+    let out = read_until(&mut ws, "DONE").await.unwrap();
     let pid: u32 = out
-        .split("pid=1")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
+        .rsplit("pid=")
+        .next()
+        .and_then(|rest| rest.split("DONE").next())
         .and_then(|d| d.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {out:?}"));
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -432,4 +444,67 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// The browser's view: Debian's headless Chromium loads a page with xterm.js (from npm) that
+/// speaks ttyd's protocol through the proxy; keystrokes typed into the page run on the
+/// device, the output is read from the rendered page, and the shell's exit shows as a clean
+/// close with its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xterm_in_headless_chromium_runs_a_command_through_the_proxy() {
+    let s = setup(3).await;
+    let browser = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    npm_ci(&browser);
+    let token = s.es.token("olga", &["operator"]);
+    let ws_url = format!(
+        "wss://127.0.0.1:{}/terminal?deviceId=dev-proxy&token={token}",
+        s.operator_port
+    );
+    let out = tokio::process::Command::new("node")
+        .arg(browser.join("terminal-session.mjs"))
+        .env("WS_URL", ws_url)
+        .env("SERVER_CERT", s.bridge.data().join("ca/server.crt"))
+        .env("TYPE", "echo browser-$((20+22)) ünïcode-✓")
+        .env("EXPECT", "browser-42 ünïcode-✓")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {stdout:?}, stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        result["ok"],
+        true,
+        "{result:#}\nbridge log:\n{}",
+        s.bridge.proc.as_ref().unwrap().log_text()
+    );
+    assert!(
+        result["screen"]
+            .as_str()
+            .unwrap()
+            .contains("browser-42 ünïcode-✓"),
+        "{result:#}"
+    );
+    assert_eq!(result["status"], "closed 1000 exit status 3", "{result:#}");
+}
+
+/// Install the page's npm packages (xterm.js, playwright-core) from the lock file when they
+/// are missing or older than it.
+fn npm_ci(dir: &std::path::Path) {
+    let stamp = dir.join("node_modules/.package-lock.json");
+    let lock = dir.join("package-lock.json");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&stamp).is_some() && modified(&stamp) >= modified(&lock) {
+        return;
+    }
+    let st = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("npm (Node.js >= 20) is needed for the browser test");
+    assert!(st.success(), "npm ci in {} failed", dir.display());
 }

@@ -35,6 +35,13 @@ pub struct BridgeConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalSection {
+    /// The operator port (TLS, no client-certificate request, so browsers connect without a
+    /// prompt); `/terminal` is also served on the main `listen`. `""` disables it.
+    #[serde(
+        default = "default_terminal_listen",
+        deserialize_with = "empty_is_none"
+    )]
+    pub listen: Option<String>,
     /// The identity provider's JWKS (Keycloak: `<realm>/protocol/openid-connect/certs`). https.
     pub jwks_url: String,
     /// Trust anchors (PEM) for `jwks_url`.
@@ -67,6 +74,13 @@ pub struct TerminalSection {
     pub leeway: Duration,
 }
 
+fn default_terminal_listen() -> Option<String> {
+    Some("127.0.0.1:8444".into())
+}
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok((!s.is_empty()).then_some(s))
+}
 fn default_device_port() -> u16 {
     7681
 }

@@ -223,7 +223,7 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
     let tls = tls_server::server_config(
         &paths.server_crt(),
         &paths.server_key(),
-        ca.root_pem.as_bytes(),
+        Some(ca.root_pem.as_bytes()),
     )?;
     let wg_private = read_token(&cfg.data_dir.join("wireguard.key"))?;
     let wg_public = {
@@ -297,5 +297,27 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         tracing::info!("shutting down");
         s.cancel();
     });
-    tls_server::serve(listener, tls, router(state), shutdown).await
+    let app = router(state);
+    // The operator port: same API, TLS without a client-certificate request (browsers).
+    let operator_port = match cfg.terminal.as_ref().and_then(|t| t.listen.as_ref()) {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding terminal.listen {addr}"))?;
+            tracing::info!(listen = %l.local_addr()?, "terminal proxy serving (operator port)");
+            let tls = tls_server::server_config(&paths.server_crt(), &paths.server_key(), None)?;
+            Some(tokio::spawn(tls_server::serve(
+                l,
+                tls,
+                app.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    tls_server::serve(listener, tls, app, shutdown).await?;
+    if let Some(task) = operator_port {
+        task.await??;
+    }
+    Ok(())
 }

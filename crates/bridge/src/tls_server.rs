@@ -17,27 +17,35 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// `client_roots_pem`: `None` never asks for a client certificate (the operator port: a
+/// browser asked for one prompts its user, and Chromium aborts WebSocket handshakes outright).
 pub fn server_config(
     cert_chain: &Path,
     key: &Path,
-    client_roots_pem: &[u8],
+    client_roots_pem: Option<&[u8]>,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_chain)
         .with_context(|| cert_chain.display().to_string())?
         .collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_file(key).with_context(|| key.display().to_string())?;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(client_roots_pem) {
-        roots.add(c?)?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut cfg = match client_roots_pem {
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem) {
+                roots.add(c?)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+    };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
