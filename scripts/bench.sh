@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints a table: agent RSS and CPU per hour (telemetry every 10 s, metrics every 10 s to a real
 # InfluxDB, vs both off, same run), binary sizes (dist profile stripped vs release), bridge
-# enrollments per second vs a baseline, metrics cycle cost vs reading the same files, wire bytes.
+# enrollments per second vs a baseline, metrics cycle cost vs reading the same files, wire bytes,
+# terminal throughput and echo latency (bare PTY, device direct, through the bridge's proxy).
 # SECONDS_PER_RUN (default 120) sets how long each agent is measured. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,3 +38,4 @@ echo "| thingsly-agent x86_64, --profile dist (opt s, LTO, stripped) | $(stat -c
 cargo build -p thingsly-e2e --release --bin thingsly-bench -q
 target/release/thingsly-bench metrics 2000
 target/release/thingsly-bench enroll "https://127.0.0.1:$BP" "$W/ca.pem" "$(cat "$W/bridge/fleet-token")" "$(cat "$W/bridge/admin-token")" 200 8
+target/release/thingsly-bench terminal 64

@@ -9,7 +9,8 @@
 //! at a 10 s interval with and without gzip.
 //!
 //! `thingsly-bench terminal MB`: output throughput and keystroke echo latency of a terminal
-//! session, direct to the device's PTY bridge, against a plain PTY copied to a local socket.
+//! session, direct to the device's PTY bridge and through the bridge's terminal proxy (a real
+//! bridge process beside this binary), against a plain PTY copied to a local socket.
 
 mod metrics;
 mod terminal;

@@ -1,5 +1,6 @@
 //! Terminal session throughput and echo latency: the device's PTY bridge (WebSocket, ticket,
-//! ttyd framing) against the floor of a bare PTY copied to a TCP socket on loopback.
+//! ttyd framing), direct and through a real bridge process's terminal proxy, against the floor
+//! of a bare PTY copied to a TCP socket on loopback.
 
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
@@ -76,19 +77,102 @@ async fn bare(
     Ok((got, lat))
 }
 
-async fn direct(
+/// How the bench reaches the device's PTY bridge.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    /// `ws://` to the device, with a ticket signed by a key of the bench's own.
+    Direct,
+    /// `wss://` to a real bridge process's terminal proxy, with an operator JWT.
+    Proxy(&'a ProxyRig),
+}
+
+/// A bridge (release build beside this binary) with `[terminal]`, an identity provider, and
+/// one device enrolled so the proxy finds it at 127.78.0.2 (the pool is a loopback range, so
+/// no tunnel is involved: this measures the proxy).
+pub struct ProxyRig {
+    _dir: tempfile::TempDir,
+    bridge: thingsly_e2e::Bridge,
+    _idp: thingsly_e2e::Idp,
+    jwt: String,
+    operator_port: u16,
+    device_addr: std::net::SocketAddr,
+    ticket_public_pem: Vec<u8>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+const PROXY_DEVICE: &str = "bench-term";
+
+impl ProxyRig {
+    async fn start() -> anyhow::Result<Self> {
+        use thingsly_e2e::*;
+        let dir = tempfile::tempdir()?;
+        let mut bridge = Bridge::init_with(
+            &dir.path().join("bridge"),
+            "[wireguard]\npool = \"127.78.0.0/24\"\n",
+        )?;
+        let (crt, key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
+        let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        bridge.cli(&[
+            "issue-server-cert",
+            "--name",
+            "127.0.0.1",
+            "--out-cert",
+            &s(&crt),
+            "--out-key",
+            &s(&key),
+        ])?;
+        let idp = Idp::start(&crt, &key).await;
+        let es = SigningKey::es256("bench");
+        idp.publish(&es);
+        let policy = dir.path().join("policy.csv");
+        std::fs::write(&policy, "p, role:operator, *, terminal\n")?;
+        let (device_port, operator_port) = (free_port(), free_port());
+        let mut cfg = std::fs::read_to_string(&bridge.config)?;
+        cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port, operator_port));
+        std::fs::write(&bridge.config, cfg)?;
+        bridge.start()?;
+        let ca = std::fs::read(bridge.ca_chain())?;
+        let state = thingsly_core::state_dir::StateDir::open(dir.path().join("device"))?;
+        let identity = thingsly_enroll::Identity::load_or_create(&state, PROXY_DEVICE)?;
+        thingsly_enroll::ensure_enrolled(
+            &state,
+            &identity,
+            &bridge.url(),
+            &ca,
+            &bridge.fleet_token(),
+            Default::default(),
+            Duration::from_secs(30),
+        )
+        .await?;
+        let ticket_public_pem =
+            std::fs::read(dir.path().join("device/identity/terminal-ticket.pub"))?;
+        Ok(Self {
+            jwt: es.token("bench", &["operator"]),
+            operator_port,
+            device_addr: format!("127.78.0.2:{device_port}").parse()?,
+            ticket_public_pem,
+            tls: std::sync::Arc::new(
+                thingsly_enroll::client_config(&ca, None).map_err(anyhow::Error::msg)?,
+            ),
+            bridge,
+            _idp: idp,
+            _dir: dir,
+        })
+    }
+
+    fn bridge_pid(&self) -> Option<i32> {
+        self.bridge.proc.as_ref().map(|p| p.pid())
+    }
+}
+
+/// Run `script` in a session of the device's PTY bridge reached `via`, then send `send` one
+/// key at a time (echo latencies) or read `expect` bytes (time from the first output byte).
+async fn session(
+    via: Via<'_>,
     script: &str,
     send: Option<&[u8]>,
     expect: usize,
 ) -> anyhow::Result<(usize, Vec<Duration>)> {
-    let sk = p256::SecretKey::random(&mut rand_core::OsRng);
-    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-    let public = sk.public_key().to_public_key_pem(LineEnding::LF)?;
-    let private = sk.to_pkcs8_pem(LineEnding::LF)?;
-    let verifier = TicketVerifier::new(public.as_bytes(), "bench").map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let stop = tokio_util::sync::CancellationToken::new();
     let cfg = TerminalConfig {
         session: SessionConfig {
             command: sh(script),
@@ -96,21 +180,77 @@ async fn direct(
         },
         max_sessions: 1,
     };
-    tokio::spawn(serve(listener, cfg, verifier, stop.clone()));
-    let claims = Claims::new("bench", "bench", Duration::from_secs(60), "1");
-    let token = TicketSigner::from_pem(private.as_bytes())
-        .and_then(|s| s.sign(&claims))
-        .map_err(anyhow::Error::msg)?;
-    let mut req = format!("ws://{addr}/ws").into_client_request()?;
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "tty".parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut req;
+    let hello_token;
+    let (listen, public_pem, device_id) = match &via {
+        Via::Direct => {
+            let sk = p256::SecretKey::random(&mut rand_core::OsRng);
+            use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+            let public = sk.public_key().to_public_key_pem(LineEnding::LF)?;
+            let private = sk.to_pkcs8_pem(LineEnding::LF)?;
+            let claims = Claims::new("bench", "bench", Duration::from_secs(60), "1");
+            hello_token = TicketSigner::from_pem(private.as_bytes())
+                .and_then(|s| s.sign(&claims))
+                .map_err(anyhow::Error::msg)?;
+            ("127.0.0.1:0".parse()?, public.into_bytes(), "bench")
+        }
+        Via::Proxy(rig) => {
+            hello_token = String::new(); // the proxy puts the device ticket in
+            (rig.device_addr, rig.ticket_public_pem.clone(), PROXY_DEVICE)
+        }
+    };
+    let verifier = TicketVerifier::new(&public_pem, device_id).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let device = tokio::spawn(serve(listener, cfg, verifier, stop.clone()));
+    let result = match via {
+        Via::Direct => {
+            req = format!("ws://{addr}/ws").into_client_request()?;
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "tty".parse()?);
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+            measure(ws, &hello_token, send, expect).await
+        }
+        Via::Proxy(rig) => {
+            req = format!(
+                "wss://127.0.0.1:{}/terminal?deviceId={PROXY_DEVICE}&token={}",
+                rig.operator_port, rig.jwt
+            )
+            .into_client_request()?;
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "tty".parse()?);
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", rig.operator_port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(rig.tls.clone())
+                .connect("127.0.0.1".try_into()?, tcp)
+                .await?;
+            let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+            measure(ws, &hello_token, send, expect).await
+        }
+    };
+    stop.cancel();
+    let _ = device.await;
+    result
+}
+
+async fn measure<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    token: &str,
+    send: Option<&[u8]>,
+    expect: usize,
+) -> anyhow::Result<(usize, Vec<Duration>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let hello = serde_json::json!({"AuthToken": token, "columns": 80, "rows": 24}).to_string();
     ws.send(Message::Text(hello.into())).await?;
     let mut got = 0;
     let mut lat = Vec::new();
     let next_output =
-        async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> anyhow::Result<usize> {
+        async |ws: &mut tokio_tungstenite::WebSocketStream<S>| -> anyhow::Result<usize> {
             loop {
                 match ws.next().await {
                     Some(Ok(Message::Binary(b))) if b.first() == Some(&b'0') => {
@@ -144,7 +284,7 @@ async fn direct(
         }
         lat.extend(first.map(|f| f.elapsed()));
     }
-    stop.cancel();
+    let _ = ws.close(None).await;
     Ok((got, lat))
 }
 
@@ -165,21 +305,37 @@ pub async fn run(mb: usize) -> anyhow::Result<()> {
     let cat = format!("stty raw -echo; sleep 0.2; cat '{}'", file.display());
     let echo = "stty raw -echo; cat";
     let keys: Vec<u8> = (0..ECHOES).map(|i| b'a' + (i % 26) as u8).collect();
-    for (name, is_direct) in [
-        ("bare PTY → TCP socket (floor)", false),
-        ("device PTY bridge, WebSocket direct", true),
-    ] {
-        let (got, transfer) = if is_direct {
-            direct(&cat, None, bytes).await?
-        } else {
-            bare(&cat, None, bytes).await?
+    let rig = ProxyRig::start().await?;
+    let cpu_ticks = |pid: Option<i32>| -> f64 {
+        pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .and_then(|s| {
+                let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+                Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+            })
+            .unwrap_or(f64::NAN)
+            / 100.0 // USER_HZ
+    };
+    let rows: [(&str, Option<Via>); 3] = [
+        ("bare PTY → TCP socket (floor)", None),
+        ("device PTY bridge, WebSocket direct", Some(Via::Direct)),
+        (
+            "through the bridge's terminal proxy (TLS, JWT, policy)",
+            Some(Via::Proxy(&rig)),
+        ),
+    ];
+    for (name, via) in rows {
+        let proxied = matches!(via, Some(Via::Proxy(_)));
+        let cpu_before = cpu_ticks(rig.bridge_pid());
+        let (got, transfer) = match via {
+            Some(v) => session(v, &cat, None, bytes).await?,
+            None => bare(&cat, None, bytes).await?,
         };
+        let proxy_cpu = cpu_ticks(rig.bridge_pid()) - cpu_before;
         let secs = transfer.first().map_or(f64::NAN, Duration::as_secs_f64);
         anyhow::ensure!(got >= bytes, "{name}: only {got} of {bytes} bytes");
-        let (_, lat) = if is_direct {
-            direct(echo, Some(&keys), 0).await?
-        } else {
-            bare(echo, Some(&keys), 0).await?
+        let (_, lat) = match via {
+            Some(v) => session(v, echo, Some(&keys), 0).await?,
+            None => bare(echo, Some(&keys), 0).await?,
         };
         println!(
             "| terminal: {name}: output, echo latency median / p99 ({ECHOES} keys) | {:.0} MB/s, {:.0} µs / {:.0} µs |",
@@ -187,6 +343,13 @@ pub async fn run(mb: usize) -> anyhow::Result<()> {
             pct(lat.clone(), 0.5),
             pct(lat, 0.99)
         );
+        if proxied {
+            println!(
+                "| terminal: bridge CPU relaying {mb} MiB through the proxy | {:.2} s ({:.1} ms per MB) |",
+                proxy_cpu,
+                proxy_cpu * 1e3 / (bytes as f64 / 1e6)
+            );
+        }
     }
     Ok(())
 }

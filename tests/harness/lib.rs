@@ -16,8 +16,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Directory holding the built binaries (`cargo build --bins` must have run: scripts/test.sh does).
+/// A built binary: beside the running executable (a benchmark in target/release uses the
+/// release bridge next to it), else in target/debug (`cargo build --bins`; scripts/test.sh does).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+    {
+        return p;
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));

@@ -211,5 +211,44 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bridge.example.toml");
         let cfg = BridgeConfig::load(&path).unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/thingsly-bridge"));
+        assert!(cfg.terminal.is_none());
+    }
+
+    const TERMINAL: &str = "[terminal]\njwks_url = \"https://id/certs\"\njwks_ca = \"/ca.pem\"\nissuer = \"i\"\naudience = \"a\"\npolicy = \"/p.csv\"\n";
+
+    #[allow(clippy::unwrap_used)]
+    fn load_str(src: &str) -> anyhow::Result<BridgeConfig> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bridge.toml");
+        std::fs::write(&p, src).unwrap();
+        BridgeConfig::load(&p)
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn terminal_section_defaults_and_errors_name_key_and_line() {
+        let t = load_str(TERMINAL).unwrap().terminal.unwrap();
+        assert_eq!(t.listen.as_deref(), Some("127.0.0.1:8444"));
+        assert_eq!((t.device_port, t.max_sessions), (7681, 64));
+        assert_eq!(t.ticket_lifetime, Duration::from_secs(60));
+        let off = load_str(&format!("{TERMINAL}listen = \"\"\n")).unwrap();
+        assert_eq!(off.terminal.unwrap().listen, None);
+
+        let err = load_str(&format!("{TERMINAL}ticket_lifetime = \"1h\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `terminal.ticket_lifetime`"), "{err}");
+        let err = load_str(&TERMINAL.replace("https://id", "http://id"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `terminal.jwks_url`"), "{err}");
+        let err = load_str(&format!("{TERMINAL}device_prot = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":7:") && err.contains("device_prot"), "{err}");
+        let err = load_str("[terminal]\njwks_url = \"https://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jwks_ca"), "{err}");
     }
 }
