@@ -26,6 +26,10 @@ trap cleanup EXIT INT TERM
 cat > "$BASE/bridge.toml" <<TOML
 data_dir = "$BASE/bridge"
 listen = "127.0.0.1:$BRIDGE_PORT"
+# The WireGuard hub and the device tunnel would put tunnel addresses (10.8.0.x) on this
+# machine's own network; they run in network namespaces in tests/tests/tunnel.rs instead.
+[wireguard]
+mode = "off"
 TOML
 "$BIN/thingsly-bridge" --config "$BASE/bridge.toml" init
 "$BIN/thingsly-bridge" --config "$BASE/bridge.toml" issue-server-cert --name localhost --name 127.0.0.1 \
@@ -83,6 +87,8 @@ host = "127.0.0.1"
 port = $MQTT_PORT
 [metrics.influxdb]
 url = "http://127.0.0.1:$INFLUX_PORT"
+[tunnel]
+enabled = false
 TOML
 sleep 0.5
 "$BIN/thingsly-agent" --config "$BASE/agent.toml" run > "$BASE/agent.log" 2>&1 & pids+=($!)

@@ -6,6 +6,8 @@ mod status;
 mod supervisor;
 #[cfg(feature = "terminal")]
 mod terminal_module;
+#[cfg(feature = "tunnel")]
+mod tunnel_module;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -181,6 +183,11 @@ fn terminal_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(terminal_module::run(ctx))
 }
 
+#[cfg(feature = "tunnel")]
+fn tunnel_module(ctx: Ctx) -> ModuleFuture {
+    Box::pin(tunnel_module::run(ctx))
+}
+
 fn enroll_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(enroll_module::run(ctx))
 }
@@ -226,7 +233,12 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ctx = context(cfg).await?;
     #[cfg_attr(
-        not(any(feature = "telemetry", feature = "metrics", feature = "terminal")),
+        not(any(
+            feature = "telemetry",
+            feature = "metrics",
+            feature = "terminal",
+            feature = "tunnel"
+        )),
         allow(unused_mut)
     )]
     let mut modules: Vec<(&'static str, ModuleFn)> = vec![(enroll_module::MODULE, enroll_module)];
@@ -252,6 +264,13 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         );
     } else {
         modules.push((thingsly_metrics::MODULE, metrics_module));
+    }
+    #[cfg(feature = "tunnel")]
+    if ctx.cfg.tunnel.enabled {
+        modules.push((tunnel_module::MODULE, tunnel_module));
+    } else {
+        ctx.state
+            .set_module(tunnel_module::MODULE, "disabled", "tunnel.enabled = false");
     }
     #[cfg(feature = "terminal")]
     if ctx.cfg.terminal.enabled {

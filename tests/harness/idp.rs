@@ -123,6 +123,12 @@ pub struct Idp {
 impl Idp {
     /// Serve on a free loopback port with `cert`/`key` (PEM; cert chain first).
     pub async fn start(cert: &Path, key: &Path) -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(l, cert, key).await
+    }
+
+    /// Serve on `listener` (bound by the caller, e.g. inside a network namespace).
+    pub async fn start_on(listener: std::net::TcpListener, cert: &Path, key: &Path) -> Self {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .unwrap()
             .collect::<Result<_, _>>()
@@ -137,7 +143,8 @@ impl Idp {
         .with_single_cert(chain, key)
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let port = listener.local_addr().unwrap().port();
         let keys: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let fetches = Arc::new(AtomicUsize::new(0));

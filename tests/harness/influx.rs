@@ -204,6 +204,77 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Run `f` on a thread inside this namespace: sockets it creates (listeners, client
+    /// connections, a runtime's whole I/O) belong to the namespace for their whole life.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap();
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// `ip netns exec NAME argv…`, its stdout; an error with stderr if it fails.
+    pub fn exec(&self, argv: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{argv:?} in {}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Two namespaces joined by a veth pair: `server` 192.0.2.1/24, `device` 192.0.2.2/24 (the
+/// documentation range; nothing leaves the machine).
+pub struct VethPair {
+    pub server: Netns,
+    pub device: Netns,
+}
+
+impl VethPair {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let server = Netns::new(&format!("{tag}s"))?;
+        let device = Netns::new(&format!("{tag}d"))?;
+        run(&[
+            "ip",
+            "link",
+            "add",
+            "veth0",
+            "netns",
+            &device.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth0",
+            "netns",
+            &server.name,
+        ])?;
+        server.ip(&["addr", "add", "192.0.2.1/24", "dev", "veth0"])?;
+        device.ip(&["addr", "add", "192.0.2.2/24", "dev", "veth0"])?;
+        server.ip(&["link", "set", "veth0", "up"])?;
+        device.ip(&["link", "set", "veth0", "up"])?;
+        Ok(Self { server, device })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run(&["ip", "netns", "del", &self.name]);

@@ -6,8 +6,9 @@
 
 mod idp;
 mod influx;
+pub mod ttyd;
 pub use idp::{Idp, SigningKey};
-pub use influx::{Influx, Netns, run};
+pub use influx::{Influx, Netns, VethPair, run};
 
 use anyhow::{Context, bail};
 use std::net::TcpListener;
@@ -143,6 +144,10 @@ pub struct Bridge {
     pub config: PathBuf,
     pub port: u16,
     pub proc: Option<Proc>,
+    /// Serve inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// The address it listens on and puts in its certificate.
+    pub host: String,
 }
 
 impl Bridge {
@@ -150,15 +155,29 @@ impl Bridge {
         Self::init_with(dir, "")
     }
 
-    /// `extra` is appended to the generated bridge.toml (e.g. a `[wireguard]` pool).
+    /// `extra` is appended to the generated bridge.toml (e.g. a `[wireguard]` pool). The
+    /// WireGuard hub is off unless `extra` sets `mode` (a hub would create an interface with a
+    /// tunnel address in the test's own network namespace).
     pub fn init_with(dir: &Path, extra: &str) -> anyhow::Result<Self> {
+        Self::init_at(dir, "127.0.0.1", extra)
+    }
+
+    /// A bridge listening on `host` (an address inside a test's network namespace).
+    pub fn init_at(dir: &Path, host: &str, extra: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
         let config = dir.join("bridge.toml");
+        let extra = if extra.contains("mode =") {
+            extra.to_string()
+        } else if extra.contains("[wireguard]\n") {
+            extra.replace("[wireguard]\n", "[wireguard]\nmode = \"off\"\n")
+        } else {
+            format!("[wireguard]\nmode = \"off\"\n{extra}")
+        };
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n",
+                "data_dir = \"{}\"\nlisten = \"{host}:{port}\"\nserver_names = [\"localhost\", \"127.0.0.1\", \"{host}\"]\n{extra}\n",
                 dir.join("data").display()
             ),
         )?;
@@ -167,6 +186,8 @@ impl Bridge {
             config,
             port,
             proc: None,
+            netns: None,
+            host: host.to_string(),
         };
         b.cli(&["init"])?;
         Ok(b)
@@ -188,15 +209,31 @@ impl Bridge {
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(bin("thingsly-bridge"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("thingsly-bridge"));
+                c
+            }
+            None => Command::new(bin("thingsly-bridge")),
+        };
         cmd.arg("--config").arg(&self.config).arg("serve");
-        self.proc = Some(Proc::spawn(&mut cmd, self.dir.join("bridge.log"))?);
-        wait_port(self.port, Duration::from_secs(10));
+        let n = std::fs::read_dir(&self.dir)?.count();
+        let log = self.dir.join(format!("bridge-{n}.log"));
+        self.proc = Some(Proc::spawn(&mut cmd, log)?);
+        if self.netns.is_some() {
+            let p = self.proc.as_ref().unwrap();
+            wait_for("bridge serving", Duration::from_secs(10), || {
+                p.log_text().contains("thingsly-bridge serving")
+            });
+        } else {
+            wait_port(self.port, Duration::from_secs(10));
+        }
         Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
     }
 
     /// An HTTPS client that trusts this bridge's CA (no client certificate).
@@ -347,6 +384,9 @@ pub struct AgentOpts {
     /// Extra lines inside `[telemetry]`.
     pub telemetry_extra: String,
     pub rauc_enabled: bool,
+    /// The WireGuard tunnel module (off by default: it would create an interface with a
+    /// tunnel address in the test's own network namespace). Lines inside `[tunnel]` follow.
+    pub tunnel: Option<String>,
     /// Extra sections at the end of the file.
     pub extra: String,
 }
@@ -363,6 +403,7 @@ impl Default for AgentOpts {
             spool_max_messages: 10_000,
             telemetry_extra: String::new(),
             rauc_enabled: false,
+            tunnel: None,
             extra: String::new(),
         }
     }
@@ -388,7 +429,7 @@ impl Agent {
                 "[device]\nid = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nsw_version = \"1.0.0\"\n\n\
                  [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n\n\
                  [telemetry]\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
-                 [rauc]\nenabled = {}\n\n[commands]\nreboot = [\"true\"]\n{}\n",
+                 [rauc]\nenabled = {}\n\n[commands]\nreboot = [\"true\"]\n\n[tunnel]\nenabled = {}\n{}\n{}\n",
                 o.device_id,
                 dir.join("state").display(),
                 dir.join("run").display(),
@@ -400,6 +441,8 @@ impl Agent {
                 o.spool_max_messages,
                 o.telemetry_extra,
                 o.rauc_enabled,
+                o.tunnel.is_some(),
+                o.tunnel.as_deref().unwrap_or_default(),
                 o.extra,
             ),
         )?;

@@ -11,12 +11,9 @@
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
+use thingsly_e2e::ttyd::{Ws, hello, input, read_until};
 use thingsly_e2e::*;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::Message;
 
 const POLICY: &str = "\
 p, role:operator, group:line-3, terminal
@@ -118,30 +115,7 @@ impl Setup {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect("127.0.0.1".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        let mut req = format!("wss://127.0.0.1:{port}/terminal?{query}")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", "tty".parse().unwrap());
-        if let Some(b) = bearer {
-            req.headers_mut()
-                .insert("Authorization", format!("Bearer {b}").parse().unwrap());
-        }
-        match tokio_tungstenite::client_async(req, tls).await {
-            Ok((ws, resp)) => {
-                assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "tty");
-                Ok(ws)
-            }
-            Err(WsError::Http(r)) => Err((
-                r.status().as_u16(),
-                String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
-            )),
-            Err(e) => panic!("unexpected handshake error: {e}"),
-        }
+        thingsly_e2e::ttyd::open(tcp, self.tls.clone(), "127.0.0.1", port, query, bearer).await
     }
 
     /// A session as ttyd's page runs it: hello with the operator's JWT as AuthToken.
@@ -158,41 +132,6 @@ impl Setup {
         match r {
             Ok(_) => panic!("upgrade should have been refused"),
             Err(e) => e,
-        }
-    }
-}
-
-async fn hello(ws: &mut Ws, token: &str) {
-    let hello = serde_json::json!({"AuthToken": token, "columns": 100, "rows": 30}).to_string();
-    ws.send(Message::Binary(hello.into_bytes().into()))
-        .await
-        .unwrap();
-}
-
-async fn input(ws: &mut Ws, line: &str) {
-    ws.send(Message::Binary(format!("0{line}\r").into_bytes().into()))
-        .await
-        .unwrap();
-}
-
-/// Output until `pat` appears (Ok) or the socket closes (Err with the close reason).
-async fn read_until(ws: &mut Ws, pat: &str) -> Result<String, (String, String)> {
-    let mut out = Vec::new();
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if text.contains(pat) {
-            return Ok(text);
-        }
-        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
-            Ok(Some(Ok(Message::Binary(b)))) if b.first() == Some(&b'0') => {
-                out.extend_from_slice(&b[1..])
-            }
-            Ok(Some(Ok(Message::Close(f)))) => {
-                let f = f.unwrap();
-                return Err((text, format!("{} {}", u16::from(f.code), f.reason)));
-            }
-            Ok(Some(Ok(_))) => {}
-            other => panic!("waiting for {pat:?}: {other:?} after {text:?}"),
         }
     }
 }

@@ -31,6 +31,19 @@ pub struct AppState {
     pub ticket_public_pem: String,
     /// `None` without `[terminal]` in bridge.toml.
     pub terminal: Option<crate::terminal_proxy::TerminalProxy>,
+    /// `None` with `wireguard.mode = "off"`.
+    pub hub: Option<Arc<crate::hub::Hub>>,
+}
+
+impl AppState {
+    /// Bring the hub's peers in line with the registry now (after enroll, renew, revoke).
+    fn sync_hub(&self) {
+        if let Some(h) = &self.hub
+            && let Err(e) = h.reconcile(&self.store)
+        {
+            tracing::error!(error = %format!("{e:#}"), "WireGuard hub update failed; retried by the periodic reconcile");
+        }
+    }
 }
 
 /// The verified client certificate of the TLS connection, if the client sent one.
@@ -74,7 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/devices/{id}/enroll", post(enroll))
         .route("/devices/{id}/renew", post(renew))
-        .route("/devices/{id}", get(get_device))
+        .route("/devices/{id}", get(get_device).delete(revoke_device))
         .route("/devices", get(list_devices))
         .route("/terminal", get(crate::terminal_proxy::handle))
         .fallback(|| async {
@@ -219,6 +232,7 @@ fn issue(
         )
         .map_err(internal)?
         .ok_or_else(exhausted)?;
+    st.sync_hub();
     Ok(EnrollResponse {
         certificate_pem: issued.pem,
         ca_chain_pem: st.ca.chain_pem.clone(),
@@ -399,6 +413,27 @@ async fn get_device(
                 "unknown device",
             )
         })
+}
+
+/// `DELETE /devices/{id}` (admin): revoke. The tunnel peer is removed at once; the address
+/// returns to the pool; renewal is refused from now on. The certificate itself stays valid
+/// until it expires (no CRL): keep `device_cert_lifetime` short.
+async fn revoke_device(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiFailure> {
+    check_admin(&st, &headers)?;
+    if !st.store.delete(&id).map_err(internal)? {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            "unknown device",
+        ));
+    }
+    st.sync_hub();
+    tracing::info!(target: "audit", device = %id, "device revoked");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_devices(

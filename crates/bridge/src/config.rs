@@ -100,9 +100,31 @@ fn default_leeway() -> Duration {
     Duration::from_secs(10)
 }
 
+/// How the bridge runs the WireGuard hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HubMode {
+    /// boringtun over a TUN interface the bridge creates (no kernel module).
+    Userspace,
+    /// An existing WireGuard interface (kernel or wireguard-go), configured with `wg(8)`.
+    Wg,
+    /// No hub (address book only; another process runs WireGuard).
+    Off,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireguardSection {
+    #[serde(default = "default_hub_mode")]
+    pub mode: HubMode,
+    /// The hub's interface: created (userspace) or existing (wg).
+    #[serde(default = "default_hub_interface")]
+    pub interface: String,
+    /// UDP port the hub listens on (what `endpoint` points devices at).
+    #[serde(default = "default_hub_port")]
+    pub listen_port: u16,
+    #[serde(default = "default_hub_mtu")]
+    pub mtu: u16,
     /// Pool of device addresses; the first host address is the hub's own.
     #[serde(default = "default_pool")]
     pub pool: String,
@@ -116,6 +138,10 @@ pub struct WireguardSection {
 impl Default for WireguardSection {
     fn default() -> Self {
         Self {
+            mode: default_hub_mode(),
+            interface: default_hub_interface(),
+            listen_port: default_hub_port(),
+            mtu: default_hub_mtu(),
             pool: default_pool(),
             endpoint: default_endpoint(),
             persistent_keepalive: default_keepalive(),
@@ -134,6 +160,18 @@ fn default_server_names() -> Vec<String> {
 }
 fn default_cert_lifetime() -> Duration {
     Duration::from_secs(90 * 24 * 3600)
+}
+fn default_hub_mode() -> HubMode {
+    HubMode::Userspace
+}
+fn default_hub_interface() -> String {
+    "thingsly-hub".into()
+}
+fn default_hub_port() -> u16 {
+    51820
+}
+fn default_hub_mtu() -> u16 {
+    1420
 }
 fn default_pool() -> String {
     "10.8.0.0/24".into()
@@ -164,6 +202,19 @@ impl BridgeConfig {
             .pool
             .parse::<ipnet::Ipv4Net>()
             .map_err(|e| anyhow::anyhow!("{}: key `wireguard.pool`: {e}", path.display()))?;
+        let wg = &cfg.wireguard;
+        if wg.interface.is_empty() || wg.interface.len() > 15 {
+            anyhow::bail!(
+                "{}: key `wireguard.interface`: must be 1-15 bytes",
+                path.display()
+            );
+        }
+        if wg.mode == HubMode::Userspace && wg.listen_port == 0 {
+            anyhow::bail!(
+                "{}: key `wireguard.listen_port`: must not be 0",
+                path.display()
+            );
+        }
         if cfg.device_cert_lifetime < Duration::from_secs(60) {
             anyhow::bail!(
                 "{}: key `device_cert_lifetime`: must be at least 60s",

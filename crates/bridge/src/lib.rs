@@ -6,6 +6,7 @@ pub mod api;
 pub mod authz;
 pub mod ca;
 pub mod config;
+pub mod hub;
 pub mod operator_auth;
 pub mod store;
 pub mod terminal_proxy;

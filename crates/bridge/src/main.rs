@@ -83,6 +83,12 @@ enum Cmd {
     },
     /// List enrolled devices as JSON.
     Devices,
+    /// Revoke a device: forget it (address back to the pool, renewal refused); a running
+    /// bridge drops its tunnel peer within seconds. Same as `DELETE /devices/{id}`.
+    Revoke {
+        #[arg(long)]
+        device: String,
+    },
 }
 
 fn random_token() -> String {
@@ -209,6 +215,12 @@ fn main() -> anyhow::Result<()> {
             write_file(&out_key, kp.serialize_pem().as_bytes(), 0o600)?;
             Ok(())
         }
+        Cmd::Revoke { device } => {
+            let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            anyhow::ensure!(store.delete(&device)?, "no device {device:?}");
+            println!("revoked {device}");
+            Ok(())
+        }
         Cmd::Devices => {
             let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
             println!("{}", serde_json::to_string_pretty(&store.list()?)?);
@@ -234,9 +246,13 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
             .try_into()
             .map_err(|_| anyhow::anyhow!("wireguard.key is not 32 bytes"))?;
         let secret = x25519_dalek::StaticSecret::from(bytes);
-        base64::engine::general_purpose::STANDARD
-            .encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+        (
+            bytes,
+            base64::engine::general_purpose::STANDARD
+                .encode(x25519_dalek::PublicKey::from(&secret).as_bytes()),
+        )
     };
+    let (wg_private_bytes, wg_public) = wg_public;
     let ticket_key = thingsly_bridge::ticket_key::load_or_create(&cfg.data_dir)?;
     let terminal = match &cfg.terminal {
         Some(t) => Some(
@@ -258,6 +274,13 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         wg_public_key: wg_public,
         ticket_public_pem: ticket_key.public_pem,
         terminal,
+        hub: thingsly_bridge::hub::Hub::start(
+            &cfg.wireguard,
+            wg_private_bytes,
+            &cfg.data_dir.join("wireguard.key"),
+        )
+        .with_context(|| format!("{}: [wireguard]", config_path.display()))?
+        .map(Arc::new),
     });
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -297,6 +320,9 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         tracing::info!("shutting down");
         s.cancel();
     });
+    if let Some(hub) = &state.hub {
+        tokio::spawn(hub.clone().run(state.clone(), shutdown.clone()));
+    }
     let app = router(state);
     // The operator port: same API, TLS without a client-certificate request (browsers).
     let operator_port = match cfg.terminal.as_ref().and_then(|t| t.listen.as_ref()) {

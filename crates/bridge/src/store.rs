@@ -141,6 +141,16 @@ impl Store {
         Ok(Some(wg_address))
     }
 
+    /// Forget a device (revocation): its tunnel peer goes at the hub's next reconcile, its
+    /// address returns to the pool, renewal is refused. True if it existed.
+    pub fn delete(&self, device_id: &str) -> anyhow::Result<bool> {
+        let n = self.conn().execute(
+            "DELETE FROM devices WHERE device_id = ?1",
+            params![device_id],
+        )?;
+        Ok(n > 0)
+    }
+
     /// Store a one-time enrollment token for one device; only its hash is kept.
     pub fn add_device_token(
         &self,

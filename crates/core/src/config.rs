@@ -21,6 +21,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub terminal: TerminalSection,
     #[serde(default)]
+    pub tunnel: TunnelSection,
+    #[serde(default)]
     pub rauc: RaucSection,
     #[serde(default)]
     pub commands: CommandsSection,
@@ -327,6 +329,38 @@ impl InfluxSection {
     }
 }
 
+/// `[tunnel]`: the WireGuard tunnel to the bridge's hub, in userspace. Keys, address, hub key
+/// and endpoint come from enrollment (`tunnel/wireguard.json`); these are the local choices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// TUN interface name (1-15 bytes).
+    #[serde(default = "default_tunnel_interface")]
+    pub interface: String,
+    #[serde(default = "default_tunnel_mtu")]
+    pub mtu: u16,
+    /// UDP socket send/receive buffer; the kernel default overflows at a few hundred Mbit/s.
+    #[serde(default = "default_tunnel_socket_buffer")]
+    pub socket_buffer: usize,
+    /// `host:port` overriding the endpoint from enrollment (a site's own DNS name, NAT).
+    #[serde(default)]
+    pub endpoint: String,
+}
+
+impl Default for TunnelSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interface: default_tunnel_interface(),
+            mtu: default_tunnel_mtu(),
+            socket_buffer: default_tunnel_socket_buffer(),
+            endpoint: String::new(),
+        }
+    }
+}
+
 /// `[terminal]`: the ttyd-compatible PTY bridge, reachable only through the tunnel.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -479,6 +513,15 @@ fn default_database() -> String {
 fn default_influx_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_tunnel_interface() -> String {
+    "thingsly0".into()
+}
+fn default_tunnel_mtu() -> u16 {
+    1420
+}
+fn default_tunnel_socket_buffer() -> usize {
+    4 << 20
+}
 fn default_terminal_listen() -> String {
     "tunnel".into()
 }
@@ -626,6 +669,16 @@ impl AgentConfig {
         }
         self.validate_metrics()?;
         self.validate_terminal()?;
+        let w = &self.tunnel;
+        if w.interface.is_empty() || w.interface.len() > 15 || w.interface.contains('/') {
+            return Err(("tunnel.interface", "must be 1-15 bytes without '/'".into()));
+        }
+        if !(576..=9000).contains(&w.mtu) {
+            return Err(("tunnel.mtu", "must be between 576 and 9000".into()));
+        }
+        if !w.endpoint.is_empty() && !w.endpoint.contains(':') {
+            return Err(("tunnel.endpoint", "must be host:port".into()));
+        }
         if self.commands.reboot.is_empty() {
             return Err(("commands.reboot", "must name a command".into()));
         }

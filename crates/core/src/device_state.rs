@@ -17,6 +17,10 @@ pub struct DeviceState {
     /// "idle" until the OTA module says otherwise.
     pub ota_status: String,
     pub tunnel_address: Option<String>,
+    /// "up" (a recent handshake with the hub), "down", or empty without a tunnel module.
+    pub tunnel_state: String,
+    /// Where the hub is reached (`ip:port`), empty until resolved.
+    pub tunnel_endpoint: String,
     /// True once a certificate is stored; bumped generation tells users to reload credentials.
     pub enrolled: bool,
     pub credentials_generation: u64,
@@ -87,6 +91,8 @@ pub fn attribute_view(s: &DeviceState) -> serde_json::Value {
         "hardware": s.hardware,
         "agent_version": s.agent_version,
         "tunnel_address": s.tunnel_address,
+        "tunnel_state": s.tunnel_state,
+        "tunnel_endpoint": s.tunnel_endpoint,
         "ota_status": s.ota_status,
     })
 }

@@ -1,0 +1,97 @@
+//! The `tunnel` module: once enrolled, bring up the WireGuard tunnel to the bridge's hub in
+//! userspace (boringtun over a TUN interface) and keep its state in `DeviceState`.
+
+use crate::supervisor::Ctx;
+use std::time::Duration;
+use thingsly_proto::enroll::WireguardConfig;
+use thingsly_tunnel::TunnelError;
+use thingsly_tunnel::device::{DeviceTunnel, DeviceTunnelConfig};
+
+pub const MODULE: &str = "tunnel";
+/// How often to look again for the enrolled configuration, or retry a failed interface.
+const RETRY: Duration = Duration::from_secs(5);
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
+    let t = ctx.cfg.tunnel.clone();
+    let mut waiting_for = String::new();
+    let tunnel = loop {
+        let step = async {
+            let wg: WireguardConfig = ctx
+                .dir
+                .read_json(thingsly_enroll::paths::WIREGUARD_CONFIG)
+                .map_err(|e| TunnelError::Config(e.to_string()))?
+                .ok_or_else(|| TunnelError::Config("not enrolled yet".into()))?;
+            let mut cfg = DeviceTunnelConfig::from_enrolled(
+                &wg.address,
+                wg.private_key.as_deref().unwrap_or_default(),
+                &wg.peer_public_key,
+                &wg.endpoint,
+                &wg.allowed_ips,
+                wg.persistent_keepalive,
+            )?;
+            cfg.interface = t.interface.clone();
+            cfg.mtu = t.mtu;
+            cfg.socket_buffer = t.socket_buffer;
+            if !t.endpoint.is_empty() {
+                cfg.endpoint = t.endpoint.clone();
+            }
+            DeviceTunnel::open(cfg).await
+        };
+        match step.await {
+            Ok(tunnel) => break tunnel,
+            Err(e) => {
+                let why = e.to_string();
+                if why != waiting_for {
+                    match e {
+                        TunnelError::NoTun(_) | TunnelError::NoCapability(_) => {
+                            tracing::error!(reason = %why, "tunnel cannot start")
+                        }
+                        _ => tracing::info!(reason = %why, "tunnel waiting"),
+                    }
+                    ctx.state.set_module(MODULE, "waiting", why.clone());
+                    waiting_for = why;
+                }
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        }
+    };
+    let status = async {
+        let mut tick = tokio::time::interval(STATUS_EVERY);
+        loop {
+            tick.tick().await;
+            let s = tunnel.status();
+            let up = s
+                .last_handshake
+                .is_some_and(|h| h < Duration::from_secs(180));
+            let endpoint = s.endpoint.map(|e| e.to_string()).unwrap_or_default();
+            let detail = if up {
+                format!("{} {} up via {endpoint}", s.interface, s.address)
+            } else {
+                format!(
+                    "{} {} waiting for a handshake with {endpoint}",
+                    s.interface, s.address
+                )
+            };
+            ctx.state.set_module(MODULE, "running", detail);
+            ctx.state.update(|d| {
+                d.tunnel_state = if up { "up" } else { "down" }.into();
+                d.tunnel_endpoint = endpoint.clone();
+                let m = d.modules.entry(MODULE.to_string()).or_default();
+                m.counters.insert("rx_bytes".into(), s.rx_bytes);
+                m.counters.insert("tx_bytes".into(), s.tx_bytes);
+                let age = s.last_handshake.map_or(0, |h| h.as_secs());
+                m.counters.insert("last_handshake_age_s".into(), age);
+            });
+        }
+    };
+    tokio::select! {
+        _ = tunnel.run(ctx.shutdown.clone()) => {}
+        _ = status => {}
+    }
+    ctx.state.update(|d| d.tunnel_state = "down".into());
+    Ok(())
+}

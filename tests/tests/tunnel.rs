@@ -1,0 +1,251 @@
+//! WireGuard end to end, in network namespaces this test creates: a server namespace (bridge
+//! with its userspace hub, identity provider) and a device namespace (agent with its userspace
+//! tunnel) joined by a veth pair (192.0.2.0/24). Tunnel addresses exist only inside them.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thingsly_e2e::ttyd::{hello, input, read_until};
+use thingsly_e2e::*;
+
+const KEEPALIVE: u16 = 5;
+
+struct Site {
+    dir: tempfile::TempDir,
+    net: VethPair,
+    bridge: Bridge,
+    agent: Agent,
+    _idp: Idp,
+    jwt: String,
+    operator_port: u16,
+}
+
+/// Bridge (hub `mode`, endpoint 192.0.2.1) in the server namespace, agent with its tunnel in
+/// the device namespace, enrolled over the veth; returns once the tunnel is up.
+async fn site(tag: &str, wireguard_extra: &str) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let net = VethPair::new(tag).unwrap();
+    let mut bridge = Bridge::init_at(
+        &dir.path().join("bridge"),
+        "192.0.2.1",
+        &format!(
+            "[wireguard]\nendpoint = \"192.0.2.1:51820\"\npersistent_keepalive = {KEEPALIVE}\n{wireguard_extra}"
+        ),
+    )
+    .unwrap();
+    bridge.netns = Some(net.server.name.clone());
+    // The operators' identity provider and the terminal proxy's policy, on the server side.
+    let (crt, key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    bridge
+        .cli(&[
+            "issue-server-cert",
+            "--name",
+            "127.0.0.1",
+            "--out-cert",
+            &s(&crt),
+            "--out-key",
+            &s(&key),
+        ])
+        .unwrap();
+    let listener = net
+        .server
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let idp = Idp::start_on(listener, &crt, &key).await;
+    let es = SigningKey::es256("k1");
+    idp.publish(&es);
+    let policy = dir.path().join("policy.csv");
+    std::fs::write(&policy, "p, role:operator, *, terminal\n").unwrap();
+    let operator_port = free_port();
+    let mut cfg = std::fs::read_to_string(&bridge.config).unwrap();
+    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, 7681, operator_port));
+    std::fs::write(&bridge.config, cfg).unwrap();
+    bridge.start().unwrap();
+
+    let mut agent = Agent::new(
+        &dir.path().join("agent"),
+        &AgentOpts {
+            device_id: format!("dev-{tag}"),
+            server_url: bridge.url(),
+            token: bridge.fleet_token(),
+            ca_bundle: bridge.ca_chain(),
+            tunnel: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    agent.netns = Some(net.device.name.clone());
+    agent.start().unwrap();
+    let s = Site {
+        jwt: es.token("olga", &["operator"]),
+        dir,
+        net,
+        bridge,
+        agent,
+        _idp: idp,
+        operator_port,
+    };
+    s.wait_tunnel_up(Duration::from_secs(30));
+    s
+}
+
+impl Site {
+    fn wait_tunnel_up(&self, timeout: Duration) {
+        wait_for("tunnel up", timeout, || {
+            self.agent.status()["state"]["tunnel_state"] == "up"
+        });
+    }
+
+    /// `ping` across the tunnel from `ns`, true if every reply came.
+    fn ping(&self, from: &Netns, to: &str, count: u32) -> bool {
+        from.exec(&["ping", "-c", &count.to_string(), "-W", "1", "-i", "0.2", to])
+            .is_ok()
+    }
+
+    /// A shell session through the bridge's terminal proxy, which reaches the device over
+    /// the tunnel; returns the output of `line`.
+    async fn shell(&self, line: &str, expect: &str) -> String {
+        let port = self.operator_port;
+        let tcp = self
+            .net
+            .server
+            .run(|| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let tls = Arc::new(
+            thingsly_enroll::client_config(&std::fs::read(self.bridge.ca_chain()).unwrap(), None)
+                .unwrap(),
+        );
+        let query = format!("deviceId={}&token={}", self.agent_id(), self.jwt);
+        let mut ws = ttyd::open(tcp, tls, "127.0.0.1", port, &query, None)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        hello(&mut ws, "").await;
+        input(&mut ws, line).await;
+        let out = read_until(&mut ws, expect).await.unwrap();
+        ws.close(None).await.unwrap();
+        out
+    }
+
+    fn agent_id(&self) -> String {
+        self.agent.status()["state"]["device_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() {
+    let mut s = site("wg1", "mode = \"userspace\"\n").await;
+    let st = s.agent.status();
+    assert_eq!(st["state"]["tunnel_address"], "10.8.0.2/32", "{st:#}");
+    assert_eq!(st["state"]["tunnel_endpoint"], "192.0.2.1:51820", "{st:#}");
+    // The interfaces exist only in their namespaces, with the expected addresses and MTU.
+    let dev_if = s
+        .net
+        .device
+        .exec(&["ip", "-o", "addr", "show", "dev", "thingsly0"])
+        .unwrap();
+    assert!(dev_if.contains("10.8.0.2/24"), "{dev_if}");
+    let mtu = s
+        .net
+        .device
+        .exec(&["cat", "/sys/class/net/thingsly0/mtu"])
+        .unwrap();
+    assert_eq!(mtu.trim(), "1420");
+    assert!(
+        !std::path::Path::new("/sys/class/net/thingsly0").exists(),
+        "the tunnel interface leaked into the test's own namespace"
+    );
+
+    // Both directions, and the don't-fragment limit of a 1420 MTU.
+    assert!(
+        s.ping(&s.net.device, "10.8.0.1", 3),
+        "{:?}\nagent:\n{}\nbridge:\n{}",
+        s.net
+            .device
+            .exec(&["ping", "-c", "1", "-W", "1", "10.8.0.1"]),
+        s.agent.log_text(),
+        s.bridge.proc.as_ref().unwrap().log_text()
+    );
+    assert!(s.ping(&s.net.server, "10.8.0.2", 3));
+    assert!(
+        s.net
+            .device
+            .exec(&[
+                "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1392", "10.8.0.1"
+            ])
+            .is_ok()
+    );
+    assert!(
+        s.net
+            .device
+            .exec(&[
+                "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1393", "10.8.0.1"
+            ])
+            .is_err()
+    );
+
+    // TCP across: the operator's shell goes browser side → proxy (server ns) → tunnel → PTY.
+    let out = s.shell("echo via-tunnel-$((6*7))", "via-tunnel-42").await;
+    assert!(out.contains("via-tunnel-42"));
+    let log = s.bridge.proc.as_ref().unwrap().log_text();
+    assert!(log.contains("target=10.8.0.2:7681"), "{log}");
+
+    // Tunnel state in `status` (and from there in telemetry attributes).
+    wait_for("tunnel byte counters", Duration::from_secs(10), || {
+        let st = s.agent.status();
+        let c = &st["state"]["modules"]["tunnel"]["counters"];
+        c["rx_bytes"].as_u64().unwrap_or(0) > 1000 && c["tx_bytes"].as_u64().unwrap_or(0) > 1000
+    });
+
+    // Hub restart: it lost every session; the device notices the silence (the hub sends
+    // keepalives) and handshakes again on its own.
+    s.bridge.proc.as_mut().unwrap().kill();
+    s.bridge.start().unwrap();
+    let restarted = Instant::now();
+    wait_for("ping after hub restart", Duration::from_secs(60), || {
+        s.ping(&s.net.server, "10.8.0.2", 1)
+    });
+    eprintln!(
+        "tunnel back {:?} after the hub restarted",
+        restarted.elapsed()
+    );
+
+    // The device's own address changes (DHCP, roaming): the hub follows its new endpoint.
+    s.net
+        .device
+        .ip(&["addr", "del", "192.0.2.2/24", "dev", "veth0"])
+        .unwrap();
+    s.net
+        .device
+        .ip(&["addr", "add", "192.0.2.3/24", "dev", "veth0"])
+        .unwrap();
+    let moved = Instant::now();
+    wait_for(
+        "ping after the device moved",
+        Duration::from_secs(30),
+        || s.ping(&s.net.server, "10.8.0.2", 1),
+    );
+    eprintln!(
+        "tunnel followed the device's new address in {:?}",
+        moved.elapsed()
+    );
+
+    // Revocation: the hub drops the peer; the tunnel goes silent.
+    s.bridge.cli(&["revoke", "--device", "dev-wg1"]).unwrap();
+    wait_for("peer removed after revoke", Duration::from_secs(15), || {
+        !s.ping(&s.net.server, "10.8.0.2", 1)
+    });
+    assert!(
+        s.bridge
+            .proc
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("hub peer removed")
+    );
+    drop(s.dir);
+}
