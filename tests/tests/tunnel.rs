@@ -12,6 +12,8 @@ use thingsly_e2e::*;
 const KEEPALIVE: u16 = 5;
 
 struct Site {
+    /// Extra processes of the site (wireguard-go), stopped with it.
+    _extra: Vec<Proc>,
     dir: tempfile::TempDir,
     net: VethPair,
     bridge: Bridge,
@@ -24,8 +26,18 @@ struct Site {
 /// Bridge (hub `mode`, endpoint 192.0.2.1) in the server namespace, agent with its tunnel in
 /// the device namespace, enrolled over the veth; returns once the tunnel is up.
 async fn site(tag: &str, wireguard_extra: &str) -> Site {
+    site_with(tag, wireguard_extra, |_, _| Vec::new()).await
+}
+
+/// `before_bridge` prepares the namespaces first (e.g. a wireguard-go interface for the hub).
+async fn site_with(
+    tag: &str,
+    wireguard_extra: &str,
+    before_bridge: impl FnOnce(&VethPair, &std::path::Path) -> Vec<Proc>,
+) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let net = VethPair::new(tag).unwrap();
+    let extra_procs = before_bridge(&net, dir.path());
     let mut bridge = Bridge::init_at(
         &dir.path().join("bridge"),
         "192.0.2.1",
@@ -78,6 +90,7 @@ async fn site(tag: &str, wireguard_extra: &str) -> Site {
     agent.netns = Some(net.device.name.clone());
     agent.start().unwrap();
     let s = Site {
+        _extra: extra_procs,
         jwt: es.token("olga", &["operator"]),
         dir,
         net,
@@ -248,4 +261,140 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
             .contains("hub peer removed")
     );
     drop(s.dir);
+}
+
+/// wireguard-go (Debian's, an independent implementation) in `ns` as interface `name` with
+/// `address`, in the foreground so the test owns the process.
+fn wireguard_go(ns: &Netns, name: &str, address: &str, dir: &std::path::Path) -> Proc {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, "wireguard-go", "-f", name])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+    let p = Proc::spawn(&mut cmd, dir.join(format!("{name}.log"))).unwrap();
+    wait_for("wireguard-go interface", Duration::from_secs(10), || {
+        ns.exec(&["ip", "link", "show", name]).is_ok()
+    });
+    ns.ip(&["addr", "add", address, "dev", name]).unwrap();
+    ns.ip(&["link", "set", name, "mtu", "1420", "up"]).unwrap();
+    p
+}
+
+/// The hub is wireguard-go configured by the bridge through wg(8) (`mode = "wg"`, the same
+/// path as a kernel interface); the device is the agent's boringtun tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_tunnel_against_a_wireguard_go_hub_configured_with_wg() {
+    let iface = format!("wgh{}", std::process::id() % 100_000);
+    let extra = format!("mode = \"wg\"\ninterface = \"{iface}\"\n");
+    let i = iface.clone();
+    let s = site_with("wg2", &extra, move |net, dir| {
+        vec![wireguard_go(&net.server, &i, "10.8.0.1/24", dir)]
+    })
+    .await;
+    assert!(s.ping(&s.net.device, "10.8.0.1", 3));
+    assert!(s.ping(&s.net.server, "10.8.0.2", 3));
+    let peers = s
+        .net
+        .server
+        .exec(&["wg", "show", &iface, "allowed-ips"])
+        .unwrap();
+    assert!(peers.contains("10.8.0.2/32"), "{peers}");
+    let out = s.shell("echo go-hub-$((6*7))", "go-hub-42").await;
+    assert!(out.contains("go-hub-42"));
+    // Revocation goes through wg(8) too.
+    s.bridge.cli(&["revoke", "--device", "dev-wg2"]).unwrap();
+    wait_for("wg peer removed", Duration::from_secs(15), || {
+        !s.net
+            .server
+            .exec(&["wg", "show", &iface, "allowed-ips"])
+            .unwrap()
+            .contains("10.8.0.2")
+    });
+}
+
+/// A wireguard-go device (enrolled like an agent, configured with wg(8) from what enrollment
+/// returned) against the bridge's userspace hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_go_device_against_the_userspace_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = VethPair::new("wg3").unwrap();
+    let mut bridge = Bridge::init_at(
+        &dir.path().join("bridge"),
+        "192.0.2.1",
+        &format!("[wireguard]\nmode = \"userspace\"\nendpoint = \"192.0.2.1:51820\"\npersistent_keepalive = {KEEPALIVE}\n"),
+    )
+    .unwrap();
+    bridge.netns = Some(net.server.name.clone());
+    bridge.start().unwrap();
+    // Enroll from the device namespace, as a device would.
+    let state = dir.path().join("go-device");
+    let (url, ca, token) = (
+        bridge.url(),
+        std::fs::read(bridge.ca_chain()).unwrap(),
+        bridge.fleet_token(),
+    );
+    let st = state.clone();
+    net.device.run(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let dir = thingsly_core::state_dir::StateDir::open(&st).unwrap();
+                let id = thingsly_enroll::Identity::load_or_create(&dir, "dev-go").unwrap();
+                thingsly_enroll::ensure_enrolled(
+                    &dir,
+                    &id,
+                    &url,
+                    &ca,
+                    &token,
+                    Default::default(),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            })
+    });
+    let wg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("tunnel/wireguard.json")).unwrap())
+            .unwrap();
+    let key_file = dir.path().join("go.key");
+    std::fs::write(&key_file, wg["private_key"].as_str().unwrap()).unwrap();
+    let iface = format!("wgd{}", std::process::id() % 100_000);
+    let address = wg["address"].as_str().unwrap().replace("/32", "/24");
+    let _go = wireguard_go(&net.device, &iface, &address, dir.path());
+    net.device
+        .exec(&[
+            "wg",
+            "set",
+            &iface,
+            "private-key",
+            key_file.to_str().unwrap(),
+            "peer",
+            wg["peer_public_key"].as_str().unwrap(),
+            "endpoint",
+            wg["endpoint"].as_str().unwrap(),
+            "allowed-ips",
+            wg["allowed_ips"][0].as_str().unwrap(),
+            "persistent-keepalive",
+            &KEEPALIVE.to_string(),
+        ])
+        .unwrap();
+    wait_for(
+        "ping from the wireguard-go device",
+        Duration::from_secs(20),
+        || {
+            net.device
+                .exec(&["ping", "-c", "1", "-W", "1", "10.8.0.1"])
+                .is_ok()
+        },
+    );
+    assert!(
+        net.server
+            .exec(&["ping", "-c", "3", "-W", "1", "-i", "0.2", "10.8.0.2"])
+            .is_ok()
+    );
+    let show = net
+        .device
+        .exec(&["wg", "show", &iface, "latest-handshakes"])
+        .unwrap();
+    assert!(!show.contains("\t0\n"), "no handshake: {show}");
 }
