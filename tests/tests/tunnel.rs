@@ -398,3 +398,157 @@ async fn wireguard_go_device_against_the_userspace_hub() {
         .unwrap();
     assert!(!show.contains("\t0\n"), "no handshake: {show}");
 }
+
+/// 100 devices on one hub: each enrolled through the API with its own WireGuard key, each a
+/// boringtun peer on its own UDP socket in the device namespace; every one handshakes and gets
+/// an ICMP echo answered by the hub's kernel through its own /32.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hub_serves_100_device_peers() {
+    use boringtun::noise::{Tunn, TunnResult};
+    const N: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let net = VethPair::new("wg4").unwrap();
+    let mut bridge = Bridge::init_at(
+        &dir.path().join("bridge"),
+        "192.0.2.1",
+        "[wireguard]\nmode = \"userspace\"\nendpoint = \"192.0.2.1:51820\"\n",
+    )
+    .unwrap();
+    bridge.netns = Some(net.server.name.clone());
+    bridge.start().unwrap();
+    let (url, ca, token) = (
+        bridge.url(),
+        std::fs::read(bridge.ca_chain()).unwrap(),
+        bridge.fleet_token(),
+    );
+    let base = dir.path().to_path_buf();
+    let answered = net.device.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Enroll N devices (each gets a /32 and a hub peer).
+        let devices: Vec<(x25519_dalek::StaticSecret, String, String)> = rt.block_on(async {
+            let mut v = Vec::new();
+            for i in 0..N {
+                let st =
+                    thingsly_core::state_dir::StateDir::open(base.join(format!("d{i}"))).unwrap();
+                let id =
+                    thingsly_enroll::Identity::load_or_create(&st, &format!("sim-{i}")).unwrap();
+                thingsly_enroll::ensure_enrolled(
+                    &st,
+                    &id,
+                    &url,
+                    &ca,
+                    &token,
+                    Default::default(),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+                let wg: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(base.join(format!("d{i}/tunnel/wireguard.json"))).unwrap(),
+                )
+                .unwrap();
+                let key =
+                    thingsly_tunnel::keys::parse("k", wg["private_key"].as_str().unwrap()).unwrap();
+                v.push((
+                    x25519_dalek::StaticSecret::from(key),
+                    wg["peer_public_key"].as_str().unwrap().to_string(),
+                    wg["address"]
+                        .as_str()
+                        .unwrap()
+                        .trim_end_matches("/32")
+                        .to_string(),
+                ));
+            }
+            v
+        });
+        let hub: std::net::SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let mut buf = vec![0u8; 2048];
+        let mut rx = vec![0u8; 2048];
+        let mut answered = 0;
+        for (i, (secret, hub_pub, addr)) in devices.into_iter().enumerate() {
+            let hub_pub = thingsly_tunnel::keys::parse("hub", &hub_pub).unwrap();
+            let mut t = Tunn::new(secret, hub_pub.into(), None, None, i as u32 + 1, None);
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let src: std::net::Ipv4Addr = addr.parse().unwrap();
+            let ping = icmp_echo(src, "10.8.0.1".parse().unwrap(), i as u16);
+            // Sending the ping starts the handshake; the ping is queued until it completes.
+            if let TunnResult::WriteToNetwork(p) = t.encapsulate(&ping, &mut buf) {
+                sock.send_to(p, hub).unwrap();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            'peer: while Instant::now() < deadline {
+                let Ok((n, _)) = sock.recv_from(&mut rx) else {
+                    // Lost or rate-limited (cookie): the timers resend.
+                    if let TunnResult::WriteToNetwork(p) =
+                        t.format_handshake_initiation(&mut buf, true)
+                    {
+                        sock.send_to(p, hub).unwrap();
+                    }
+                    continue;
+                };
+                let mut res = t.decapsulate(Some(hub.ip()), &rx[..n], &mut buf);
+                loop {
+                    match res {
+                        TunnResult::WriteToNetwork(p) => {
+                            sock.send_to(p, hub).unwrap();
+                            res = t.decapsulate(None, &[], &mut buf);
+                        }
+                        TunnResult::WriteToTunnelV4(p, from) => {
+                            // ICMP echo reply (type 0) from the hub, for our id.
+                            if from == std::net::Ipv4Addr::new(10, 8, 0, 1)
+                                && p[20] == 0
+                                && u16::from_be_bytes([p[24], p[25]]) == i as u16
+                            {
+                                answered += 1;
+                                break 'peer;
+                            }
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        answered
+    });
+    assert_eq!(
+        answered, N,
+        "{answered} of {N} simulated devices got their echo"
+    );
+    let log = bridge.proc.as_ref().unwrap().log_text();
+    assert_eq!(log.matches("hub peer added").count(), N);
+}
+
+/// An IPv4 ICMP echo request.
+fn icmp_echo(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, id: u16) -> Vec<u8> {
+    fn sum(b: &[u8]) -> u16 {
+        let mut s: u32 = b
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+    let mut icmp = vec![8, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&1u16.to_be_bytes());
+    icmp.extend_from_slice(b"thingsly-hub-load");
+    let c = sum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = sum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ip
+}
