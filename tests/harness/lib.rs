@@ -417,6 +417,8 @@ pub struct Agent {
     pub env: Vec<(String, String)>,
     /// Run `run` and subcommands inside this network namespace.
     pub netns: Option<String>,
+    /// argv put in front of the agent binary for `run` (e.g. `setpriv …` to drop a capability).
+    pub wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -452,6 +454,7 @@ impl Agent {
             proc: None,
             env: Vec::new(),
             netns: None,
+            wrapper: Vec::new(),
         })
     }
 
@@ -467,7 +470,18 @@ impl Agent {
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let mut cmd = self.command();
+        let mut cmd = if self.wrapper.is_empty() {
+            self.command()
+        } else {
+            let mut argv: Vec<String> = Vec::new();
+            if let Some(ns) = &self.netns {
+                argv.extend(["ip", "netns", "exec", ns].map(String::from));
+            }
+            argv.extend(self.wrapper.iter().cloned());
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]).arg(bin("thingsly-agent"));
+            c
+        };
         cmd.arg("--config")
             .arg(&self.config)
             .arg("run")

@@ -552,3 +552,71 @@ fn icmp_echo(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, id: u16) -> Vec<u
     ip.extend_from_slice(&icmp);
     ip
 }
+
+/// Without CAP_NET_ADMIN, or without /dev/net/tun, the tunnel module says exactly that (and
+/// what to put in the unit) in `status`; the rest of the agent keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_capability_or_tun_device_is_a_clear_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = VethPair::new("wg5").unwrap();
+    let mut bridge = Bridge::init_at(&dir.path().join("bridge"), "192.0.2.1", "").unwrap();
+    bridge.netns = Some(net.server.name.clone());
+    bridge.start().unwrap();
+    let cases = [
+        (
+            "dev-nocap",
+            // Root, but CAP_NET_ADMIN gone from the bounding set: the agent's exec drops it.
+            vec![
+                "setpriv",
+                "--bounding-set",
+                "-net_admin",
+                "--inh-caps",
+                "-net_admin",
+            ],
+            "needs CAP_NET_ADMIN",
+        ),
+        (
+            "dev-notun",
+            // A private mount namespace where /dev/net is empty.
+            vec![
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                "mount -t tmpfs tmpfs /dev/net && exec \"$0\" \"$@\"",
+            ],
+            "/dev/net/tun is not available",
+        ),
+    ];
+    let mut agents = Vec::new();
+    for (id, wrapper, _) in &cases {
+        let mut a = Agent::new(
+            &dir.path().join(id),
+            &AgentOpts {
+                device_id: id.to_string(),
+                server_url: bridge.url(),
+                token: bridge.fleet_token(),
+                ca_bundle: bridge.ca_chain(),
+                tunnel: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        a.netns = Some(net.device.name.clone());
+        a.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        a.start().unwrap();
+        agents.push(a);
+    }
+    for (a, (_, _, why)) in agents.iter().zip(cases) {
+        wait_for(why, Duration::from_secs(30), || {
+            let m = &a.status()["state"]["modules"]["tunnel"];
+            m["state"] == "waiting" && m["detail"].as_str().unwrap_or("").contains(why)
+        });
+        let st = a.status();
+        assert_eq!(
+            st["state"]["modules"]["enroll"]["state"], "running",
+            "{st:#}"
+        );
+        assert!(a.log_text().contains(why));
+    }
+}
