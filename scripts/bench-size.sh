@@ -17,13 +17,13 @@ dist() { # target features -> path of the stripped binary
     --features "$f" --target-dir "target/size-build"
   mkdir -p "$dir"; cp "target/size-build/$t/dist/thingsly-agent" "$dir/"; echo "$dir/thingsly-agent"
 }
-all="telemetry,metrics,terminal,rauc"
+all="telemetry,metrics,terminal,tunnel,rauc"
 echo "| what | value |"
 echo "| --- | --- |"
 for t in x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl; do
   b=$(dist "$t" "$all"); echo "| agent, $t, all modules ($all) | $(size "$b") |"
 done
-for f in "" telemetry metrics terminal rauc; do
+for f in "" telemetry metrics terminal tunnel rauc; do
   b=$(dist aarch64-unknown-linux-gnu "$f"); echo "| agent, aarch64-unknown-linux-gnu, features: ${f:-none (enroll only)} | $(size "$b") |"
 done
 

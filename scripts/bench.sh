@@ -2,7 +2,8 @@
 # Prints a table: agent RSS and CPU per hour (telemetry every 10 s, metrics every 10 s to a real
 # InfluxDB, vs both off, same run), binary sizes (dist profile stripped vs release), bridge
 # enrollments per second vs a baseline, metrics cycle cost vs reading the same files, wire bytes,
-# terminal throughput and echo latency (bare PTY, device direct, through the bridge's proxy).
+# terminal throughput and echo latency (bare PTY, device direct, through the bridge's proxy),
+# WireGuard tunnel TCP/ping vs the bare veth, hub CPU per 100 Mbit/s, agent RSS tunnel up vs off.
 # SECONDS_PER_RUN (default 120) sets how long each agent is measured. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +40,4 @@ cargo build -p thingsly-e2e --release --bin thingsly-bench -q
 target/release/thingsly-bench metrics 2000
 target/release/thingsly-bench enroll "https://127.0.0.1:$BP" "$W/ca.pem" "$(cat "$W/bridge/fleet-token")" "$(cat "$W/bridge/admin-token")" 200 8
 target/release/thingsly-bench terminal 64
+target/release/thingsly-bench tunnel 10

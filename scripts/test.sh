@@ -20,7 +20,7 @@ cargo test --workspace --locked
 # Yocto's Rust (wrynose: 1.94) must build everything that ships (default members).
 cargo +"$msrv" build --locked --target-dir target/msrv
 # Each PACKAGECONFIG combination the recipe offers alone, and none.
-for features in "" telemetry metrics terminal rauc; do
+for features in "" telemetry metrics terminal tunnel rauc; do
   cargo build -q --locked -p thingsly-agent --no-default-features --features "$features"
 done
 scripts/lint-layer.sh

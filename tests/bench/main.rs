@@ -11,9 +11,13 @@
 //! `thingsly-bench terminal MB`: output throughput and keystroke echo latency of a terminal
 //! session, direct to the device's PTY bridge and through the bridge's terminal proxy (a real
 //! bridge process beside this binary), against a plain PTY copied to a local socket.
+//!
+//! `thingsly-bench tunnel SECONDS` (root): iperf3 TCP and ping across the WireGuard tunnel vs
+//! the bare veth, hub and agent CPU per 100 Mbit/s, agent RSS with the tunnel up vs off.
 
 mod metrics;
 mod terminal;
+mod tunnel;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +26,14 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.get(1).map(String::as_str) == Some("metrics") {
         return metrics::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000));
+    }
+    if a.get(1).map(String::as_str) == Some("tunnel") {
+        let secs = a.get(2).and_then(|n| n.parse().ok()).unwrap_or(10);
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(tunnel::run(secs));
     }
     if a.get(1).map(String::as_str) == Some("terminal") {
         let mb = a.get(2).and_then(|n| n.parse().ok()).unwrap_or(64);

@@ -18,10 +18,11 @@ inherit cargo systemd useradd
 CARGO_SRC_DIR = "agent"
 
 # Each agent module is a cargo feature; drop one from PACKAGECONFIG to compile it out.
-PACKAGECONFIG ??= "telemetry metrics terminal rauc"
+PACKAGECONFIG ??= "telemetry metrics terminal tunnel rauc"
 PACKAGECONFIG[telemetry] = "--features=telemetry"
 PACKAGECONFIG[metrics] = "--features=metrics"
 PACKAGECONFIG[terminal] = "--features=terminal"
+PACKAGECONFIG[tunnel] = "--features=tunnel"
 PACKAGECONFIG[rauc] = "--features=rauc"
 CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
 
@@ -42,3 +43,6 @@ do_install:append() {
 
 CONFFILES:${PN} = "${sysconfdir}/thingsly/agent.toml"
 FILES:${PN} += "${systemd_system_unitdir}/thingsly-agent.service"
+
+# The userspace tunnel needs /dev/net/tun (CONFIG_TUN); no WireGuard kernel module.
+RRECOMMENDS:${PN} += "kernel-module-tun"
