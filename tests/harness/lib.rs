@@ -172,7 +172,7 @@ impl Bridge {
         } else if extra.contains("[wireguard]\n") {
             extra.replace("[wireguard]\n", "[wireguard]\nmode = \"off\"\n")
         } else {
-            format!("[wireguard]\nmode = \"off\"\n{extra}")
+            format!("{extra}\n[wireguard]\nmode = \"off\"\n")
         };
         std::fs::write(
             &config,
