@@ -77,9 +77,24 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
                 )
             };
             ctx.state.set_module(MODULE, "running", detail);
+            // Whole seconds, so the attribute changes with each handshake, not each tick.
+            let handshake_at = s.last_handshake.map(|age| {
+                let at = std::time::SystemTime::now() - age;
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            });
             ctx.state.update(|d| {
                 d.tunnel_state = if up { "up" } else { "down" }.into();
                 d.tunnel_endpoint = endpoint.clone();
+                // Jitter of a second between ticks is not a new handshake.
+                if handshake_at.is_none_or(|t| {
+                    d.tunnel_last_handshake
+                        .is_none_or(|old| (t - old).abs() > 2)
+                }) {
+                    d.tunnel_last_handshake = handshake_at;
+                }
+                d.tunnel_rx_bytes = s.rx_bytes;
+                d.tunnel_tx_bytes = s.tx_bytes;
                 let m = d.modules.entry(MODULE.to_string()).or_default();
                 m.counters.insert("rx_bytes".into(), s.rx_bytes);
                 m.counters.insert("tx_bytes".into(), s.tx_bytes);

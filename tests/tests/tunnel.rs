@@ -26,7 +26,7 @@ struct Site {
 /// Bridge (hub `mode`, endpoint 192.0.2.1) in the server namespace, agent with its tunnel in
 /// the device namespace, enrolled over the veth; returns once the tunnel is up.
 async fn site(tag: &str, wireguard_extra: &str) -> Site {
-    site_with(tag, wireguard_extra, |_, _| Vec::new()).await
+    site_with(tag, wireguard_extra, |_, _| Vec::new(), "", Vec::new()).await
 }
 
 /// `before_bridge` prepares the namespaces first (e.g. a wireguard-go interface for the hub).
@@ -34,6 +34,8 @@ async fn site_with(
     tag: &str,
     wireguard_extra: &str,
     before_bridge: impl FnOnce(&VethPair, &std::path::Path) -> Vec<Proc>,
+    tunnel_extra: &str,
+    agent_wrapper: Vec<String>,
 ) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let net = VethPair::new(tag).unwrap();
@@ -82,12 +84,13 @@ async fn site_with(
             server_url: bridge.url(),
             token: bridge.fleet_token(),
             ca_bundle: bridge.ca_chain(),
-            tunnel: Some(String::new()),
+            tunnel: Some(tunnel_extra.to_string()),
             ..Default::default()
         },
     )
     .unwrap();
     agent.netns = Some(net.device.name.clone());
+    agent.wrapper = agent_wrapper;
     agent.start().unwrap();
     let s = Site {
         _extra: extra_procs,
@@ -211,8 +214,18 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
     wait_for("tunnel byte counters", Duration::from_secs(10), || {
         let st = s.agent.status();
         let c = &st["state"]["modules"]["tunnel"]["counters"];
-        c["rx_bytes"].as_u64().unwrap_or(0) > 1000 && c["tx_bytes"].as_u64().unwrap_or(0) > 1000
+        c["rx_bytes"].as_u64().unwrap_or(0) > 1000
+            && c["tx_bytes"].as_u64().unwrap_or(0) > 1000
+            && st["state"]["tunnel_rx_bytes"].as_u64().unwrap_or(0) > 1000
     });
+    let handshake = s.agent.status()["state"]["tunnel_last_handshake"]
+        .as_i64()
+        .unwrap();
+    let now = idp_unix_now();
+    assert!(
+        (now - 60..=now).contains(&handshake),
+        "{handshake} vs {now}"
+    );
 
     // Hub restart: it lost every session; the device notices the silence (the hub sends
     // keepalives) and handshakes again on its own.
@@ -285,9 +298,13 @@ async fn agent_tunnel_against_a_wireguard_go_hub_configured_with_wg() {
     let iface = format!("wgh{}", std::process::id() % 100_000);
     let extra = format!("mode = \"wg\"\ninterface = \"{iface}\"\n");
     let i = iface.clone();
-    let s = site_with("wg2", &extra, move |net, dir| {
-        vec![wireguard_go(&net.server, &i, "10.8.0.1/24", dir)]
-    })
+    let s = site_with(
+        "wg2",
+        &extra,
+        move |net, dir| vec![wireguard_go(&net.server, &i, "10.8.0.1/24", dir)],
+        "",
+        Vec::new(),
+    )
     .await;
     assert!(s.ping(&s.net.device, "10.8.0.1", 3));
     assert!(s.ping(&s.net.server, "10.8.0.2", 3));
@@ -619,4 +636,93 @@ async fn missing_capability_or_tun_device_is_a_clear_status() {
         );
         assert!(a.log_text().contains(why));
     }
+}
+
+fn idp_unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Across the protocol's 120 s rekey under steady traffic: no lost echo, a new handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_survives_the_rekey_without_loss() {
+    let s = site("wg6", "mode = \"userspace\"\n").await;
+    let first = s.agent.status()["state"]["tunnel_last_handshake"].as_i64();
+    let out = s
+        .net
+        .device
+        .exec(&["ping", "-q", "-c", "140", "-i", "1", "-W", "2", "10.8.0.1"])
+        .unwrap();
+    assert!(out.contains(" 0% packet loss"), "{out}");
+    wait_for(
+        "a newer handshake in status",
+        Duration::from_secs(10),
+        || {
+            let now = s.agent.status()["state"]["tunnel_last_handshake"].as_i64();
+            now.is_some() && now > first.map(|f| f + 100)
+        },
+    );
+}
+
+/// The hub moves to another address and its name is updated (the agent dials it by name,
+/// `tunnel.endpoint`); the agent notices the silence, resolves again and follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_follows_the_hub_name_to_a_new_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n192.0.2.1 hub.thingsly.test\n").unwrap();
+    // The agent sees our hosts file (a bind mount in its own mount namespace).
+    let wrapper = vec![
+        "unshare".into(),
+        "-m".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+            hosts.display()
+        ),
+    ];
+    let s = site_with(
+        "wg7",
+        "mode = \"userspace\"\n",
+        |_, _| Vec::new(),
+        "endpoint = \"hub.thingsly.test:51820\"",
+        wrapper,
+    )
+    .await;
+    assert_eq!(
+        s.agent.status()["state"]["tunnel_endpoint"],
+        "192.0.2.1:51820"
+    );
+    // New address for the hub, DNS updated, the old address gone.
+    s.net
+        .server
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "veth0"])
+        .unwrap();
+    s.net
+        .device
+        .ip(&["addr", "add", "198.51.100.2/24", "dev", "veth0"])
+        .unwrap();
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n198.51.100.1 hub.thingsly.test\n",
+    )
+    .unwrap();
+    s.net
+        .server
+        .ip(&["addr", "del", "192.0.2.1/24", "dev", "veth0"])
+        .unwrap();
+    let moved = Instant::now();
+    wait_for(
+        "agent on the new hub address",
+        Duration::from_secs(60),
+        || {
+            s.agent.status()["state"]["tunnel_endpoint"] == "198.51.100.1:51820"
+                && s.ping(&s.net.device, "10.8.0.1", 1)
+        },
+    );
+    eprintln!("followed the hub's name in {:?}", moved.elapsed());
+    drop(dir);
 }

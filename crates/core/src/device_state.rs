@@ -21,6 +21,11 @@ pub struct DeviceState {
     pub tunnel_state: String,
     /// Where the hub is reached (`ip:port`), empty until resolved.
     pub tunnel_endpoint: String,
+    /// Unix time of the last completed handshake with the hub (rekeyed every 2 minutes).
+    pub tunnel_last_handshake: Option<i64>,
+    /// Inner bytes through the tunnel since the agent started (telemetry, not attributes).
+    pub tunnel_rx_bytes: u64,
+    pub tunnel_tx_bytes: u64,
     /// True once a certificate is stored; bumped generation tells users to reload credentials.
     pub enrolled: bool,
     pub credentials_generation: u64,
@@ -93,6 +98,7 @@ pub fn attribute_view(s: &DeviceState) -> serde_json::Value {
         "tunnel_address": s.tunnel_address,
         "tunnel_state": s.tunnel_state,
         "tunnel_endpoint": s.tunnel_endpoint,
+        "tunnel_last_handshake": s.tunnel_last_handshake,
         "ota_status": s.ota_status,
     })
 }

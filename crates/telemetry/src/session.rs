@@ -357,13 +357,21 @@ fn publish_attributes(
 }
 
 fn sample_values(sampler: &mut Sampler, s: &DeviceState) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "cpu_usage": sampler.cpu_usage().unwrap_or(0.0),
         "mem_free_mb": sampler.mem_free_mb().unwrap_or(0),
         "sw_version": s.sw_version,
         "rauc_slot": s.rauc_slot,
         "ota_status": s.ota_status,
-    })
+    });
+    // Byte counters are a time series; only agents that run the tunnel send them.
+    if !s.tunnel_state.is_empty()
+        && let Some(o) = v.as_object_mut()
+    {
+        o.insert("tunnel_rx_bytes".into(), s.tunnel_rx_bytes.into());
+        o.insert("tunnel_tx_bytes".into(), s.tunnel_tx_bytes.into());
+    }
+    v
 }
 
 fn report(state: &StateHandle, spool: &Spool, c: &Counters, connected: bool) {
@@ -489,5 +497,31 @@ fn rpc(
         }
         "" => Err(format!("malformed request: {params}")),
         other => Err(format!("unknown method: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_counters_are_telemetry_only_with_a_tunnel() {
+        let mut sampler = Sampler::new();
+        let mut s = DeviceState::default();
+        let v = sample_values(&mut sampler, &s);
+        assert!(v.get("tunnel_rx_bytes").is_none());
+        s.tunnel_state = "up".into();
+        s.tunnel_rx_bytes = 1234;
+        s.tunnel_tx_bytes = 99;
+        s.tunnel_last_handshake = Some(1_795_000_000);
+        let v = sample_values(&mut sampler, &s);
+        assert_eq!(v["tunnel_rx_bytes"], 1234);
+        assert_eq!(v["tunnel_tx_bytes"], 99);
+        // State and last handshake are attributes; the byte counters are not (they would
+        // republish the attributes every few seconds).
+        let a = attribute_view(&s);
+        assert_eq!(a["tunnel_state"], "up");
+        assert_eq!(a["tunnel_last_handshake"], 1_795_000_000);
+        assert!(a.get("tunnel_rx_bytes").is_none());
     }
 }
