@@ -290,6 +290,38 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
     let (code, _) = s.refused(s.open(&q(&s.es.token("mallory", &[])), None).await);
     assert_eq!(code, 403);
 
+    // The policy is reread on SIGHUP: mallory is now allowed (and so reaches the missing
+    // device: 502); a broken policy file keeps the last good one.
+    let policy = s._dir.path().join("policy.csv");
+    std::fs::write(
+        &policy,
+        format!("{POLICY}p, mallory, dev-proxy, terminal\n"),
+    )
+    .unwrap();
+    s.bridge.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    let mallory = s.es.token("mallory", &[]);
+    let mut code = 0;
+    for _ in 0..50 {
+        code = s.refused(s.open(&q(&mallory), None).await).0;
+        if code == 502 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 502, "policy not reloaded on SIGHUP");
+    std::fs::remove_file(&policy).unwrap();
+    s.bridge.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.refused(s.open(&q(&mallory), None).await).0, 502);
+    assert!(
+        s.bridge
+            .proc
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("terminal policy reload failed; old policy kept")
+    );
+
     // Audit: who, where, bytes, how it ended.
     let log = s.bridge.proc.as_ref().unwrap().log_text();
     assert!(
