@@ -14,6 +14,8 @@ const RETRY: Duration = Duration::from_secs(5);
 pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     let t = ctx.cfg.terminal.clone();
     let mut waiting_for = String::new();
+    // A new certificate (enrollment, renewal) is the usual reason to look again: wake at once.
+    let mut creds = ctx.creds_tx.subscribe();
     let (listener, key) = loop {
         let step = async {
             let key = ctx
@@ -54,6 +56,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(RETRY) => continue,
+                    _ = creds.changed() => continue,
                 }
             }
         }

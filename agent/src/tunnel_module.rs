@@ -15,6 +15,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     let t = ctx.cfg.tunnel.clone();
     let mut waiting_for = String::new();
+    // A new certificate (enrollment, renewal) is the usual reason to look again: wake at once.
+    let mut creds = ctx.creds_tx.subscribe();
     let tunnel = loop {
         let step = async {
             let wg: WireguardConfig = ctx
@@ -55,6 +57,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(RETRY) => continue,
+                    _ = creds.changed() => continue,
                 }
             }
         }
