@@ -24,6 +24,46 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
 }
 
+// Only modules that wait for something before they can start use it.
+#[cfg(any(feature = "terminal", feature = "tunnel"))]
+impl Ctx {
+    /// Retry `step` until it yields what a module needs to start (enrollment, an address, an
+    /// interface), showing why it waits as the module's state (logged once per new reason, by
+    /// `log`). Looks again every `every` and whenever a certificate arrives. `None`: shutdown.
+    pub async fn wait_ready<T, E, F>(
+        &self,
+        module: &str,
+        every: Duration,
+        mut step: impl FnMut() -> F,
+        log: impl Fn(&E, &str),
+    ) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: Future<Output = Result<T, E>>,
+    {
+        let mut waiting_for = String::new();
+        let mut creds = self.creds_tx.subscribe();
+        loop {
+            match step().await {
+                Ok(ready) => return Some(ready),
+                Err(e) => {
+                    let why = e.to_string();
+                    if why != waiting_for {
+                        log(&e, &why);
+                        self.state.set_module(module, "waiting", why.clone());
+                        waiting_for = why;
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(every) => {}
+                        _ = creds.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub type ModuleFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 pub type ModuleFn = fn(Ctx) -> ModuleFuture;
 

@@ -13,53 +13,36 @@ const RETRY: Duration = Duration::from_secs(5);
 
 pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     let t = ctx.cfg.terminal.clone();
-    let mut waiting_for = String::new();
-    // A new certificate (enrollment, renewal) is the usual reason to look again: wake at once.
-    let mut creds = ctx.creds_tx.subscribe();
-    let (listener, key) = loop {
-        let step = async {
-            let key = ctx
-                .dir
-                .read(thingsly_enroll::paths::TICKET_KEY)?
-                .ok_or("not enrolled yet (no ticket key from the bridge)".to_string())?;
-            let ip: IpAddr = if t.listen == "tunnel" {
-                let addr = ctx
-                    .state
-                    .get()
-                    .tunnel_address
-                    .ok_or("no tunnel address yet".to_string())?;
-                let ip = addr.split('/').next().unwrap_or_default();
-                ip.parse()
-                    .map_err(|_| format!("tunnel address {addr:?} is not an IP address"))?
-            } else {
-                t.listen.parse()?
-            };
-            let at = SocketAddr::new(ip, t.port);
-            let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AddrNotAvailable {
-                    format!("{ip} is not up yet (tunnel down)")
-                } else {
-                    format!("listen on {at}: {e}")
-                }
-            })?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((listener, key))
+    let step = || async {
+        let key = ctx
+            .dir
+            .read(thingsly_enroll::paths::TICKET_KEY)?
+            .ok_or("not enrolled yet (no ticket key from the bridge)".to_string())?;
+        let ip: IpAddr = if t.listen == "tunnel" {
+            let addr = ctx
+                .state
+                .get()
+                .tunnel_address
+                .ok_or("no tunnel address yet".to_string())?;
+            let ip = addr.split('/').next().unwrap_or_default();
+            ip.parse()
+                .map_err(|_| format!("tunnel address {addr:?} is not an IP address"))?
+        } else {
+            t.listen.parse()?
         };
-        match step.await {
-            Ok(ready) => break ready,
-            Err(why) => {
-                let why = why.to_string();
-                if why != waiting_for {
-                    tracing::info!(reason = %why, "terminal waiting");
-                    ctx.state.set_module(MODULE, "waiting", why.clone());
-                    waiting_for = why;
-                }
-                tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(RETRY) => continue,
-                    _ = creds.changed() => continue,
-                }
+        let at = SocketAddr::new(ip, t.port);
+        let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                format!("{ip} is not up yet (tunnel down)")
+            } else {
+                format!("listen on {at}: {e}")
             }
-        }
+        })?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((listener, key))
+    };
+    let log = |_: &_, why: &str| tracing::info!(reason = %why, "terminal waiting");
+    let Some((listener, key)) = ctx.wait_ready(MODULE, RETRY, step, log).await else {
+        return Ok(());
     };
     let verifier = TicketVerifier::new(&key, &ctx.cfg.device.id).map_err(anyhow::Error::msg)?;
     let cfg = TerminalConfig {

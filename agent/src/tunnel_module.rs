@@ -14,53 +14,36 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     let t = ctx.cfg.tunnel.clone();
-    let mut waiting_for = String::new();
-    // A new certificate (enrollment, renewal) is the usual reason to look again: wake at once.
-    let mut creds = ctx.creds_tx.subscribe();
-    let tunnel = loop {
-        let step = async {
-            let wg: WireguardConfig = ctx
-                .dir
-                .read_json(thingsly_enroll::paths::WIREGUARD_CONFIG)
-                .map_err(|e| TunnelError::Config(e.to_string()))?
-                .ok_or_else(|| TunnelError::Config("not enrolled yet".into()))?;
-            let mut cfg = DeviceTunnelConfig::from_enrolled(
-                &wg.address,
-                wg.private_key.as_deref().unwrap_or_default(),
-                &wg.peer_public_key,
-                &wg.endpoint,
-                &wg.allowed_ips,
-                wg.persistent_keepalive,
-            )?;
-            cfg.interface = t.interface.clone();
-            cfg.mtu = t.mtu;
-            cfg.socket_buffer = t.socket_buffer;
-            if !t.endpoint.is_empty() {
-                cfg.endpoint = t.endpoint.clone();
-            }
-            DeviceTunnel::open(cfg).await
-        };
-        match step.await {
-            Ok(tunnel) => break tunnel,
-            Err(e) => {
-                let why = e.to_string();
-                if why != waiting_for {
-                    match e {
-                        TunnelError::NoTun(_) | TunnelError::NoCapability(_) => {
-                            tracing::error!(reason = %why, "tunnel cannot start")
-                        }
-                        _ => tracing::info!(reason = %why, "tunnel waiting"),
-                    }
-                    ctx.state.set_module(MODULE, "waiting", why.clone());
-                    waiting_for = why;
-                }
-                tokio::select! {
-                    _ = ctx.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(RETRY) => continue,
-                    _ = creds.changed() => continue,
-                }
-            }
+    let step = || async {
+        let wg: WireguardConfig = ctx
+            .dir
+            .read_json(thingsly_enroll::paths::WIREGUARD_CONFIG)
+            .map_err(|e| TunnelError::Config(e.to_string()))?
+            .ok_or_else(|| TunnelError::Config("not enrolled yet".into()))?;
+        let mut cfg = DeviceTunnelConfig::from_enrolled(
+            &wg.address,
+            wg.private_key.as_deref().unwrap_or_default(),
+            &wg.peer_public_key,
+            &wg.endpoint,
+            &wg.allowed_ips,
+            wg.persistent_keepalive,
+        )?;
+        cfg.interface = t.interface.clone();
+        cfg.mtu = t.mtu;
+        cfg.socket_buffer = t.socket_buffer;
+        if !t.endpoint.is_empty() {
+            cfg.endpoint = t.endpoint.clone();
         }
+        DeviceTunnel::open(cfg).await
+    };
+    let log = |e: &TunnelError, why: &str| match e {
+        TunnelError::NoTun(_) | TunnelError::NoCapability(_) => {
+            tracing::error!(reason = %why, "tunnel cannot start")
+        }
+        _ => tracing::info!(reason = %why, "tunnel waiting"),
+    };
+    let Some(tunnel) = ctx.wait_ready(MODULE, RETRY, step, log).await else {
+        return Ok(());
     };
     let status = async {
         let mut tick = tokio::time::interval(STATUS_EVERY);
