@@ -110,26 +110,15 @@ impl ProxyRig {
             &dir.path().join("bridge"),
             "[wireguard]\npool = \"127.78.0.0/24\"\n",
         )?;
-        let (crt, key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
-        let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-        bridge.cli(&[
-            "issue-server-cert",
-            "--name",
-            "127.0.0.1",
-            "--out-cert",
-            &s(&crt),
-            "--out-key",
-            &s(&key),
-        ])?;
-        let idp = Idp::start(&crt, &key).await;
-        let es = SigningKey::es256("bench");
-        idp.publish(&es);
-        let policy = dir.path().join("policy.csv");
-        std::fs::write(&policy, "p, role:operator, *, terminal\n")?;
-        let (device_port, operator_port) = (free_port(), free_port());
-        let mut cfg = std::fs::read_to_string(&bridge.config)?;
-        cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port, operator_port));
-        std::fs::write(&bridge.config, cfg)?;
+        let device_port = free_port();
+        let ops = Idp::for_bridge(
+            &bridge,
+            dir.path(),
+            std::net::TcpListener::bind("127.0.0.1:0")?,
+            "p, role:operator, *, terminal\n",
+            device_port,
+        )
+        .await?;
         bridge.start()?;
         let ca = std::fs::read(bridge.ca_chain())?;
         let state = thingsly_core::state_dir::StateDir::open(dir.path().join("device"))?;
@@ -147,15 +136,15 @@ impl ProxyRig {
         let ticket_public_pem =
             std::fs::read(dir.path().join("device/identity/terminal-ticket.pub"))?;
         Ok(Self {
-            jwt: es.token("bench", &["operator"]),
-            operator_port,
+            jwt: ops.signing.token("bench", &["operator"]),
+            operator_port: ops.operator_port,
             device_addr: format!("127.78.0.2:{device_port}").parse()?,
             ticket_public_pem,
             tls: std::sync::Arc::new(
                 thingsly_enroll::client_config(&ca, None).map_err(anyhow::Error::msg)?,
             ),
             bridge,
-            _idp: idp,
+            _idp: ops.idp,
             _dir: dir,
         })
     }

@@ -113,6 +113,15 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
+/// What [`Idp::for_bridge`] set up.
+pub struct Operators {
+    pub idp: Idp,
+    /// Published in the provider's JWKS; signs operator tokens.
+    pub signing: SigningKey,
+    /// The bridge's operator port (`terminal.listen`).
+    pub operator_port: u16,
+}
+
 pub struct Idp {
     pub port: u16,
     keys: Arc<Mutex<Vec<serde_json::Value>>>,
@@ -202,6 +211,49 @@ impl Idp {
     }
 
     /// The `[terminal]` section of bridge.toml for this provider.
+    /// Everything `bridge`'s terminal proxy needs from the operator side, before `bridge.start()`:
+    /// a provider on `listener` (certificate from the bridge's CA) with one ES256 key
+    /// published, `policy` (Casbin CSV) written to `dir`, and `[terminal]` appended to
+    /// bridge.toml with `device_port` and a free operator port.
+    pub async fn for_bridge(
+        bridge: &crate::Bridge,
+        dir: &Path,
+        listener: std::net::TcpListener,
+        policy: &str,
+        device_port: u16,
+    ) -> anyhow::Result<Operators> {
+        let (crt, key) = (dir.join("idp.crt"), dir.join("idp.key"));
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        bridge.cli(&[
+            "issue-server-cert",
+            "--name",
+            "127.0.0.1",
+            "--out-cert",
+            &path(&crt),
+            "--out-key",
+            &path(&key),
+        ])?;
+        let idp = Self::start_on(listener, &crt, &key).await;
+        let signing = SigningKey::es256("op-1");
+        idp.publish(&signing);
+        let policy_file = dir.join("policy.csv");
+        std::fs::write(&policy_file, policy)?;
+        let operator_port = crate::free_port();
+        let mut cfg = std::fs::read_to_string(&bridge.config)?;
+        cfg.push_str(&idp.bridge_section(
+            &bridge.ca_chain(),
+            &policy_file,
+            device_port,
+            operator_port,
+        ));
+        std::fs::write(&bridge.config, cfg)?;
+        Ok(Operators {
+            idp,
+            signing,
+            operator_port,
+        })
+    }
+
     /// `operator_port`: the bridge's `terminal.listen` port.
     pub fn bridge_section(
         &self,

@@ -7,7 +7,7 @@
 mod idp;
 mod influx;
 pub mod ttyd;
-pub use idp::{Idp, SigningKey};
+pub use idp::{Idp, Operators, SigningKey};
 pub use influx::{Influx, Netns, VethPair, run};
 
 use anyhow::{Context, bail};

@@ -41,27 +41,17 @@ async fn setup(net: u8) -> Setup {
         &format!("[wireguard]\npool = \"127.77.{net}.0/24\"\n"),
     )
     .unwrap();
-    let (idp_crt, idp_key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
-    bridge
-        .cli(&[
-            "issue-server-cert",
-            "--name",
-            "127.0.0.1",
-            "--out-cert",
-            idp_crt.to_str().unwrap(),
-            "--out-key",
-            idp_key.to_str().unwrap(),
-        ])
-        .unwrap();
-    let idp = Idp::start(&idp_crt, &idp_key).await;
-    let es = SigningKey::es256("es-1");
-    idp.publish(&es);
-    let policy = dir.path().join("policy.csv");
-    std::fs::write(&policy, POLICY).unwrap();
-    let (device_port, operator_port) = (free_port(), free_port());
-    let mut cfg = std::fs::read_to_string(&bridge.config).unwrap();
-    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, device_port, operator_port));
-    std::fs::write(&bridge.config, cfg).unwrap();
+    let device_port = free_port();
+    let ops = Idp::for_bridge(
+        &bridge,
+        dir.path(),
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        POLICY,
+        device_port,
+    )
+    .await
+    .unwrap();
+    let (idp, es, operator_port) = (ops.idp, ops.signing, ops.operator_port);
     bridge.start().unwrap();
 
     let device_ip = format!("127.77.{net}.2"); // first device address (.1 is the hub's)
@@ -192,7 +182,7 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
     // Refusals, each a real HTTP status with a reason, none opening a session.
     let q = |t: &str| format!("deviceId=dev-proxy&token={t}");
     let now = idp_now();
-    let foreign = SigningKey::es256("es-1"); // same kid, other key: bad signature
+    let foreign = SigningKey::es256(&s.es.kid); // same kid, other key: bad signature
     let cases = [
         (foreign.token("olga", &["operator"]), 401, "signature"),
         (

@@ -50,31 +50,18 @@ async fn site_with(
     .unwrap();
     bridge.netns = Some(net.server.name.clone());
     // The operators' identity provider and the terminal proxy's policy, on the server side.
-    let (crt, key) = (dir.path().join("idp.crt"), dir.path().join("idp.key"));
-    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    bridge
-        .cli(&[
-            "issue-server-cert",
-            "--name",
-            "127.0.0.1",
-            "--out-cert",
-            &s(&crt),
-            "--out-key",
-            &s(&key),
-        ])
-        .unwrap();
     let listener = net
         .server
         .run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    let idp = Idp::start_on(listener, &crt, &key).await;
-    let es = SigningKey::es256("k1");
-    idp.publish(&es);
-    let policy = dir.path().join("policy.csv");
-    std::fs::write(&policy, "p, role:operator, *, terminal\n").unwrap();
-    let operator_port = free_port();
-    let mut cfg = std::fs::read_to_string(&bridge.config).unwrap();
-    cfg.push_str(&idp.bridge_section(&bridge.ca_chain(), &policy, 7681, operator_port));
-    std::fs::write(&bridge.config, cfg).unwrap();
+    let ops = Idp::for_bridge(
+        &bridge,
+        dir.path(),
+        listener,
+        "p, role:operator, *, terminal\n",
+        7681,
+    )
+    .await
+    .unwrap();
     bridge.start().unwrap();
 
     let mut agent = Agent::new(
@@ -94,13 +81,13 @@ async fn site_with(
     agent.start().unwrap();
     let s = Site {
         _extra: extra_procs,
-        jwt: es.token("olga", &["operator"]),
+        jwt: ops.signing.token("olga", &["operator"]),
         dir,
         net,
         bridge,
         agent,
-        _idp: idp,
-        operator_port,
+        _idp: ops.idp,
+        operator_port: ops.operator_port,
     };
     s.wait_tunnel_up(Duration::from_secs(30));
     s
