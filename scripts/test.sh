@@ -23,6 +23,9 @@ cargo +"$msrv" build --locked --target-dir target/msrv
 for features in "" telemetry metrics terminal tunnel rauc; do
   cargo build -q --locked -p thingsly-agent --no-default-features --features "$features"
 done
+# Those builds leave a one-feature agent in target/debug; the end-to-end tests run that path,
+# so put the full agent back for anyone running `cargo test` after this script.
+cargo build -q --locked --bins
 scripts/lint-layer.sh
 scripts/check-units.sh
 scripts/test-cross.sh
