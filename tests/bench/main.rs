@@ -27,27 +27,16 @@ fn main() -> anyhow::Result<()> {
     if a.get(1).map(String::as_str) == Some("metrics") {
         return metrics::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000));
     }
-    if a.get(1).map(String::as_str) == Some("tunnel") {
-        let secs = a.get(2).and_then(|n| n.parse().ok()).unwrap_or(10);
-        return tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(tunnel::run(secs));
-    }
-    if a.get(1).map(String::as_str) == Some("terminal") {
-        let mb = a.get(2).and_then(|n| n.parse().ok()).unwrap_or(64);
-        return tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(terminal::run(mb));
-    }
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(enroll(a))
+        .build()?;
+    let n = |default| a.get(2).and_then(|n| n.parse().ok()).unwrap_or(default);
+    match a.get(1).map(String::as_str) {
+        Some("tunnel") => rt.block_on(tunnel::run(n(10) as u64)),
+        Some("terminal") => rt.block_on(terminal::run(n(64))),
+        _ => rt.block_on(enroll(a)),
+    }
 }
 
 async fn enroll(a: Vec<String>) -> anyhow::Result<()> {

@@ -236,6 +236,11 @@ impl Bridge {
         format!("https://{}:{}", self.host, self.port)
     }
 
+    /// The current `serve` process's log (empty before `start`).
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
     /// An HTTPS client that trusts this bridge's CA (no client certificate).
     pub fn http(&self) -> anyhow::Result<reqwest::Client> {
         let tls = thingsly_enroll::client_config(&std::fs::read(self.ca_chain())?, None)

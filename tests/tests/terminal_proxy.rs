@@ -305,15 +305,12 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
     assert_eq!(s.refused(s.open(&q(&mallory), None).await).0, 502);
     assert!(
         s.bridge
-            .proc
-            .as_ref()
-            .unwrap()
             .log_text()
             .contains("terminal policy reload failed; old policy kept")
     );
 
     // Audit: who, where, bytes, how it ended.
-    let log = s.bridge.proc.as_ref().unwrap().log_text();
+    let log = s.bridge.log_text();
     assert!(
         log.contains("terminal session end")
             && log.contains("operator=olga")
@@ -441,7 +438,7 @@ async fn xterm_in_headless_chromium_runs_a_command_through_the_proxy() {
         result["ok"],
         true,
         "{result:#}\nbridge log:\n{}",
-        s.bridge.proc.as_ref().unwrap().log_text()
+        s.bridge.log_text()
     );
     assert!(
         result["screen"]

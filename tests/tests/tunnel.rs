@@ -171,7 +171,7 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
             .device
             .exec(&["ping", "-c", "1", "-W", "1", "10.8.0.1"]),
         s.agent.log_text(),
-        s.bridge.proc.as_ref().unwrap().log_text()
+        s.bridge.log_text()
     );
     assert!(s.ping(&s.net.server, "10.8.0.2", 3));
     assert!(
@@ -194,7 +194,7 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
     // TCP across: the operator's shell goes browser side → proxy (server ns) → tunnel → PTY.
     let out = s.shell("echo via-tunnel-$((6*7))", "via-tunnel-42").await;
     assert!(out.contains("via-tunnel-42"));
-    let log = s.bridge.proc.as_ref().unwrap().log_text();
+    let log = s.bridge.log_text();
     assert!(log.contains("target=10.8.0.2:7681"), "{log}");
 
     // Tunnel state in `status` (and from there in telemetry attributes).
@@ -252,14 +252,7 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
     wait_for("peer removed after revoke", Duration::from_secs(15), || {
         !s.ping(&s.net.server, "10.8.0.2", 1)
     });
-    assert!(
-        s.bridge
-            .proc
-            .as_ref()
-            .unwrap()
-            .log_text()
-            .contains("hub peer removed")
-    );
+    assert!(s.bridge.log_text().contains("hub peer removed"));
     drop(s.dir);
 }
 
@@ -523,7 +516,7 @@ async fn one_hub_serves_100_device_peers() {
         answered, N,
         "{answered} of {N} simulated devices got their echo"
     );
-    let log = bridge.proc.as_ref().unwrap().log_text();
+    let log = bridge.log_text();
     assert_eq!(log.matches("hub peer added").count(), N);
 }
 
