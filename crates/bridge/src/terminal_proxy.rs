@@ -197,12 +197,7 @@ pub async fn handle(State(app): State<Arc<AppState>>, req: Request) -> Response 
         }
     };
 
-    let offers_tty = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == "tty");
+    let offers_tty = thingsly_terminal::offers_tty(headers);
     let accept = derive_accept_key(ws_key.as_bytes());
     let session = Session {
         operator,

@@ -6,5 +6,5 @@ mod server;
 mod session;
 pub mod ticket;
 
-pub use server::{TerminalConfig, close, serve};
+pub use server::{TerminalConfig, close, offers_tty, serve};
 pub use session::SessionConfig;

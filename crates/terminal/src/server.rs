@@ -168,18 +168,22 @@ async fn connection(
     result
 }
 
+/// True when the client's `Sec-WebSocket-Protocol` offers `tty` (ttyd's clients always do);
+/// the bridge's proxy asks the same of the browser.
+pub fn offers_tty(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "tty")
+}
+
 /// Answer with subprotocol `tty` when the client offers it (ttyd's clients always do).
 // The signature is tungstenite's handshake callback; its error type is not ours to shrink.
 #[allow(clippy::result_large_err)]
 fn select_tty(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
-    let offers_tty = req
-        .headers()
-        .get_all("Sec-WebSocket-Protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == "tty");
-    if offers_tty {
+    if offers_tty(req.headers()) {
         resp.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             http::HeaderValue::from_static("tty"),
