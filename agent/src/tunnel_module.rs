@@ -50,9 +50,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             let s = tunnel.status();
-            let up = s
-                .last_handshake
-                .is_some_and(|h| h < Duration::from_secs(180));
+            let up = s.up;
             let endpoint = s.endpoint.map(|e| e.to_string()).unwrap_or_default();
             let detail = if up {
                 format!("{} {} up via {endpoint}", s.interface, s.address)

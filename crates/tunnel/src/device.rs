@@ -6,7 +6,7 @@
 //!   re-resolves and starts a new handshake at once instead of waiting up to two minutes for
 //!   the protocol's rekey.
 
-use crate::{Node, NodeConfig, PeerConfig, TunnelError, keys};
+use crate::{Node, NodeConfig, PeerConfig, PeerStats, TunnelError, keys};
 use ipnet::Ipv4Net;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,7 +94,12 @@ pub struct TunnelStatus {
     pub last_handshake: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The hub answers (see [`DeviceTunnel::hub_alive`]).
+    pub up: bool,
 }
+
+/// WireGuard's Reject-After-Time: a session older than this carries no data.
+const REJECT_AFTER: Duration = Duration::from_secs(180);
 
 pub struct DeviceTunnel {
     node: Arc<Node>,
@@ -128,9 +133,20 @@ impl DeviceTunnel {
         })
     }
 
+    /// The one definition of "up": heard from the hub within `2 × keepalive + 10 s` (the hub
+    /// sends keepalives too), or, without keepalives, a session younger than Reject-After-Time.
+    fn hub_alive(&self, s: Option<&PeerStats>) -> bool {
+        let Some(s) = s else { return false };
+        match self.cfg.dead_after() {
+            Some(limit) => s.last_received.is_some_and(|quiet| quiet <= limit),
+            None => s.last_handshake.is_some_and(|h| h < REJECT_AFTER),
+        }
+    }
+
     pub fn status(&self) -> TunnelStatus {
         let s = self.node.stats().into_iter().next();
         TunnelStatus {
+            up: self.hub_alive(s.as_ref()),
             interface: self.cfg.interface.clone(),
             address: self.cfg.address,
             endpoint: s.as_ref().and_then(|s| s.endpoint),
@@ -160,12 +176,9 @@ impl DeviceTunnel {
             let stats = self.node.stats().into_iter().next();
             let endpoint = stats.as_ref().and_then(|s| s.endpoint);
             let silent = stats.as_ref().and_then(|s| s.last_received);
-            let dead = match (self.cfg.dead_after(), silent) {
-                (Some(limit), Some(quiet)) => quiet > limit,
-                (Some(_), None) => true, // never heard from the hub yet
-                (None, _) => false,
-            };
-            let up = !dead && silent.is_some();
+            let up = self.hub_alive(stats.as_ref());
+            // Only with keepalives does silence mean the hub lost us.
+            let dead = !up && self.cfg.dead_after().is_some();
             if up != was_up {
                 if up {
                     tracing::info!(endpoint = ?endpoint, "tunnel up (handshake with the hub)");
