@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+# One build per run: incremental caches only cost disk here (CI has little of it).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 scripts/install-deps.sh
 msrv=$(scripts/install-toolchains.sh)
 if grep -q '^name = "aws-lc' Cargo.lock; then echo "aws-lc found in Cargo.lock: ring is the only crypto provider" >&2; exit 1; fi
@@ -29,4 +31,5 @@ cargo build -q --locked --bins
 scripts/lint-layer.sh
 scripts/check-units.sh
 scripts/test-cross.sh
+echo "target/ holds $(du -sh target | cut -f1); $(df -h --output=avail . | tail -n1 | tr -d ' ') free" >&2
 echo "all checks passed in $(( $(date +%s) - start )) s"
