@@ -33,6 +33,8 @@ pub struct AppState {
     pub terminal: Option<crate::terminal_proxy::TerminalProxy>,
     /// `None` with `wireguard.mode = "off"`.
     pub hub: Option<Arc<crate::hub::Hub>>,
+    /// `None` without `[ddi]` in bridge.toml.
+    pub ddi: Option<crate::ddi_server::DdiSettings>,
 }
 
 impl AppState {
@@ -90,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}", get(get_device).delete(revoke_device))
         .route("/devices", get(list_devices))
         .route("/terminal", get(crate::terminal_proxy::handle))
+        .merge(crate::ddi_server::router())
         .fallback(|| async {
             fail(
                 StatusCode::NOT_FOUND,
@@ -320,6 +323,76 @@ async fn enroll(
     Ok(Json(resp))
 }
 
+/// Whose a verified client certificate is, compared with device `id`.
+pub enum CertCheck {
+    /// `id`'s current certificate.
+    Current,
+    /// The CN names another device.
+    OtherDevice(String),
+    /// `id` is not (or no longer) enrolled.
+    Unknown,
+    /// `id`'s, but not its current one (renewed or re-enrolled since).
+    NotCurrent,
+}
+
+/// rustls verified the chain; this checks that the certificate is `id`'s current one.
+pub fn cert_device(
+    st: &AppState,
+    der: &CertificateDer<'static>,
+    id: &str,
+) -> Result<CertCheck, ApiFailure> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| {
+        fail(
+            StatusCode::UNAUTHORIZED,
+            error_code::BAD_TOKEN,
+            "client certificate unreadable",
+        )
+    })?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or_default();
+    if cn != id {
+        return Ok(CertCheck::OtherDevice(cn.to_string()));
+    }
+    let serial = cert.raw_serial_as_string().replace(':', "");
+    Ok(match st.store.get(id).map_err(internal)? {
+        None => CertCheck::Unknown,
+        Some(d) if d.record.certificate_serial.eq_ignore_ascii_case(&serial) => CertCheck::Current,
+        Some(_) => CertCheck::NotCurrent,
+    })
+}
+
+/// For the DDI server: `Ok` when `der` is device `id`'s current certificate, else why not.
+pub fn current_device_of_cert(
+    st: &AppState,
+    der: &CertificateDer<'static>,
+    id: &str,
+) -> Result<(), String> {
+    match cert_device(st, der, id) {
+        Ok(CertCheck::Current) => Ok(()),
+        Ok(CertCheck::OtherDevice(cn)) => {
+            Err(format!("client certificate is for {cn:?}, not {id:?}"))
+        }
+        Ok(CertCheck::Unknown) => Err(format!("{id:?} is not enrolled")),
+        Ok(CertCheck::NotCurrent) => {
+            Err("client certificate is not the device's current one".into())
+        }
+        Err(ApiFailure(_, _, m)) => Err(m),
+    }
+}
+
+/// 32 random bytes, URL-safe base64: enrollment, admin and target tokens.
+pub fn random_token() -> String {
+    use base64::Engine;
+    use rand_core::RngCore;
+    let mut b = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
 async fn renew(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -338,39 +411,29 @@ async fn renew(
     let der = peer
         .0
         .ok_or_else(|| unauth("renewal needs the device's current client certificate (mTLS)"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|_| unauth("client certificate unreadable"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .unwrap_or_default();
-    if cn != id {
-        return Err(fail(
-            StatusCode::FORBIDDEN,
-            error_code::CN_MISMATCH,
-            format!("client certificate is for {cn:?}, not {id:?}"),
-        ));
-    }
-    let serial = cert.raw_serial_as_string().replace(':', "");
-    let existing = st.store.get(&id).map_err(internal)?.ok_or_else(|| {
-        fail(
-            StatusCode::NOT_FOUND,
-            error_code::NOT_FOUND,
-            "unknown device",
-        )
-    })?;
-    if !existing
-        .record
-        .certificate_serial
-        .eq_ignore_ascii_case(&serial)
-    {
-        return Err(fail(
-            StatusCode::FORBIDDEN,
-            error_code::CERT_NOT_CURRENT,
-            "client certificate is not the device's current one",
-        ));
+    match cert_device(&st, &der, &id)? {
+        CertCheck::Current => {}
+        CertCheck::Unknown => {
+            return Err(fail(
+                StatusCode::NOT_FOUND,
+                error_code::NOT_FOUND,
+                "unknown device",
+            ));
+        }
+        CertCheck::OtherDevice(cn) => {
+            return Err(fail(
+                StatusCode::FORBIDDEN,
+                error_code::CN_MISMATCH,
+                format!("client certificate is for {cn:?}, not {id:?}"),
+            ));
+        }
+        CertCheck::NotCurrent => {
+            return Err(fail(
+                StatusCode::FORBIDDEN,
+                error_code::CERT_NOT_CURRENT,
+                "client certificate is not the device's current one",
+            ));
+        }
     }
     let (req, csr) = checked_request(body, &id)?;
     let resp = issue(

@@ -29,6 +29,51 @@ pub struct BridgeConfig {
     /// The terminal proxy; absent: `/terminal` answers 404.
     #[serde(default)]
     pub terminal: Option<TerminalSection>,
+    #[serde(default)]
+    pub ddi: DdiSection,
+}
+
+/// `[ddi]`: the hawkBit-compatible DDI server (devices authenticate with their enrolled
+/// certificate, a TargetToken, or the GatewayToken) and the OTA management API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdiSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// hawkBit's tenant, the first path segment (`/{tenant}/controller/v1/{controllerId}`).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// `config.polling.sleep` sent to devices.
+    #[serde(default = "default_polling_sleep", with = "humantime_serde")]
+    pub polling_sleep: Duration,
+    /// File holding the GatewayToken; absent: GatewayToken authentication is off.
+    #[serde(default)]
+    pub gateway_token_file: Option<PathBuf>,
+    /// Where uploaded bundles are kept; default `<data_dir>/artifacts`.
+    #[serde(default)]
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+impl Default for DdiSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tenant: default_tenant(),
+            polling_sleep: default_polling_sleep(),
+            gateway_token_file: None,
+            artifacts_dir: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_tenant() -> String {
+    "DEFAULT".into()
+}
+fn default_polling_sleep() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// `[terminal]`: who may open a shell on which device, and how the proxy reaches it.
@@ -184,6 +229,13 @@ fn default_keepalive() -> u16 {
 }
 
 impl BridgeConfig {
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.ddi
+            .artifacts_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("artifacts"))
+    }
+
     /// Load `path`; a missing file means all defaults (handy for `init` on a dev machine).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let src = match std::fs::read_to_string(path) {

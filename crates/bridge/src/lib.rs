@@ -1,13 +1,16 @@
 //! thingsly-bridge: the slim server side. It owns the enrollment CA, the device registry
 //! (SQLite by default) with each device's WireGuard address, and the HTTPS API devices and
-//! operators use. It never holds a device's private keys.
+//! operators use, and a hawkBit-compatible DDI server with its OTA management API. It never
+//! holds a device's private keys.
 
 pub mod api;
 pub mod authz;
 pub mod ca;
 pub mod config;
+pub mod ddi_server;
 pub mod hub;
 pub mod operator_auth;
+pub mod ota_store;
 pub mod store;
 pub mod terminal_proxy;
 pub mod ticket_key;

@@ -3,10 +3,11 @@
 use anyhow::Context;
 use base64::Engine;
 use clap::{Parser, Subcommand};
-use rand_core::{OsRng, RngCore};
+use rand_core::OsRng;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use thingsly_bridge::api::random_token;
 use thingsly_bridge::api::{AppState, router};
 use thingsly_bridge::ca::{self, Ca, CaPaths, InitOptions, write_file};
 use thingsly_bridge::store::Store;
@@ -89,12 +90,153 @@ enum Cmd {
         #[arg(long)]
         device: String,
     },
+    /// OTA rollouts on the bridge's DDI server (same as the `/ota/...` management API).
+    #[command(subcommand)]
+    Ota(OtaCmd),
 }
 
-fn random_token() -> String {
-    let mut b = [0u8; 32];
-    OsRng.fill_bytes(&mut b);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+#[derive(Subcommand)]
+enum OtaCmd {
+    /// Upload a RAUC bundle as a software module; prints the module as JSON.
+    Upload {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Assign a module to devices (and/or every device of a metadata `group`); prints actions.
+    Assign {
+        #[arg(long)]
+        module: i64,
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// forced, soft or downloadonly.
+        #[arg(long = "type", default_value = "forced")]
+        kind: String,
+        /// Maintenance window start: RFC 3339, or `+<duration>` from now.
+        #[arg(long, requires = "window_duration")]
+        window_start: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window_duration: Option<Duration>,
+    },
+    /// Ask the device to cancel a running action.
+    Cancel { action: i64 },
+    /// An action and every feedback the device sent for it, as JSON.
+    Show { action: i64 },
+    /// Modules and actions, as JSON.
+    List,
+    /// Create (or replace) a device's DDI TargetToken and print it.
+    TargetToken {
+        #[arg(long)]
+        device: String,
+    },
+}
+
+fn parse_window_start(s: &str) -> anyhow::Result<i64> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(rel) = s.strip_prefix('+') {
+        return Ok(now + humantime::parse_duration(rel)?.as_secs() as i64);
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("--window-start {s:?}: RFC 3339 or +<duration>"))?;
+    Ok(t.unix_timestamp())
+}
+
+fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
+    use thingsly_bridge::ddi_server::{self, AssignRequest, Window};
+    use thingsly_bridge::ota_store::{ActionKind, status};
+    let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+    let print = |v: &dyn erased_json::Json| println!("{}", v.pretty());
+    match cmd {
+        OtaCmd::Upload {
+            file,
+            name,
+            version,
+        } => {
+            let filename = file
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let rt = tokio::runtime::Builder::new_current_thread().build()?;
+            let s = rt
+                .block_on(ddi_server::store_file(&cfg.artifacts_dir(), &file))
+                .with_context(|| file.display().to_string())?;
+            let m = store.add_module(
+                &name, &version, &filename, s.size, &s.sha256, &s.sha1, &s.md5,
+            )?;
+            print(&m);
+        }
+        OtaCmd::Assign {
+            module,
+            devices,
+            group,
+            kind,
+            window_start,
+            window_duration,
+        } => {
+            let kind = ActionKind::parse(&kind)
+                .ok_or_else(|| anyhow::anyhow!("--type {kind:?}: forced, soft or downloadonly"))?;
+            let maintenance_window = match (window_start, window_duration) {
+                (Some(s), Some(d)) => Some(Window {
+                    start: parse_window_start(&s)?,
+                    duration: d.as_secs() as i64,
+                }),
+                _ => None,
+            };
+            let req = AssignRequest {
+                module,
+                devices,
+                group,
+                kind,
+                maintenance_window,
+            };
+            let actions = ddi_server::assign_to(&store, &req).map_err(|e| anyhow::anyhow!(e))?;
+            print(&actions);
+        }
+        OtaCmd::Cancel { action } => {
+            anyhow::ensure!(
+                store.set_action_status(action, &[status::RUNNING], status::CANCELING)?,
+                "action {action} is not running"
+            );
+            println!("cancel requested for action {action}; the device confirms at its next poll");
+        }
+        OtaCmd::Show { action } => {
+            let a = store
+                .action(action)?
+                .ok_or_else(|| anyhow::anyhow!("no action {action}"))?;
+            print(&ddi_server::ActionDetail {
+                feedback: store.feedback(action)?,
+                action: a,
+            });
+        }
+        OtaCmd::List => {
+            print(
+                &serde_json::json!({ "modules": store.modules()?, "actions": store.actions(None)? }),
+            );
+        }
+        OtaCmd::TargetToken { device } => {
+            anyhow::ensure!(store.get(&device)?.is_some(), "no device {device:?}");
+            let t = random_token();
+            store.set_target_token(&device, &t)?;
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+/// Pretty JSON for whatever the OTA commands print.
+mod erased_json {
+    pub trait Json {
+        fn pretty(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn pretty(&self) -> String {
+            serde_json::to_string_pretty(self).unwrap_or_default()
+        }
+    }
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -221,6 +363,7 @@ fn main() -> anyhow::Result<()> {
             println!("revoked {device}");
             Ok(())
         }
+        Cmd::Ota(cmd) => ota(&cfg, cmd),
         Cmd::Devices => {
             let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
             println!("{}", serde_json::to_string_pretty(&store.list()?)?);
@@ -281,6 +424,19 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         )
         .with_context(|| format!("{}: [wireguard]", config_path.display()))?
         .map(Arc::new),
+        ddi: if cfg.ddi.enabled {
+            Some(thingsly_bridge::ddi_server::DdiSettings {
+                tenant: cfg.ddi.tenant.clone(),
+                polling_sleep: cfg.ddi.polling_sleep,
+                gateway_token: match &cfg.ddi.gateway_token_file {
+                    Some(p) => read_token(p)?,
+                    None => String::new(),
+                },
+                artifacts_dir: cfg.artifacts_dir(),
+            })
+        } else {
+            None
+        },
     });
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

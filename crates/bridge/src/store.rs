@@ -1,4 +1,4 @@
-//! The device registry. SQLite is the embedded default; every query lives in this file behind
+//! The device registry (the OTA tables: `ota_store.rs`). SQLite is the embedded default; every query lives in this file behind
 //! plain methods so a PostgreSQL backend can implement the same surface later.
 
 use anyhow::Context;
@@ -56,12 +56,13 @@ impl Store {
                 used_at INTEGER
              );",
         )?;
+        conn.execute_batch(crate::ota_store::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent; keep serving.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -105,6 +105,13 @@ fn the_documented_deployment_reads_as_hawkbit_means_it() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(root.sleep(), Some(std::time::Duration::from_secs(12 * 3600)));
-    assert!(root.href("deploymentBase").unwrap().contains("/deploymentBase/5?c="));
+    assert_eq!(
+        root.sleep(),
+        Some(std::time::Duration::from_secs(12 * 3600))
+    );
+    assert!(
+        root.href("deploymentBase")
+            .unwrap()
+            .contains("/deploymentBase/5?c=")
+    );
 }

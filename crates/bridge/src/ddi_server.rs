@@ -1,0 +1,1041 @@
+//! A hawkBit-compatible DDI server for development, CI and QEMU tests: the same paths, bodies,
+//! authentication (mTLS with the enrolled certificate, `TargetToken`, `GatewayToken`),
+//! ETag/If-None-Match on the root poll, `Range` (206/416) and `.MD5SUM` on artifacts, and the
+//! same feedback checks (400 on malformed bodies, 410 on closed actions) as hawkBit.
+//! Plus the management side: upload a bundle, assign it, cancel, read an action's history.
+
+use crate::api::{AppState, PeerCert};
+use crate::ota_store::{Action, ActionKind, Module, status};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use sha2::Digest;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use thingsly_proto::ddi::{self, ActionFeedback, Execution, Finished};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+/// The DDI server's settings (`[ddi]` in bridge.toml).
+#[derive(Debug, Clone)]
+pub struct DdiSettings {
+    pub tenant: String,
+    pub polling_sleep: Duration,
+    /// Empty: GatewayToken authentication is off.
+    pub gateway_token: String,
+    pub artifacts_dir: PathBuf,
+}
+
+/// hawkBit's error body, with its HTTP status.
+pub struct DdiError(StatusCode, &'static str, String);
+
+impl IntoResponse for DdiError {
+    fn into_response(self) -> Response {
+        let DdiError(status, code, message) = self;
+        if status.is_server_error() {
+            tracing::error!(%status, code, %message, "DDI request failed");
+        } else {
+            tracing::info!(%status, code, %message, "DDI request refused");
+        }
+        let body = ddi::ExceptionInfo {
+            exception_class: String::new(),
+            error_code: code.to_string(),
+            message,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn err(status: StatusCode, code: &'static str, msg: impl Into<String>) -> DdiError {
+    DdiError(status, code, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> DdiError {
+    err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "hawkbit.server.error.internal",
+        e.to_string(),
+    )
+}
+
+pub fn router() -> Router<Arc<AppState>> {
+    let base = "/{tenant}/controller/v1/{cid}";
+    Router::new()
+        .route(base, get(root))
+        .route(&format!("{base}/deploymentBase/{{aid}}"), get(deployment))
+        .route(
+            &format!("{base}/deploymentBase/{{aid}}/feedback"),
+            post(deployment_feedback),
+        )
+        .route(&format!("{base}/installedBase/{{aid}}"), get(installed))
+        .route(&format!("{base}/cancelAction/{{aid}}"), get(cancel_action))
+        .route(
+            &format!("{base}/cancelAction/{{aid}}/feedback"),
+            post(cancel_feedback),
+        )
+        .route(&format!("{base}/configData"), put(config_data))
+        .route(&format!("{base}/confirmationBase"), get(confirmation_base))
+        .route(
+            &format!("{base}/softwaremodules/{{mid}}/artifacts"),
+            get(artifacts),
+        )
+        .route(
+            &format!("{base}/softwaremodules/{{mid}}/artifacts/{{file}}"),
+            get(artifact_file),
+        )
+        .route("/ota/modules", post(upload_module).get(list_modules))
+        .route("/ota/actions", post(assign).get(list_actions))
+        .route("/ota/actions/{id}", get(show_action))
+        .route("/ota/actions/{id}/cancel", post(cancel))
+        .route("/ota/devices/{id}/target-token", post(new_target_token))
+}
+
+// ----------------------------------------------------------------------------- authentication
+
+fn authorization<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (s, rest) = v.split_once(' ')?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    !b.is_empty() && a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// Who may act as controller `cid`: its own current certificate, its target token, or the
+/// gateway token. hawkBit answers 401 to anything else.
+fn authenticate(
+    st: &AppState,
+    tenant: &str,
+    cid: &str,
+    headers: &HeaderMap,
+    peer: &PeerCert,
+) -> Result<(), DdiError> {
+    let ddi = st.ddi.as_ref().ok_or_else(|| {
+        err(
+            StatusCode::NOT_FOUND,
+            "hawkbit.server.error.repo.entitiyNotFound",
+            "the DDI server is off ([ddi] in bridge.toml)",
+        )
+    })?;
+    if tenant != ddi.tenant {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            "hawkbit.server.error.repo.entitiyNotFound",
+            format!("no tenant {tenant:?}"),
+        ));
+    }
+    if let Some(der) = &peer.0 {
+        return match crate::api::current_device_of_cert(st, der, cid) {
+            Ok(()) => Ok(()),
+            Err(why) => Err(err(
+                StatusCode::FORBIDDEN,
+                "hawkbit.server.error.insufficientpermission",
+                why,
+            )),
+        };
+    }
+    if let Some(t) = authorization(headers, "GatewayToken")
+        && ct_eq(t, &ddi.gateway_token)
+    {
+        return Ok(());
+    }
+    if let Some(t) = authorization(headers, "TargetToken")
+        && st.store.target_token_valid(cid, t).map_err(internal)?
+    {
+        return Ok(());
+    }
+    Err(err(
+        StatusCode::UNAUTHORIZED,
+        "hawkbit.server.error.unauthorized",
+        "authenticate with the device certificate, a TargetToken or a GatewayToken",
+    ))
+}
+
+fn settings(st: &AppState) -> Result<&DdiSettings, DdiError> {
+    st.ddi
+        .as_ref()
+        .ok_or_else(|| internal("DDI server not configured"))
+}
+
+/// The base URL the device used, so links work through whatever address it reached us by.
+fn base_url(headers: &HeaderMap, tenant: &str, cid: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("https://{host}/{tenant}/controller/v1/{cid}")
+}
+
+/// The device's action `aid`; 404 when it does not exist or is someone else's.
+fn own_action(st: &AppState, cid: &str, aid: &str) -> Result<Action, DdiError> {
+    let not_found = || {
+        err(
+            StatusCode::NOT_FOUND,
+            "hawkbit.server.error.repo.entitiyNotFound",
+            format!("action {aid} not found for {cid}"),
+        )
+    };
+    let id: i64 = aid.parse().map_err(|_| not_found())?;
+    match st.store.action(id).map_err(internal)? {
+        Some(a) if a.device_id == cid => Ok(a),
+        _ => Err(not_found()),
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+// ----------------------------------------------------------------------------- DDI resources
+
+type Ids = Path<(String, String)>;
+type ActionIds = Path<(String, String, String)>;
+
+async fn root(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid)): Ids,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Response, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let ddi = settings(&st)?;
+    let base = base_url(&headers, &tenant, &cid);
+    let mut links = ddi::Links::new();
+    if let Some(a) = st.store.open_action(&cid).map_err(internal)? {
+        if a.status == status::CANCELING {
+            links.insert(
+                "cancelAction".into(),
+                ddi::link(format!("{base}/cancelAction/{}", a.id)),
+            );
+        } else {
+            // hawkBit's opaque cache-buster: changes when what the device must do changes.
+            let c = cache_buster(&a, now_unix());
+            links.insert(
+                "deploymentBase".into(),
+                ddi::link(format!("{base}/deploymentBase/{}?c={c}", a.id)),
+            );
+        }
+    }
+    if st.store.config_data(&cid).map_err(internal)?.is_none() {
+        links.insert("configData".into(), ddi::link(format!("{base}/configData")));
+    }
+    if let Some(a) = st.store.installed_action(&cid).map_err(internal)? {
+        links.insert(
+            "installedBase".into(),
+            ddi::link(format!("{base}/installedBase/{}", a.id)),
+        );
+    }
+    let body = ddi::ControllerBase {
+        config: Some(ddi::Config {
+            polling: Some(ddi::Polling {
+                sleep: ddi::format_sleep(ddi.polling_sleep),
+            }),
+        }),
+        links,
+    };
+    let json = serde_json::to_vec(&body).map_err(internal)?;
+    let etag = format!("\"{}\"", &hex::encode(sha2::Sha256::digest(&json))[..16]);
+    let etag_value = HeaderValue::from_str(&etag).map_err(internal)?;
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    Ok((
+        [
+            (header::ETAG, etag_value),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/hal+json"),
+            ),
+        ],
+        json,
+    )
+        .into_response())
+}
+
+fn cache_buster(a: &Action, now: i64) -> i32 {
+    let key = format!("{}:{}:{:?}", a.id, a.kind.as_str(), a.window_open(now));
+    let d = sha2::Sha256::digest(key.as_bytes());
+    i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn deployment_of(a: &Action, m: &Module, base: &str) -> ddi::Deployment {
+    let (download, update) = match a.kind {
+        ActionKind::Forced => (ddi::HandlingType::Forced, ddi::HandlingType::Forced),
+        ActionKind::Soft => (ddi::HandlingType::Attempt, ddi::HandlingType::Attempt),
+        ActionKind::Downloadonly => (ddi::HandlingType::Forced, ddi::HandlingType::Skip),
+    };
+    ddi::Deployment {
+        download: Some(download),
+        update: Some(update),
+        maintenance_window: a.window_open(now_unix()).map(|open| {
+            if open {
+                ddi::MaintenanceWindow::Available
+            } else {
+                ddi::MaintenanceWindow::Unavailable
+            }
+        }),
+        chunks: vec![ddi::Chunk {
+            part: "os".into(),
+            version: m.version.clone(),
+            name: m.name.clone(),
+            encrypted: None,
+            artifacts: vec![artifact_of(m, base)],
+            metadata: vec![],
+        }],
+    }
+}
+
+fn artifact_of(m: &Module, base: &str) -> ddi::Artifact {
+    let url = format!("{base}/softwaremodules/{}/artifacts/{}", m.id, m.filename);
+    let mut links = ddi::Links::new();
+    links.insert("download".into(), ddi::link(url.clone()));
+    links.insert("md5sum".into(), ddi::link(format!("{url}.MD5SUM")));
+    ddi::Artifact {
+        filename: m.filename.clone(),
+        hashes: ddi::Hashes {
+            sha1: Some(m.sha1.clone()),
+            md5: Some(m.md5.clone()),
+            sha256: Some(m.sha256.clone()),
+        },
+        size: Some(m.size),
+        links,
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct HistoryQuery {
+    #[serde(rename = "actionHistory")]
+    action_history: Option<i64>,
+}
+
+/// hawkBit's `actionHistory`: the newest `n` feedback messages first (-1: all).
+fn history(
+    st: &AppState,
+    a: &Action,
+    n: Option<i64>,
+) -> Result<Option<ddi::ActionHistory>, DdiError> {
+    let Some(n) = n.filter(|n| *n != 0) else {
+        return Ok(None);
+    };
+    let mut messages: Vec<String> = st
+        .store
+        .feedback(a.id)
+        .map_err(internal)?
+        .into_iter()
+        .rev()
+        .flat_map(|f| {
+            let exec = f.body["status"]["execution"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let details: Vec<String> = f.body["status"]["details"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if details.is_empty() {
+                vec![exec]
+            } else {
+                details
+            }
+        })
+        .collect();
+    if n > 0 {
+        messages.truncate(n as usize);
+    }
+    Ok(Some(ddi::ActionHistory {
+        status: Some(a.status.to_uppercase()),
+        messages,
+    }))
+}
+
+async fn deployment_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    tenant: &str,
+    cid: &str,
+    a: &Action,
+    q: HistoryQuery,
+) -> Result<Json<ddi::DeploymentBase>, DdiError> {
+    let m = st
+        .store
+        .module(a.module_id)
+        .map_err(internal)?
+        .ok_or_else(|| internal("the action's module is gone"))?;
+    let base = base_url(headers, tenant, cid);
+    Ok(Json(ddi::DeploymentBase {
+        id: a.id.to_string(),
+        deployment: deployment_of(a, &m, &base),
+        action_history: history(st, a, q.action_history)?,
+        links: ddi::Links::new(),
+    }))
+}
+
+async fn deployment(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Query(q): Query<HistoryQuery>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::DeploymentBase>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let a = own_action(&st, &cid, &aid)?;
+    deployment_body(&st, &headers, &tenant, &cid, &a, q).await
+}
+
+async fn installed(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Query(q): Query<HistoryQuery>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::DeploymentBase>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let a = own_action(&st, &cid, &aid)?;
+    deployment_body(&st, &headers, &tenant, &cid, &a, q).await
+}
+
+/// A feedback body as hawkBit parses it: strict types, unknown fields tolerated.
+fn parse_feedback(body: &Bytes) -> Result<(ActionFeedback, serde_json::Value), DdiError> {
+    let bad = |e: String| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "hawkbit.server.error.rest.body.notReadable",
+            e,
+        )
+    };
+    let fb: ActionFeedback =
+        serde_json::from_slice(body).map_err(|e| bad(format!("feedback: {e}")))?;
+    let raw = serde_json::to_value(&fb).map_err(internal)?;
+    Ok((fb, raw))
+}
+
+fn gone(a: &Action) -> DdiError {
+    err(
+        StatusCode::GONE,
+        "hawkbit.server.error.action.closed",
+        format!("action {} is {} and takes no more feedback", a.id, a.status),
+    )
+}
+
+async fn deployment_feedback(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let (fb, raw) = parse_feedback(&body)?;
+    let a = own_action(&st, &cid, &aid)?;
+    if !status::is_open(&a.status) {
+        return Err(gone(&a));
+    }
+    st.store
+        .add_feedback(a.id, "deploymentBase", &raw)
+        .map_err(internal)?;
+    let to = match (fb.status.execution, fb.status.result.finished) {
+        (Execution::Closed, Finished::Success) => Some(status::CLOSED),
+        (Execution::Closed, Finished::Failure) => Some(status::FAILED),
+        (Execution::Downloaded, _) if a.kind == ActionKind::Downloadonly => Some(status::CLOSED),
+        _ => None,
+    };
+    if let Some(to) = to {
+        st.store
+            .set_action_status(a.id, &[status::RUNNING, status::CANCELING], to)
+            .map_err(internal)?;
+        tracing::info!(device = %cid, action = a.id, status = to, details = ?fb.status.details, "OTA action finished");
+    }
+    Ok(StatusCode::OK)
+}
+
+async fn cancel_action(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::Cancel>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let a = own_action(&st, &cid, &aid)?;
+    Ok(Json(ddi::Cancel {
+        id: Some(a.id.to_string()),
+        cancel_action: ddi::CancelActionToStop {
+            stop_id: a.id.to_string(),
+        },
+    }))
+}
+
+async fn cancel_feedback(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let (fb, raw) = parse_feedback(&body)?;
+    let a = own_action(&st, &cid, &aid)?;
+    if a.status != status::CANCELING {
+        return Err(gone(&a));
+    }
+    st.store
+        .add_feedback(a.id, "cancelAction", &raw)
+        .map_err(internal)?;
+    let to = match (fb.status.execution, fb.status.result.finished) {
+        (Execution::Rejected, _) | (_, Finished::Failure) => Some(status::RUNNING),
+        (Execution::Closed | Execution::Canceled, Finished::Success) => Some(status::CANCELED),
+        _ => None,
+    };
+    if let Some(to) = to {
+        st.store
+            .set_action_status(a.id, &[status::CANCELING], to)
+            .map_err(internal)?;
+    }
+    Ok(StatusCode::OK)
+}
+
+async fn config_data(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid)): Ids,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let cd: ddi::ConfigData = serde_json::from_slice(&body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "hawkbit.server.error.rest.body.notReadable",
+            format!("configData: {e}"),
+        )
+    })?;
+    let mut data = st
+        .store
+        .config_data(&cid)
+        .map_err(internal)?
+        .unwrap_or_default();
+    match cd.mode.unwrap_or(ddi::ConfigDataMode::Merge) {
+        ddi::ConfigDataMode::Merge => data.extend(cd.data),
+        ddi::ConfigDataMode::Replace => data = cd.data,
+        ddi::ConfigDataMode::Remove => data.retain(|k, _| !cd.data.contains_key(k)),
+    }
+    st.store.put_config_data(&cid, &data).map_err(internal)?;
+    Ok(StatusCode::OK)
+}
+
+/// Confirmation is automatic on this server: every assignment is confirmed.
+async fn confirmation_base(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid)): Ids,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::ConfirmationBase>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    Ok(Json(ddi::ConfirmationBase {
+        auto_confirm: ddi::AutoConfirm {
+            active: true,
+            initiator: Some("thingsly-bridge".into()),
+            remark: None,
+        },
+        links: ddi::Links::new(),
+    }))
+}
+
+/// The module, when the device has (or had) an action for it.
+fn device_module(st: &AppState, cid: &str, mid: &str) -> Result<Module, DdiError> {
+    let not_found = || {
+        err(
+            StatusCode::NOT_FOUND,
+            "hawkbit.server.error.repo.entitiyNotFound",
+            format!("software module {mid} not found"),
+        )
+    };
+    let id: i64 = mid.parse().map_err(|_| not_found())?;
+    let assigned = st
+        .store
+        .actions(Some(cid))
+        .map_err(internal)?
+        .iter()
+        .any(|a| a.module_id == id);
+    if !assigned {
+        return Err(not_found());
+    }
+    st.store.module(id).map_err(internal)?.ok_or_else(not_found)
+}
+
+async fn artifacts(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, mid)): ActionIds,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ddi::Artifact>>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let m = device_module(&st, &cid, &mid)?;
+    let base = base_url(&headers, &tenant, &cid);
+    Ok(Json(vec![artifact_of(&m, &base)]))
+}
+
+pub fn artifact_path(dir: &FsPath, sha256: &str) -> PathBuf {
+    dir.join(format!("{sha256}.bin"))
+}
+
+/// A `Range` that cannot be served (416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A single `bytes=` range against `size`: `Ok(None)` for no/ignored header, `Err` for 416.
+pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+    let bad = |_| Unsatisfiable;
+    let Some(h) = header else { return Ok(None) };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Multipart ranges: hawkBit serves the whole file too.
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(bad)?;
+        if n == 0 {
+            return Err(Unsatisfiable);
+        }
+        (size.saturating_sub(n), size.saturating_sub(1))
+    } else {
+        let start: u64 = a.parse().map_err(bad)?;
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>().map_err(bad)?.min(size.saturating_sub(1))
+        };
+        (start, end)
+    };
+    if size == 0 || start >= size || start > end {
+        return Err(Unsatisfiable);
+    }
+    Ok(Some((start, end)))
+}
+
+async fn artifact_file(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, mid, file)): Path<(String, String, String, String)>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Response, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let m = device_module(&st, &cid, &mid)?;
+    if file == format!("{}.MD5SUM", m.filename) {
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("{}  {}\n", m.md5, m.filename),
+        )
+            .into_response());
+    }
+    if file != m.filename {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            "hawkbit.server.error.repo.entitiyNotFound",
+            format!("no artifact {file:?} in module {mid}"),
+        ));
+    }
+    let path = artifact_path(&settings(&st)?.artifacts_dir, &m.sha256);
+    let mut f = tokio::fs::File::open(&path).await.map_err(internal)?;
+    let size = m.size;
+    let etag = format!("\"{}\"", m.sha256);
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let common = [
+        (header::ACCEPT_RANGES, "bytes".to_string()),
+        (header::ETAG, etag),
+        (header::CONTENT_TYPE, "application/octet-stream".into()),
+        (
+            header::CONTENT_DISPOSITION,
+            format!("attachment;filename={}", m.filename),
+        ),
+    ];
+    match parse_range(range, size) {
+        Err(Unsatisfiable) => Ok((
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+        )
+            .into_response()),
+        Ok(None) => {
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));
+            Ok((common, [(header::CONTENT_LENGTH, size.to_string())], body).into_response())
+        }
+        Ok(Some((start, end))) => {
+            f.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(internal)?;
+            let len = end - start + 1;
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(f.take(len)));
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                common,
+                [
+                    (header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}")),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                body,
+            )
+                .into_response())
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------- management
+
+fn admin(st: &AppState, headers: &HeaderMap) -> Result<(), DdiError> {
+    match authorization(headers, "Bearer") {
+        Some(t) if ct_eq(t, &st.admin_token) => Ok(()),
+        _ => Err(err(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the OTA management API needs the admin token (Authorization: Bearer)",
+        )),
+    }
+}
+
+/// Streams `body` into the artifact store while hashing it; returns the module's hashes.
+pub struct Stored {
+    pub size: u64,
+    pub sha256: String,
+    pub sha1: String,
+    pub md5: String,
+}
+
+pub struct ArtifactWriter {
+    dir: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    file: tokio::fs::File,
+    size: u64,
+    sha256: sha2::Sha256,
+    sha1: sha1::Sha1,
+    md5: md5::Md5,
+}
+
+impl ArtifactWriter {
+    pub fn new(dir: &FsPath) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let file = tokio::fs::File::from_std(tmp.reopen()?);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tmp,
+            file,
+            size: 0,
+            sha256: sha2::Sha256::new(),
+            sha1: sha1::Sha1::new(),
+            md5: md5::Md5::new(),
+        })
+    }
+    pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.sha256.update(chunk);
+        self.sha1.update(chunk);
+        self.md5.update(chunk);
+        self.size += chunk.len() as u64;
+        self.file.write_all(chunk).await
+    }
+    pub async fn finish(mut self) -> std::io::Result<Stored> {
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        let stored = Stored {
+            size: self.size,
+            sha256: hex::encode(self.sha256.finalize()),
+            sha1: hex::encode(self.sha1.finalize()),
+            md5: hex::encode(self.md5.finalize()),
+        };
+        self.tmp
+            .persist(artifact_path(&self.dir, &stored.sha256))
+            .map_err(|e| e.error)?;
+        Ok(stored)
+    }
+}
+
+/// Store a bundle file (the CLI's upload).
+pub async fn store_file(dir: &FsPath, src: &FsPath) -> std::io::Result<Stored> {
+    let mut w = ArtifactWriter::new(dir)?;
+    let mut f = tokio::fs::File::open(src).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        w.write(&buf[..n]).await?;
+    }
+    w.finish().await
+}
+
+#[derive(serde::Deserialize)]
+struct UploadQuery {
+    name: String,
+    version: String,
+    filename: Option<String>,
+}
+
+fn is_safe_filename(f: &str) -> bool {
+    !f.is_empty()
+        && f.len() <= 128
+        && !f.starts_with('.')
+        && f.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+}
+
+async fn upload_module(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Module>, DdiError> {
+    admin(&st, &headers)?;
+    let filename = q
+        .filename
+        .unwrap_or_else(|| format!("{}-{}.raucb", q.name, q.version));
+    if !is_safe_filename(&filename) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("filename {filename:?}: use letters, digits and ._-+"),
+        ));
+    }
+    let mut w = ArtifactWriter::new(&settings(&st)?.artifacts_dir).map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("upload interrupted: {e}"),
+            )
+        })?;
+        w.write(&chunk).await.map_err(internal)?;
+    }
+    let s = w.finish().await.map_err(internal)?;
+    let m = st
+        .store
+        .add_module(
+            &q.name, &q.version, &filename, s.size, &s.sha256, &s.sha1, &s.md5,
+        )
+        .map_err(internal)?;
+    tracing::info!(module = m.id, name = %m.name, version = %m.version, size = m.size, "OTA module uploaded");
+    Ok(Json(m))
+}
+
+async fn list_modules(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Module>>, DdiError> {
+    admin(&st, &headers)?;
+    Ok(Json(st.store.modules().map_err(internal)?))
+}
+
+/// `POST /ota/actions`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignRequest {
+    pub module: i64,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Every enrolled device whose metadata has `"group": <this>`.
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(rename = "type", default = "forced")]
+    pub kind: ActionKind,
+    #[serde(default)]
+    pub maintenance_window: Option<Window>,
+}
+
+fn forced() -> ActionKind {
+    ActionKind::Forced
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Unix seconds.
+    pub start: i64,
+    /// Seconds.
+    pub duration: i64,
+}
+
+/// Assign (shared by the API and the CLI): the devices named plus the group's members.
+pub fn assign_to(st: &crate::store::Store, req: &AssignRequest) -> Result<Vec<Action>, String> {
+    if st.module(req.module).map_err(|e| e.to_string())?.is_none() {
+        return Err(format!("no module {}", req.module));
+    }
+    let mut devices = req.devices.clone();
+    if let Some(g) = &req.group {
+        for d in st.list().map_err(|e| e.to_string())? {
+            if d.metadata.get("group").and_then(|v| v.as_str()) == Some(g.as_str()) {
+                devices.push(d.device_id);
+            }
+        }
+    }
+    devices.sort();
+    devices.dedup();
+    if devices.is_empty() {
+        return Err("no device: give devices or a group with members".into());
+    }
+    for d in &devices {
+        if st.get(d).map_err(|e| e.to_string())?.is_none() {
+            return Err(format!("device {d:?} is not enrolled"));
+        }
+    }
+    if let Some(w) = req.maintenance_window
+        && w.duration <= 0
+    {
+        return Err("maintenance_window.duration must be positive".into());
+    }
+    devices
+        .iter()
+        .map(|d| {
+            st.assign(
+                d,
+                req.module,
+                req.kind,
+                req.maintenance_window.map(|w| (w.start, w.duration)),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+async fn assign(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Vec<Action>>, DdiError> {
+    admin(&st, &headers)?;
+    let req: AssignRequest = serde_json::from_slice(&body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let actions =
+        assign_to(&st.store, &req).map_err(|e| err(StatusCode::BAD_REQUEST, "bad_request", e))?;
+    for a in &actions {
+        tracing::info!(action = a.id, device = %a.device_id, module = a.module_id, kind = a.kind.as_str(), "OTA assigned");
+    }
+    Ok(Json(actions))
+}
+
+#[derive(serde::Deserialize)]
+struct ActionsQuery {
+    device: Option<String>,
+}
+
+async fn list_actions(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<ActionsQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Action>>, DdiError> {
+    admin(&st, &headers)?;
+    Ok(Json(
+        st.store.actions(q.device.as_deref()).map_err(internal)?,
+    ))
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct ActionDetail {
+    pub action: Action,
+    pub feedback: Vec<crate::ota_store::FeedbackEntry>,
+}
+
+async fn show_action(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Result<Json<ActionDetail>, DdiError> {
+    admin(&st, &headers)?;
+    let action = st.store.action(id).map_err(internal)?.ok_or_else(|| {
+        err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no action {id}"),
+        )
+    })?;
+    let feedback = st.store.feedback(id).map_err(internal)?;
+    Ok(Json(ActionDetail { action, feedback }))
+}
+
+async fn cancel(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Result<Json<Action>, DdiError> {
+    admin(&st, &headers)?;
+    if !st
+        .store
+        .set_action_status(id, &[status::RUNNING], status::CANCELING)
+        .map_err(internal)?
+    {
+        return Err(err(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("action {id} is not running"),
+        ));
+    }
+    let a = st
+        .store
+        .action(id)
+        .map_err(internal)?
+        .ok_or_else(|| internal("vanished"))?;
+    Ok(Json(a))
+}
+
+async fn new_target_token(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, DdiError> {
+    admin(&st, &headers)?;
+    if st.store.get(&id).map_err(internal)?.is_none() {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {id}"),
+        ));
+    }
+    let token = crate::api::random_token();
+    st.store.set_target_token(&id, &token).map_err(internal)?;
+    Ok(Json(
+        serde_json::json!({ "device_id": id, "target_token": token }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(parse_range(None, 100), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-9"), 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range(Some("bytes=90-"), 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range(Some("bytes=-10"), 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range(Some("bytes=95-200"), 100), Ok(Some((95, 99))));
+        assert_eq!(parse_range(Some("bytes=100-"), 100), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=5-2"), 100), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=-0"), 100), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=x-"), 100), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(parse_range(Some("items=0-1"), 100), Ok(None));
+    }
+
+    #[test]
+    fn filenames_cannot_escape_the_store() {
+        assert!(is_safe_filename("os-2.0.raucb"));
+        for bad in ["", "../x", ".hidden", "a/b", "a b"] {
+            assert!(!is_safe_filename(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The OTA side of the registry: software modules (one uploaded RAUC bundle each), actions
+//! (a module assigned to a device), every feedback a device sent, and its `configData`.
+//! Same database and lock as the device registry in `store.rs`.
+
+use crate::store::Store;
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: &str = "
+     CREATE TABLE IF NOT EXISTS ota_modules (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        sha1 TEXT NOT NULL,
+        md5 TEXT NOT NULL,
+        created_at TEXT NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS ota_actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        module_id INTEGER NOT NULL REFERENCES ota_modules(id),
+        kind TEXT NOT NULL,
+        window_start INTEGER,
+        window_duration INTEGER,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+     );
+     CREATE INDEX IF NOT EXISTS ota_actions_device ON ota_actions(device_id, status);
+     CREATE TABLE IF NOT EXISTS ota_feedback (
+        action_id INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        body TEXT NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS ota_target_tokens (
+        device_id TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS ota_config_data (
+        device_id TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+     );";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Module {
+    pub id: i64,
+    pub name: String,
+    pub version: String,
+    pub filename: String,
+    pub size: u64,
+    pub sha256: String,
+    pub sha1: String,
+    pub md5: String,
+    pub created_at: String,
+}
+
+/// How an assignment is to be carried out (hawkBit's action types).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionKind {
+    /// download and update: forced.
+    Forced,
+    /// download and update: attempt.
+    Soft,
+    /// download forced, update skip: closed once the device reports `downloaded`.
+    Downloadonly,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Forced => "forced",
+            ActionKind::Soft => "soft",
+            ActionKind::Downloadonly => "downloadonly",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "forced" => ActionKind::Forced,
+            "soft" => ActionKind::Soft,
+            "downloadonly" => ActionKind::Downloadonly,
+            _ => return None,
+        })
+    }
+}
+
+/// An action's life: `running` → `closed`/`failed` (device's final feedback); `running` →
+/// `canceling` (operator) → `canceled` (device confirmed) or back to `running` (rejected).
+pub mod status {
+    pub const RUNNING: &str = "running";
+    pub const CANCELING: &str = "canceling";
+    pub const CANCELED: &str = "canceled";
+    pub const CLOSED: &str = "closed";
+    pub const FAILED: &str = "failed";
+    pub fn is_open(s: &str) -> bool {
+        s == RUNNING || s == CANCELING
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Action {
+    pub id: i64,
+    pub device_id: String,
+    pub module_id: i64,
+    pub kind: ActionKind,
+    /// Maintenance window: unix seconds and length; none means "any time".
+    pub window_start: Option<i64>,
+    pub window_duration: Option<i64>,
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Action {
+    /// `None` without a window; else whether `now` (unix seconds) is inside it.
+    pub fn window_open(&self, now: i64) -> Option<bool> {
+        let start = self.window_start?;
+        let len = self.window_duration.unwrap_or(i64::MAX / 4);
+        Some(now >= start && now < start.saturating_add(len))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeedbackEntry {
+    pub at: String,
+    /// `deploymentBase`, `cancelAction` or `installedBase`.
+    pub endpoint: String,
+    pub body: serde_json::Value,
+}
+
+fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn row_to_action(r: &rusqlite::Row<'_>) -> rusqlite::Result<Action> {
+    let kind: String = r.get(3)?;
+    Ok(Action {
+        id: r.get(0)?,
+        device_id: r.get(1)?,
+        module_id: r.get(2)?,
+        kind: ActionKind::parse(&kind).unwrap_or(ActionKind::Forced),
+        window_start: r.get(4)?,
+        window_duration: r.get(5)?,
+        status: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+const ACTION_COLS: &str =
+    "id, device_id, module_id, kind, window_start, window_duration, status, created_at, updated_at";
+
+fn row_to_module(r: &rusqlite::Row<'_>) -> rusqlite::Result<Module> {
+    Ok(Module {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        filename: r.get(3)?,
+        size: r.get::<_, i64>(4)? as u64,
+        sha256: r.get(5)?,
+        sha1: r.get(6)?,
+        md5: r.get(7)?,
+        created_at: r.get(8)?,
+    })
+}
+
+const MODULE_COLS: &str = "id, name, version, filename, size, sha256, sha1, md5, created_at";
+
+impl Store {
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_module(
+        &self,
+        name: &str,
+        version: &str,
+        filename: &str,
+        size: u64,
+        sha256: &str,
+        sha1: &str,
+        md5: &str,
+    ) -> anyhow::Result<Module> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO ota_modules (name, version, filename, size, sha256, sha1, md5, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                name,
+                version,
+                filename,
+                size as i64,
+                sha256,
+                sha1,
+                md5,
+                now()
+            ],
+        )?;
+        let id = c.last_insert_rowid();
+        Ok(c.query_row(
+            &format!("SELECT {MODULE_COLS} FROM ota_modules WHERE id = ?1"),
+            params![id],
+            row_to_module,
+        )?)
+    }
+
+    pub fn module(&self, id: i64) -> anyhow::Result<Option<Module>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {MODULE_COLS} FROM ota_modules WHERE id = ?1"),
+                params![id],
+                row_to_module,
+            )
+            .optional()?)
+    }
+
+    pub fn modules(&self) -> anyhow::Result<Vec<Module>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {MODULE_COLS} FROM ota_modules ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], row_to_module)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Assign a module to a device. An open action of the device is superseded (canceled on
+    /// the server, as hawkBit does when a new assignment replaces a running one).
+    pub fn assign(
+        &self,
+        device_id: &str,
+        module_id: i64,
+        kind: ActionKind,
+        window: Option<(i64, i64)>,
+    ) -> anyhow::Result<Action> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let t = now();
+        tx.execute(
+            "UPDATE ota_actions SET status = ?2, updated_at = ?3
+              WHERE device_id = ?1 AND status IN ('running', 'canceling')",
+            params![device_id, status::CANCELED, t],
+        )?;
+        tx.execute(
+            "INSERT INTO ota_actions (device_id, module_id, kind, window_start, window_duration,
+                                      status, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            params![
+                device_id,
+                module_id,
+                kind.as_str(),
+                window.map(|w| w.0),
+                window.map(|w| w.1),
+                status::RUNNING,
+                t
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        let a = tx.query_row(
+            &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
+            params![id],
+            row_to_action,
+        )?;
+        tx.commit()?;
+        Ok(a)
+    }
+
+    pub fn action(&self, id: i64) -> anyhow::Result<Option<Action>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
+                params![id],
+                row_to_action,
+            )
+            .optional()?)
+    }
+
+    /// The device's open action (at most one), if any.
+    pub fn open_action(&self, device_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {ACTION_COLS} FROM ota_actions
+                      WHERE device_id = ?1 AND status IN ('running', 'canceling')
+                      ORDER BY id DESC LIMIT 1"
+                ),
+                params![device_id],
+                row_to_action,
+            )
+            .optional()?)
+    }
+
+    /// The device's last successfully closed action (hawkBit's `installedBase`).
+    pub fn installed_action(&self, device_id: &str) -> anyhow::Result<Option<Action>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {ACTION_COLS} FROM ota_actions
+                      WHERE device_id = ?1 AND status = 'closed' ORDER BY id DESC LIMIT 1"
+                ),
+                params![device_id],
+                row_to_action,
+            )
+            .optional()?)
+    }
+
+    pub fn actions(&self, device_id: Option<&str>) -> anyhow::Result<Vec<Action>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {ACTION_COLS} FROM ota_actions
+              WHERE ?1 IS NULL OR device_id = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map(params![device_id], row_to_action)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Move an action from one of `from` to `to`; false when it was in none of them.
+    pub fn set_action_status(&self, id: i64, from: &[&str], to: &str) -> anyhow::Result<bool> {
+        let c = self.conn();
+        let current: Option<String> = c
+            .query_row(
+                "SELECT status FROM ota_actions WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match current {
+            Some(s) if from.contains(&s.as_str()) => {
+                c.execute(
+                    "UPDATE ota_actions SET status = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![id, to, now()],
+                )?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub fn add_feedback(
+        &self,
+        action_id: i64,
+        endpoint: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO ota_feedback (action_id, at, endpoint, body) VALUES (?1, ?2, ?3, ?4)",
+            params![action_id, now(), endpoint, body.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn feedback(&self, action_id: i64) -> anyhow::Result<Vec<FeedbackEntry>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT at, endpoint, body FROM ota_feedback WHERE action_id = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map(params![action_id], |r| {
+            let body: String = r.get(2)?;
+            Ok(FeedbackEntry {
+                at: r.get(0)?,
+                endpoint: r.get(1)?,
+                body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Set the device's DDI TargetToken (replacing the old one); only its hash is kept.
+    pub fn set_target_token(&self, device_id: &str, token: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO ota_target_tokens (device_id, token_sha256) VALUES (?1, ?2)
+             ON CONFLICT(device_id) DO UPDATE SET token_sha256 = excluded.token_sha256",
+            params![device_id, token_sha256(token)],
+        )?;
+        Ok(())
+    }
+
+    pub fn target_token_valid(&self, device_id: &str, token: &str) -> anyhow::Result<bool> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM ota_target_tokens WHERE device_id = ?1 AND token_sha256 = ?2",
+            params![device_id, token_sha256(token)],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    pub fn put_config_data(
+        &self,
+        device_id: &str,
+        data: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT INTO ota_config_data (device_id, data, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(device_id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+            params![device_id, serde_json::to_string(data)?, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn config_data(
+        &self,
+        device_id: &str,
+    ) -> anyhow::Result<Option<std::collections::BTreeMap<String, String>>> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT data FROM ota_config_data WHERE device_id = ?1",
+                params![device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match text {
+            Some(t) => Some(serde_json::from_str(&t)?),
+            None => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_new_assignment_supersedes_the_open_one_and_status_moves_only_from_expected_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let m = s
+            .add_module("os", "2.0", "os.raucb", 10, "aa", "bb", "cc")
+            .unwrap();
+        let a1 = s.assign("dev1", m.id, ActionKind::Forced, None).unwrap();
+        let a2 = s
+            .assign("dev1", m.id, ActionKind::Soft, Some((100, 50)))
+            .unwrap();
+        assert_eq!(s.action(a1.id).unwrap().unwrap().status, status::CANCELED);
+        assert_eq!(s.open_action("dev1").unwrap().unwrap().id, a2.id);
+        assert_eq!(a2.window_open(120), Some(true));
+        assert_eq!(a2.window_open(150), Some(false));
+        assert!(
+            !s.set_action_status(a1.id, &[status::RUNNING], status::CLOSED)
+                .unwrap()
+        );
+        assert!(
+            s.set_action_status(a2.id, &[status::RUNNING], status::CLOSED)
+                .unwrap()
+        );
+        assert_eq!(s.installed_action("dev1").unwrap().unwrap().id, a2.id);
+        assert!(s.open_action("dev1").unwrap().is_none());
+    }
+}
