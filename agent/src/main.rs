@@ -188,6 +188,33 @@ fn tunnel_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(tunnel_module::run(ctx))
 }
 
+#[cfg(feature = "ota")]
+fn ota_module(ctx: Ctx) -> ModuleFuture {
+    let c = &ctx.cfg;
+    let cfg = thingsly_ota::OtaConfig {
+        section: c.ota.clone(),
+        device_id: c.device.id.clone(),
+        server_url: if c.ota.server_url.is_empty() {
+            c.enroll.server_url.clone()
+        } else {
+            c.ota.server_url.clone()
+        },
+        reboot: c.commands.reboot.clone(),
+        telemetry_enabled: cfg!(feature = "telemetry") && c.telemetry.enabled,
+    };
+    Box::pin(async move {
+        thingsly_ota::run(
+            cfg,
+            ctx.state.clone(),
+            ctx.dir.clone(),
+            ctx.creds_tx.subscribe(),
+            ctx.shutdown.clone(),
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    })
+}
+
 fn enroll_module(ctx: Ctx) -> ModuleFuture {
     Box::pin(enroll_module::run(ctx))
 }
@@ -237,7 +264,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             feature = "telemetry",
             feature = "metrics",
             feature = "terminal",
-            feature = "tunnel"
+            feature = "tunnel",
+            feature = "ota"
         )),
         allow(unused_mut)
     )]
@@ -281,6 +309,16 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             "disabled",
             "terminal.enabled = false",
         );
+    }
+    #[cfg(feature = "ota")]
+    if !ctx.cfg.ota.enabled {
+        ctx.state
+            .set_module(thingsly_ota::MODULE, "disabled", "ota.enabled = false");
+    } else if !ctx.cfg.rauc.enabled {
+        ctx.state
+            .set_module(thingsly_ota::MODULE, "disabled", "rauc.enabled = false");
+    } else {
+        modules.push((thingsly_ota::MODULE, ota_module));
     }
     supervisor::run(ctx, modules).await
 }

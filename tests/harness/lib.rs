@@ -6,6 +6,7 @@
 
 mod idp;
 mod influx;
+pub mod rauc;
 pub mod ttyd;
 pub use idp::{Idp, Operators, SigningKey};
 pub use influx::{Influx, Netns, VethPair, run};
@@ -394,6 +395,8 @@ pub struct AgentOpts {
     pub tunnel: Option<String>,
     /// Extra sections at the end of the file.
     pub extra: String,
+    /// `[commands] reboot` (a TOML array).
+    pub reboot: String,
 }
 
 impl Default for AgentOpts {
@@ -410,6 +413,7 @@ impl Default for AgentOpts {
             rauc_enabled: false,
             tunnel: None,
             extra: String::new(),
+            reboot: "[\"true\"]".into(),
         }
     }
 }
@@ -436,7 +440,7 @@ impl Agent {
                 "[device]\nid = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nsw_version = \"1.0.0\"\n\n\
                  [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n\n\
                  [telemetry]\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
-                 [rauc]\nenabled = {}\n\n[commands]\nreboot = [\"true\"]\n\n[tunnel]\nenabled = {}\n{}\n{}\n",
+                 [rauc]\nenabled = {}\n\n[commands]\nreboot = {}\n\n[tunnel]\nenabled = {}\n{}\n{}\n",
                 o.device_id,
                 dir.join("state").display(),
                 dir.join("run").display(),
@@ -448,6 +452,7 @@ impl Agent {
                 o.spool_max_messages,
                 o.telemetry_extra,
                 o.rauc_enabled,
+                o.reboot,
                 o.tunnel.is_some(),
                 o.tunnel.as_deref().unwrap_or_default(),
                 o.extra,

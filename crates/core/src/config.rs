@@ -25,6 +25,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub rauc: RaucSection,
     #[serde(default)]
+    pub ota: OtaSection,
+    #[serde(default)]
     pub commands: CommandsSection,
     #[serde(default)]
     pub log: LogSection,
@@ -419,6 +421,118 @@ impl Default for RaucSection {
     }
 }
 
+/// How the OTA module authenticates to the DDI server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DdiAuth {
+    /// mTLS with the enrolled device certificate (the bridge; hawkBit behind a TLS proxy).
+    Certificate,
+    /// `Authorization: TargetToken <ota.token>` (hawkBit's per-device token).
+    TargetToken,
+    /// `Authorization: GatewayToken <ota.token>` (hawkBit's tenant-wide token).
+    GatewayToken,
+}
+
+/// `[ota]`: updates from a hawkBit DDI server, installed through RAUC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `https://host:port` of the DDI server; empty: `enroll.server_url` (the bridge).
+    #[serde(default)]
+    pub server_url: String,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    #[serde(default = "default_ddi_auth")]
+    pub auth: DdiAuth,
+    /// TargetToken/GatewayToken inline; prefer `token_file` (0600).
+    #[serde(default)]
+    pub token: String,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Trust anchors for the DDI server and artifact downloads; empty: the enrolled CA chain.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Poll interval until the server sends its own (`config.polling.sleep`).
+    #[serde(default = "default_ota_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Upper bound for the server's polling time (a typo of 12:00:00 must not stall updates).
+    #[serde(default = "default_ota_max_poll", with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// Where bundles are downloaded (the data partition); default `<state_dir>/ota`.
+    #[serde(default)]
+    pub download_dir: Option<PathBuf>,
+    /// Download attempts after a cut or a 5xx before the action is reported failed.
+    #[serde(default = "default_download_attempts")]
+    pub download_attempts: u32,
+    /// Give the installed bundle's http(s) URL to RAUC instead of downloading it ourselves
+    /// (RAUC streaming/download; needs a RAUC that can reach the server itself).
+    #[serde(default)]
+    pub rauc_url_install: bool,
+    /// After booting the new slot, health checks must pass within this time.
+    #[serde(default = "default_health_deadline", with = "humantime_serde")]
+    pub health_deadline: Duration,
+    /// Health check: the MQTT session must be connected (only when telemetry is on).
+    #[serde(default = "yes")]
+    pub health_mqtt: bool,
+    /// Health check: the DDI server must answer a poll.
+    #[serde(default = "yes")]
+    pub health_ddi: bool,
+    /// Health check: this command must exit 0 (argv; empty: none).
+    #[serde(default)]
+    pub health_command: Vec<String>,
+    /// Tells a reboot from an agent restart; tests point it at a file they change.
+    #[serde(default = "default_boot_id_path")]
+    pub boot_id_path: PathBuf,
+}
+
+impl Default for OtaSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            server_url: String::new(),
+            tenant: default_tenant(),
+            auth: default_ddi_auth(),
+            token: String::new(),
+            token_file: None,
+            ca_bundle: None,
+            poll_interval: default_ota_poll(),
+            max_poll_interval: default_ota_max_poll(),
+            download_dir: None,
+            download_attempts: default_download_attempts(),
+            rauc_url_install: false,
+            health_deadline: default_health_deadline(),
+            health_mqtt: true,
+            health_ddi: true,
+            health_command: Vec::new(),
+            boot_id_path: default_boot_id_path(),
+        }
+    }
+}
+
+fn default_tenant() -> String {
+    "DEFAULT".into()
+}
+fn default_ddi_auth() -> DdiAuth {
+    DdiAuth::Certificate
+}
+fn default_ota_poll() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_ota_max_poll() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_download_attempts() -> u32 {
+    8
+}
+fn default_health_deadline() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_boot_id_path() -> PathBuf {
+    PathBuf::from("/proc/sys/kernel/random/boot_id")
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsSection {
@@ -681,6 +795,38 @@ impl AgentConfig {
         }
         if self.commands.reboot.is_empty() {
             return Err(("commands.reboot", "must name a command".into()));
+        }
+        self.validate_ota()
+    }
+
+    fn validate_ota(&self) -> Result<(), (&'static str, String)> {
+        let o = &self.ota;
+        if !o.server_url.is_empty() && !o.server_url.starts_with("https://") {
+            return Err((
+                "ota.server_url",
+                format!("{:?} must be an https:// URL", o.server_url),
+            ));
+        }
+        if o.tenant.is_empty() || o.tenant.contains('/') {
+            return Err(("ota.tenant", "must be a non-empty path segment".into()));
+        }
+        if o.auth != DdiAuth::Certificate && o.token.is_empty() && o.token_file.is_none() {
+            return Err((
+                "ota.auth",
+                "token authentication needs ota.token or ota.token_file".into(),
+            ));
+        }
+        if o.poll_interval < Duration::from_secs(1) {
+            return Err(("ota.poll_interval", "must be at least 1s".into()));
+        }
+        if o.max_poll_interval < o.poll_interval {
+            return Err((
+                "ota.max_poll_interval",
+                "must not be below ota.poll_interval".into(),
+            ));
+        }
+        if o.download_attempts == 0 {
+            return Err(("ota.download_attempts", "must be at least 1".into()));
         }
         Ok(())
     }

@@ -14,8 +14,10 @@ pub struct DeviceState {
     pub rauc_compatible: String,
     pub hardware: String,
     pub agent_version: String,
-    /// "idle" until the OTA module says otherwise.
+    /// idle, downloading, installing, rebooting, verifying, success, failed.
     pub ota_status: String,
+    /// Why the last OTA action failed; empty after a success.
+    pub ota_error: String,
     pub tunnel_address: Option<String>,
     /// "up" (a recent handshake with the hub), "down", or empty without a tunnel module.
     pub tunnel_state: String,
@@ -100,6 +102,23 @@ pub fn attribute_view(s: &DeviceState) -> serde_json::Value {
         "tunnel_endpoint": s.tunnel_endpoint,
         "tunnel_last_handshake": s.tunnel_last_handshake,
         "ota_status": s.ota_status,
+        "ota_error": s.ota_error,
+        // ThingsBoard's OTA dashboard keys.
+        "current_sw_version": s.sw_version,
+        "sw_state": thingsboard_sw_state(&s.ota_status),
+        "sw_error": s.ota_error,
+    })
+}
+
+/// ThingsBoard's `sw_state` for our `ota_status` (`null` while idle).
+pub fn thingsboard_sw_state(ota_status: &str) -> Option<&'static str> {
+    Some(match ota_status {
+        "downloading" => "DOWNLOADING",
+        "installing" | "rebooting" => "UPDATING",
+        "verifying" => "VERIFIED",
+        "success" => "UPDATED",
+        "failed" => "FAILED",
+        _ => return None,
     })
 }
 

@@ -1,0 +1,161 @@
+//! The DDI client: hawkBit's device API over HTTPS (rustls, verified against the configured
+//! or enrolled CA), authenticated by the enrolled certificate or a token.
+
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+use thingsly_proto::ddi::{ActionFeedback, ConfigData, ControllerBase};
+
+#[derive(Debug)]
+pub enum DdiError {
+    /// Connection, TLS or timeout: try again later.
+    Transport(String),
+    /// The server answered with an error status (4xx are final for the request).
+    Status(u16, String),
+    /// A 2xx body that is not what DDI promises.
+    Malformed(String),
+}
+
+impl std::fmt::Display for DdiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DdiError::Transport(m) => write!(f, "DDI server unreachable: {m}"),
+            DdiError::Status(s, m) => write!(f, "DDI server answered HTTP {s}: {m}"),
+            DdiError::Malformed(m) => write!(f, "malformed DDI reply: {m}"),
+        }
+    }
+}
+
+pub enum Auth {
+    Certificate,
+    Header(String),
+}
+
+pub struct DdiClient {
+    pub http: reqwest::Client,
+    /// `https://host:port/{tenant}/controller/v1/{controllerId}`.
+    pub base: String,
+    auth: Option<String>,
+}
+
+/// The root poll's answer.
+pub enum Poll {
+    Changed(ControllerBase, Option<String>),
+    NotModified,
+}
+
+fn transport(e: reqwest::Error) -> DdiError {
+    // The source chain says why (TLS, refused, timeout); the top level only "error sending".
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    DdiError::Transport(msg)
+}
+
+impl DdiClient {
+    pub fn new(
+        server: &str,
+        tenant: &str,
+        controller_id: &str,
+        tls: rustls::ClientConfig,
+        auth: Auth,
+    ) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .connect_timeout(Duration::from_secs(15))
+            // Idle reads, not whole requests: a bundle download takes as long as it takes.
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("thingsly-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            http,
+            base: format!(
+                "{}/{tenant}/controller/v1/{controller_id}",
+                server.trim_end_matches('/')
+            ),
+            auth: match auth {
+                Auth::Certificate => None,
+                Auth::Header(h) => Some(h),
+            },
+        })
+    }
+
+    pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url).header(
+            reqwest::header::ACCEPT,
+            "application/hal+json, application/json",
+        );
+        match &self.auth {
+            Some(h) => r.header(reqwest::header::AUTHORIZATION, h),
+            None => r,
+        }
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, DdiError> {
+        let status = resp.status();
+        if status.is_success() || status == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<thingsly_proto::ddi::ExceptionInfo>(&body)
+            .map(|e| format!("{} {}", e.error_code, e.message).trim().to_string())
+            .unwrap_or_else(|_| body.chars().take(200).collect());
+        Err(DdiError::Status(status.as_u16(), msg))
+    }
+
+    async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, DdiError> {
+        let bytes = resp.bytes().await.map_err(transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| DdiError::Malformed(e.to_string()))
+    }
+
+    /// The root resource, conditional on the last ETag.
+    pub async fn poll(&self, etag: Option<&str>) -> Result<Poll, DdiError> {
+        let mut r = self.request(reqwest::Method::GET, &self.base);
+        if let Some(t) = etag {
+            r = r.header(reqwest::header::IF_NONE_MATCH, t);
+        }
+        let resp = Self::check(r.send().await.map_err(transport)?).await?;
+        if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(Poll::NotModified);
+        }
+        let etag = resp
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        Ok(Poll::Changed(Self::json(resp).await?, etag))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, href: &str) -> Result<T, DdiError> {
+        let r = self.request(reqwest::Method::GET, href);
+        Self::json(Self::check(r.send().await.map_err(transport)?).await?).await
+    }
+
+    /// POST a feedback to `{href}/feedback` (`href` without query).
+    pub async fn feedback(&self, href: &str, fb: &ActionFeedback) -> Result<(), DdiError> {
+        let base = href.split('?').next().unwrap_or(href);
+        let r = self
+            .request(reqwest::Method::POST, &format!("{base}/feedback"))
+            .json(fb);
+        Self::check(r.send().await.map_err(transport)?).await?;
+        Ok(())
+    }
+
+    pub async fn put_config_data(&self, data: &ConfigData) -> Result<(), DdiError> {
+        let r = self
+            .request(reqwest::Method::PUT, &format!("{}/configData", self.base))
+            .json(data);
+        Self::check(r.send().await.map_err(transport)?).await?;
+        Ok(())
+    }
+
+    /// The action's `deploymentBase` or `cancelAction` href on this server.
+    pub fn action_href(&self, kind: &str, action_id: &str) -> String {
+        format!("{}/{kind}/{action_id}", self.base)
+    }
+}

@@ -1,0 +1,18 @@
+//! OTA: turns a hawkBit deployment into an installed, booted, verified RAUC slot, and tells
+//! hawkBit and MQTT the truth about it.
+//!
+//! - [`ddi_client`]: hawkBit's DDI API (poll, deploymentBase, feedback, configData, cancel).
+//! - [`download`]: resumable, verified bundle download.
+//! - [`rauc`]: RAUC's installer over D-Bus.
+//! - [`state`]: `ota/deployment.json`, the persisted phase of the action in flight.
+//! - [`engine`]: the state machine that drives one action from poll to final report.
+
+pub mod ddi_client;
+pub mod download;
+pub mod engine;
+pub mod rauc;
+pub mod state;
+
+pub use engine::{OtaConfig, run};
+
+pub const MODULE: &str = "ota";

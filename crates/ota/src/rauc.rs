@@ -1,0 +1,191 @@
+//! RAUC's `de.pengutronix.rauc.Installer` on the system bus (zbus). Only calls that RAUC 1.8
+//! (Debian bookworm) already has are used, with no optional `InstallBundle` arguments, so
+//! every RAUC since works; newer properties are read only where their absence is harmless.
+
+use std::collections::HashMap;
+use std::time::Duration;
+use zbus::zvariant::OwnedValue;
+
+const DEST: &str = "de.pengutronix.rauc";
+const IFACE: &str = "de.pengutronix.rauc.Installer";
+
+pub struct Rauc {
+    conn: zbus::Connection,
+    installer: zbus::Proxy<'static>,
+}
+
+/// One slot from `GetSlotStatus`, the keys the agent uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Slot {
+    pub name: String,
+    pub bootname: String,
+    pub state: String,
+    pub boot_status: String,
+    pub status: String,
+    pub bundle_version: String,
+    pub installed_timestamp: String,
+}
+
+fn e(err: impl std::fmt::Display) -> String {
+    err.to_string()
+}
+
+impl Rauc {
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
+    pub async fn connect() -> Result<Self, String> {
+        let conn = zbus::Connection::system()
+            .await
+            .map_err(|x| format!("system D-Bus: {x}"))?;
+        let installer = zbus::proxy::Builder::new(&conn)
+            .destination(DEST)
+            .map_err(e)?
+            .path("/")
+            .map_err(e)?
+            .interface(IFACE)
+            .map_err(e)?
+            // Read properties fresh: LastError must be the value after *this* install.
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(e)?;
+        Ok(Self { conn, installer })
+    }
+
+    async fn prop(&self, name: &str) -> Result<String, String> {
+        self.installer
+            .get_property::<String>(name)
+            .await
+            .map_err(|x| format!("RAUC {name}: {x}"))
+    }
+
+    pub async fn boot_slot(&self) -> Result<String, String> {
+        self.prop("BootSlot").await
+    }
+    pub async fn operation(&self) -> Result<String, String> {
+        self.prop("Operation").await
+    }
+    pub async fn last_error(&self) -> Result<String, String> {
+        self.prop("LastError").await
+    }
+    pub async fn compatible(&self) -> Result<String, String> {
+        self.prop("Compatible").await
+    }
+
+    pub async fn slots(&self) -> Result<Vec<Slot>, String> {
+        let raw: Vec<(String, HashMap<String, OwnedValue>)> = self
+            .installer
+            .call("GetSlotStatus", &())
+            .await
+            .map_err(|x| format!("RAUC GetSlotStatus: {x}"))?;
+        let text = |m: &HashMap<String, OwnedValue>, k: &str| {
+            m.get(k)
+                .and_then(|v| String::try_from(v.clone()).ok())
+                .unwrap_or_default()
+        };
+        let mut slots: Vec<Slot> = raw
+            .into_iter()
+            .map(|(name, m)| Slot {
+                bootname: text(&m, "bootname"),
+                state: text(&m, "state"),
+                boot_status: text(&m, "boot-status"),
+                status: text(&m, "status"),
+                bundle_version: text(&m, "bundle.version"),
+                installed_timestamp: text(&m, "installed.timestamp"),
+                name,
+            })
+            .collect();
+        // RAUC returns hash-table order.
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(slots)
+    }
+
+    /// The primary slot's name (`rootfs.1`).
+    pub async fn primary(&self) -> Result<String, String> {
+        self.installer
+            .call("GetPrimary", &())
+            .await
+            .map_err(|x| format!("RAUC GetPrimary: {x}"))
+    }
+
+    /// `Mark(state, slot)`: state `good`/`bad`/`active`, slot `booted`/`other`/a name.
+    pub async fn mark(&self, state: &str, slot: &str) -> Result<(), String> {
+        let _: (String, String) = self
+            .installer
+            .call("Mark", &(state, slot))
+            .await
+            .map_err(|x| format!("RAUC Mark {state} {slot}: {x}"))?;
+        Ok(())
+    }
+
+    /// Install `bundle` (an absolute path or a URL). `progress(percent, message)` follows the
+    /// `Progress` property; the result is RAUC's `Completed`, with `LastError` on failure.
+    pub async fn install(
+        &self,
+        bundle: &str,
+        mut progress: impl FnMut(i32, &str),
+    ) -> Result<(), String> {
+        use futures_util::StreamExt;
+        // Subscribe before calling: a quick failure completes before the reply is read.
+        let mut completed = self
+            .installer
+            .receive_signal("Completed")
+            .await
+            .map_err(e)?;
+        let props = zbus::Proxy::new(&self.conn, DEST, "/", "org.freedesktop.DBus.Properties")
+            .await
+            .map_err(e)?;
+        let mut changes = props.receive_signal("PropertiesChanged").await.map_err(e)?;
+        let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
+        let _: () = self
+            .installer
+            .call("InstallBundle", &(bundle, args))
+            .await
+            .map_err(|x| format!("RAUC refused the install: {x}"))?;
+        loop {
+            tokio::select! {
+                msg = completed.next() => {
+                    let Some(msg) = msg else { return Err("RAUC left the bus during the install".into()) };
+                    let code: i32 = msg.body().deserialize().map_err(e)?;
+                    if code == 0 {
+                        return Ok(());
+                    }
+                    let why = self.last_error().await.unwrap_or_default();
+                    return Err(if why.is_empty() { format!("RAUC install failed (code {code})") } else { why });
+                }
+                Some(msg) = changes.next() => {
+                    let body = msg.body();
+                    let Ok((iface, changed, _)) = body.deserialize::<(String, HashMap<String, OwnedValue>, Vec<String>)>() else { continue };
+                    if iface != IFACE { continue; }
+                    if let Some(v) = changed.get("Progress")
+                        && let Ok((pct, text, _depth)) = <(i32, String, i32)>::try_from(v.clone())
+                    {
+                        progress(pct, &text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait (bounded) until RAUC is not installing: after an agent restart an install it
+    /// started may still be running in RAUC.
+    pub async fn wait_idle(&self, limit: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.operation().await? != "idle" {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("RAUC still installing after {limit:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
+    /// Boot name of a slot name (`rootfs.1` → `B`).
+    pub async fn bootname_of(&self, slot: &str) -> Result<String, String> {
+        self.slots()
+            .await?
+            .into_iter()
+            .find(|s| s.name == slot)
+            .map(|s| s.bootname)
+            .ok_or_else(|| format!("RAUC has no slot {slot}"))
+    }
+}

@@ -1,0 +1,85 @@
+//! `ota/deployment.json`: the action in flight. The phase is written *before* every step that
+//! cannot be undone (install, reboot, mark), so after a crash or power cut the agent knows
+//! where it was: it resumes, or reports what happened, and never installs or reports twice.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use thingsly_proto::ddi::{Execution, Finished};
+
+pub const DEPLOYMENT: &str = "ota/deployment.json";
+/// The last action reported final, to answer a server that did not get the report.
+pub const LAST: &str = "ota/last.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Fetching the bundle (resumable).
+    Downloading,
+    /// Bundle complete and verified; waiting for the maintenance window (or download-only).
+    Downloaded,
+    /// `InstallBundle` was (or is about to be) called.
+    Installing,
+    /// RAUC reported success; the new slot is primary.
+    Installed,
+    /// The reboot command was run (or is about to be).
+    Rebooting,
+    /// Running on the new slot, health checks pending.
+    Verifying,
+    /// Health checks failed: the slot was marked bad, rebooting back.
+    RollingBack,
+    /// The outcome is known and only the final feedback is left to send.
+    Reporting,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub filename: String,
+    pub url: String,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub sha1: Option<String>,
+    pub md5: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub execution: Execution,
+    pub finished: Finished,
+    pub details: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub action_id: String,
+    /// `deploymentBase/{id}` link, to refresh the maintenance window.
+    pub href: String,
+    pub name: String,
+    pub version: String,
+    pub artifact: ArtifactRef,
+    pub download_only: bool,
+    pub phase: Phase,
+    pub bundle_path: PathBuf,
+    /// Boot name of the slot running when the action arrived, and its version.
+    pub previous_slot: String,
+    pub previous_version: String,
+    /// Boot name RAUC made primary.
+    #[serde(default)]
+    pub target_slot: String,
+    /// Unix seconds when `InstallBundle` was called.
+    #[serde(default)]
+    pub install_started_at: i64,
+    /// Boot id when the reboot command was run.
+    #[serde(default)]
+    pub boot_id: String,
+    #[serde(default)]
+    pub reboots: u32,
+    /// Set together with `phase = Reporting` (and kept while rolling back).
+    #[serde(default)]
+    pub report: Option<Report>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Last {
+    pub action_id: String,
+    pub report: Report,
+}

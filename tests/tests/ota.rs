@@ -1,0 +1,390 @@
+#![allow(clippy::unwrap_used)]
+//! OTA end to end with real components: the bridge's DDI server, the agent, and a real
+//! `rauc service` (Debian's rauc 1.8) on a private D-Bus with file-backed A/B slots and a
+//! custom bootloader backend, installing real signed bundles. A "reboot" is: the agent's
+//! reboot command drops a marker, the test kills the agent (-9, like the power going),
+//! restarts RAUC booted from the primary slot, changes the boot id and starts the agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use thingsly_e2e::rauc::RaucSandbox;
+use thingsly_e2e::{Agent, AgentOpts, Bridge, wait_for};
+
+struct Rig {
+    _t: tempfile::TempDir,
+    dir: PathBuf,
+    bridge: Bridge,
+    rauc: RaucSandbox,
+    agent: Agent,
+    boots: u32,
+}
+
+impl Rig {
+    fn new(ota_extra: &str) -> Self {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().to_path_buf();
+        let rauc = RaucSandbox::start(&dir.join("rauc")).unwrap();
+        let mut bridge =
+            Bridge::init_with(&dir.join("bridge"), "[ddi]\npolling_sleep = \"1s\"\n").unwrap();
+        bridge.start().unwrap();
+        std::fs::write(dir.join("boot_id"), "boot-0\n").unwrap();
+        let mut agent = Agent::new(
+            &dir.join("agent"),
+            &AgentOpts {
+                device_id: "ota-dev".into(),
+                server_url: bridge.url(),
+                token: bridge.fleet_token(),
+                ca_bundle: bridge.ca_chain(),
+                telemetry_extra: "enabled = false".into(),
+                rauc_enabled: true,
+                reboot: format!(
+                    "[\"sh\", \"-c\", \"touch {}\"]",
+                    dir.join("reboot-requested").display()
+                ),
+                extra: format!(
+                    "[ota]\npoll_interval = \"1s\"\nhealth_deadline = \"6s\"\nhealth_mqtt = false\nboot_id_path = \"{}\"\n{ota_extra}\n",
+                    dir.join("boot_id").display()
+                ),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        agent.env = vec![("DBUS_SYSTEM_BUS_ADDRESS".into(), rauc.bus.clone())];
+        agent.start().unwrap();
+        wait_for("agent enrolled", Duration::from_secs(20), || {
+            bridge.cli(&["devices"]).unwrap().contains("ota-dev")
+        });
+        Rig {
+            _t: t,
+            dir,
+            bridge,
+            rauc,
+            agent,
+            boots: 0,
+        }
+    }
+
+    /// Upload a bundle and return the module id.
+    fn upload(&self, bundle: &std::path::Path, version: &str) -> i64 {
+        let out = self
+            .bridge
+            .cli(&[
+                "ota",
+                "upload",
+                bundle.to_str().unwrap(),
+                "--name",
+                "rootfs",
+                "--version",
+                version,
+            ])
+            .unwrap();
+        let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+        m["id"].as_i64().unwrap()
+    }
+
+    fn assign(&self, module: i64, extra: &[&str]) -> i64 {
+        let m = module.to_string();
+        let mut args = vec!["ota", "assign", "--module", &m, "--device", "ota-dev"];
+        args.extend_from_slice(extra);
+        let out = self.bridge.cli(&args).unwrap();
+        let a: serde_json::Value = serde_json::from_str(&out).unwrap();
+        a[0]["id"].as_i64().unwrap()
+    }
+
+    fn action(&self, id: i64) -> serde_json::Value {
+        serde_json::from_str(&self.bridge.cli(&["ota", "show", &id.to_string()]).unwrap()).unwrap()
+    }
+
+    fn wait_status(&self, id: i64, want: &str, timeout: Duration) -> serde_json::Value {
+        wait_for(&format!("action {id} {want}"), timeout, || {
+            self.action(id)["action"]["status"] == want
+        });
+        self.action(id)
+    }
+
+    fn reboot_requested(&self) -> bool {
+        self.dir.join("reboot-requested").exists()
+    }
+
+    /// Wait for the reboot command, then power-cycle: kill -9, RAUC boots the primary slot.
+    fn reboot(&mut self) {
+        wait_for("reboot command", Duration::from_secs(60), || {
+            self.reboot_requested()
+        });
+        self.agent.proc.as_mut().unwrap().kill();
+        std::fs::remove_file(self.dir.join("reboot-requested")).unwrap();
+        self.rauc.reboot().unwrap();
+        self.boots += 1;
+        std::fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
+        self.agent.start().unwrap();
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.agent.status()
+    }
+
+    /// Final (closed) feedbacks the device sent for an action.
+    fn final_reports(&self, id: i64) -> Vec<serde_json::Value> {
+        self.action(id)["feedback"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["body"]["status"]["execution"] == "closed")
+            .cloned()
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(&self.agent.dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                all.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+fn details(f: &serde_json::Value) -> String {
+    f["body"]["status"]["details"].to_string()
+}
+
+#[test]
+fn full_cycle_installs_the_other_slot_reboots_verifies_and_reports_success() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("v2.raucb", "2.0.0", &["--size-mib", "4"])
+        .unwrap();
+    let module = rig.upload(&bundle, "2.0.0");
+    wait_for("agent polling DDI", Duration::from_secs(20), || {
+        rig.status()["state"]["modules"]["ota"]["state"] == "running"
+    });
+    let action = rig.assign(module, &[]);
+    rig.reboot();
+    let done = rig.wait_status(action, "closed", Duration::from_secs(60));
+    let finals = rig.final_reports(action);
+    assert_eq!(finals.len(), 1, "one final report: {done:#}");
+    assert_eq!(finals[0]["body"]["status"]["result"]["finished"], "success");
+    assert!(
+        details(&finals[0]).contains("marked good"),
+        "{}",
+        details(&finals[0])
+    );
+    // Progress went through downloading and installing with {cnt, of}.
+    let fb = done["feedback"].to_string();
+    assert!(fb.contains("downloading: 100%"), "{fb}");
+    assert!(fb.contains("\"of\":100"), "{fb}");
+    assert!(fb.contains("installing"), "{fb}");
+    wait_for("status shows the new slot", Duration::from_secs(10), || {
+        let s = rig.status();
+        s["state"]["rauc_slot"] == "B"
+            && s["state"]["sw_version"] == "2.0.0"
+            && s["state"]["ota_status"] == "success"
+    });
+    let boot = rig.rauc.boot_state();
+    assert!(boot.contains("STATE_B=good"), "{boot}");
+    // Installed exactly once.
+    assert_eq!(
+        rig.rauc.boot_calls().matches("set-primary B").count(),
+        1,
+        "{}",
+        rig.rauc.boot_calls()
+    );
+    assert!(!rig.agent.state().join("ota/deployment.json").exists());
+    // Restarting the agent does not report again.
+    rig.agent.proc.as_mut().unwrap().kill();
+    rig.agent.start().unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(rig.final_reports(action).len(), 1);
+}
+
+#[test]
+fn failing_health_check_marks_the_slot_bad_rolls_back_and_reports_failure() {
+    let mut rig = Rig::new("health_command = [\"sh\", \"-c\", \"echo db not ready >&2; exit 1\"]");
+    let bundle = rig
+        .rauc
+        .bundle("v3.raucb", "3.0.0", &["--size-mib", "2"])
+        .unwrap();
+    let module = rig.upload(&bundle, "3.0.0");
+    let action = rig.assign(module, &[]);
+    // Into B: the health command fails within the deadline, the slot is marked bad.
+    rig.reboot();
+    // Back into A.
+    rig.reboot();
+    let done = rig.wait_status(action, "failed", Duration::from_secs(60));
+    let finals = rig.final_reports(action);
+    assert_eq!(finals.len(), 1, "{done:#}");
+    let d = details(&finals[0]);
+    assert!(
+        d.contains("health checks failed") && d.contains("db not ready"),
+        "{d}"
+    );
+    let s = rig.status();
+    assert_eq!(s["state"]["rauc_slot"], "A");
+    assert_eq!(s["state"]["ota_status"], "failed");
+    assert!(
+        rig.rauc.boot_state().contains("STATE_B=bad"),
+        "{}",
+        rig.rauc.boot_state()
+    );
+}
+
+#[test]
+fn broken_bundles_fail_cleanly_and_the_device_stays_on_its_slot() {
+    let rig = Rig::new("");
+    // 1. sha256 mismatch: the stored artifact changes under the server's published hash.
+    let good = rig
+        .rauc
+        .bundle("ok.raucb", "4.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let module = rig.upload(&good, "4.0.0");
+    let m: serde_json::Value =
+        serde_json::from_str(&rig.bridge.cli(&["ota", "list"]).unwrap()).unwrap();
+    let sha = m["modules"][0]["sha256"].as_str().unwrap().to_string();
+    let stored = rig.bridge.data().join(format!("artifacts/{sha}.bin"));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let a1 = rig.assign(module, &[]);
+    rig.wait_status(a1, "failed", Duration::from_secs(60));
+    let d = details(&rig.final_reports(a1)[0]);
+    assert!(d.contains("sha256 mismatch"), "{d}");
+
+    // 2. Signed by a CA RAUC does not trust.
+    let untrusted = rig
+        .rauc
+        .bundle("untrusted.raucb", "5.0.0", &["--signer", "untrusted"])
+        .unwrap();
+    let a2 = rig.assign(rig.upload(&untrusted, "5.0.0"), &[]);
+    rig.wait_status(a2, "failed", Duration::from_secs(60));
+    let d = details(&rig.final_reports(a2)[0]);
+    assert!(d.contains("signature verification failed"), "{d}");
+
+    // 3. Another board's bundle.
+    let other = rig
+        .rauc
+        .bundle(
+            "other.raucb",
+            "6.0.0",
+            &["--compatible", "some-other-board"],
+        )
+        .unwrap();
+    let a3 = rig.assign(rig.upload(&other, "6.0.0"), &[]);
+    rig.wait_status(a3, "failed", Duration::from_secs(60));
+    let d = details(&rig.final_reports(a3)[0]);
+    assert!(d.contains("Compatible mismatch"), "{d}");
+
+    // Nothing rebooted, the running slot untouched, the agent still fine.
+    assert!(!rig.reboot_requested());
+    let s = rig.status();
+    assert_eq!(s["state"]["rauc_slot"], "A");
+    assert_eq!(s["state"]["ota_status"], "failed");
+    assert!(
+        !rig.rauc.boot_calls().contains("set-primary"),
+        "{}",
+        rig.rauc.boot_calls()
+    );
+}
+
+#[test]
+fn download_only_then_maintenance_window_closed_then_open() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("v7.raucb", "7.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let module = rig.upload(&bundle, "7.0.0");
+    let a1 = rig.assign(module, &["--type", "downloadonly"]);
+    let done = rig.wait_status(a1, "closed", Duration::from_secs(60));
+    assert!(
+        done["feedback"].to_string().contains("\"downloaded\""),
+        "{done:#}"
+    );
+    assert!(!rig.rauc.boot_calls().contains("set-primary"));
+    assert!(!rig.reboot_requested());
+
+    // A window opening in 8 s: downloaded and waiting, installed only once it opens.
+    let a2 = rig.assign(
+        module,
+        &["--window-start", "+8s", "--window-duration", "10m"],
+    );
+    wait_for("waiting for the window", Duration::from_secs(30), || {
+        rig.action(a2)["feedback"]
+            .to_string()
+            .contains("waiting for the maintenance window")
+    });
+    assert!(!rig.rauc.boot_calls().contains("set-primary"));
+    rig.reboot();
+    rig.wait_status(a2, "closed", Duration::from_secs(60));
+    assert_eq!(rig.status()["state"]["sw_version"], "7.0.0");
+}
+
+#[test]
+fn cancel_is_accepted_before_installation_and_rejected_after() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("v8.raucb", "8.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let module = rig.upload(&bundle, "8.0.0");
+    // Before installation (downloaded, window not open yet): canceled, nothing installed.
+    let a1 = rig.assign(
+        module,
+        &["--window-start", "+1h", "--window-duration", "1h"],
+    );
+    wait_for("downloaded", Duration::from_secs(30), || {
+        rig.action(a1)["feedback"]
+            .to_string()
+            .contains("maintenance window")
+    });
+    rig.bridge.cli(&["ota", "cancel", &a1.to_string()]).unwrap();
+    rig.wait_status(a1, "canceled", Duration::from_secs(30));
+    assert!(!rig.rauc.boot_calls().contains("set-primary"));
+    assert!(!rig.agent.state().join("ota/deployment.json").exists());
+
+    // After installation started (installed, waiting for the reboot): rejected, goes on.
+    let a2 = rig.assign(module, &[]);
+    wait_for("reboot command", Duration::from_secs(60), || {
+        rig.reboot_requested()
+    });
+    rig.bridge.cli(&["ota", "cancel", &a2.to_string()]).unwrap();
+    wait_for("cancel rejected", Duration::from_secs(30), || {
+        rig.action(a2)["action"]["status"] == "running"
+            && rig.action(a2)["feedback"].to_string().contains("rejected")
+    });
+    rig.reboot();
+    rig.wait_status(a2, "closed", Duration::from_secs(60));
+    assert_eq!(rig.final_reports(a2).len(), 1);
+}
+
+#[test]
+fn kill_during_install_resumes_without_installing_twice() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("v9.raucb", "9.0.0", &["--size-mib", "24"])
+        .unwrap();
+    let module = rig.upload(&bundle, "9.0.0");
+    let action = rig.assign(module, &[]);
+    let state_file = rig.agent.state().join("ota/deployment.json");
+    wait_for("installing phase", Duration::from_secs(60), || {
+        std::fs::read_to_string(&state_file).is_ok_and(|s| s.contains("\"phase\": \"installing\""))
+            && rig.agent.state().join("ota/install-called").exists()
+    });
+    rig.agent.proc.as_mut().unwrap().kill();
+    rig.agent.start().unwrap();
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    assert_eq!(
+        rig.rauc.boot_calls().matches("set-primary B").count(),
+        1,
+        "installed once: {}\n{}",
+        rig.rauc.boot_calls(),
+        rig.log()
+    );
+    assert_eq!(rig.final_reports(action).len(), 1);
+    assert_eq!(rig.status()["state"]["sw_version"], "9.0.0");
+}
