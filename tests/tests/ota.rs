@@ -174,7 +174,8 @@ fn full_cycle_installs_the_other_slot_reboots_verifies_and_reports_success() {
     );
     // Progress went through downloading and installing with {cnt, of}.
     let fb = done["feedback"].to_string();
-    assert!(fb.contains("downloading: 100%"), "{fb}");
+    assert!(fb.contains("downloading: "), "{fb}");
+    assert!(fb.contains("hash verified"), "{fb}");
     assert!(fb.contains("\"of\":100"), "{fb}");
     assert!(fb.contains("installing"), "{fb}");
     wait_for("status shows the new slot", Duration::from_secs(10), || {
@@ -221,9 +222,14 @@ fn failing_health_check_marks_the_slot_bad_rolls_back_and_reports_failure() {
         d.contains("health checks failed") && d.contains("db not ready"),
         "{d}"
     );
-    let s = rig.status();
-    assert_eq!(s["state"]["rauc_slot"], "A");
-    assert_eq!(s["state"]["ota_status"], "failed");
+    wait_for(
+        "status shows the old slot and the failure",
+        Duration::from_secs(5),
+        || {
+            let s = rig.status();
+            s["state"]["rauc_slot"] == "A" && s["state"]["ota_status"] == "failed"
+        },
+    );
     assert!(
         rig.rauc.boot_state().contains("STATE_B=bad"),
         "{}",
@@ -279,9 +285,10 @@ fn broken_bundles_fail_cleanly_and_the_device_stays_on_its_slot() {
 
     // Nothing rebooted, the running slot untouched, the agent still fine.
     assert!(!rig.reboot_requested());
-    let s = rig.status();
-    assert_eq!(s["state"]["rauc_slot"], "A");
-    assert_eq!(s["state"]["ota_status"], "failed");
+    wait_for("status shows the failure", Duration::from_secs(5), || {
+        let s = rig.status();
+        s["state"]["rauc_slot"] == "A" && s["state"]["ota_status"] == "failed"
+    });
     assert!(
         !rig.rauc.boot_calls().contains("set-primary"),
         "{}",
