@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/install-toolchains.sh >/dev/null
-pkgs=(-p thingsly-core -p thingsly-proto -p thingsly-enroll -p thingsly-telemetry -p thingsly-metrics -p thingsly-terminal -p thingsly-tunnel -p thingsly-bridge -p thingsly-agent)
+pkgs=(-p thingsly-core -p thingsly-proto -p thingsly-enroll -p thingsly-telemetry -p thingsly-metrics -p thingsly-terminal -p thingsly-tunnel -p thingsly-ota -p thingsly-bridge -p thingsly-agent)
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
   echo "== $t: build and unit tests under $(grep -A2 "^\[target.$t\]" .cargo/config.toml | sed -n 's/^runner = "\([^ ]*\).*/\1/p')" >&2
   cargo test --locked --target "$t" "${pkgs[@]}"

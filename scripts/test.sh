@@ -22,7 +22,7 @@ cargo test --workspace --locked
 # Yocto's Rust (wrynose: 1.94) must build everything that ships (default members).
 cargo +"$msrv" build --locked --target-dir target/msrv
 # Each PACKAGECONFIG combination the recipe offers alone, and none.
-for features in "" telemetry metrics terminal tunnel rauc; do
+for features in "" telemetry metrics terminal tunnel rauc ota; do
   cargo build -q --locked -p thingsly-agent --no-default-features --features "$features"
 done
 # Those builds leave a one-feature agent in target/debug; the end-to-end tests run that path,

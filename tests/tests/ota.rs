@@ -21,11 +21,19 @@ struct Rig {
 
 impl Rig {
     fn new(ota_extra: &str) -> Self {
+        Self::with_ddi(ota_extra, "")
+    }
+
+    /// `ddi_extra`: more lines in the bridge's `[ddi]`.
+    fn with_ddi(ota_extra: &str, ddi_extra: &str) -> Self {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().to_path_buf();
         let rauc = RaucSandbox::start(&dir.join("rauc")).unwrap();
-        let mut bridge =
-            Bridge::init_with(&dir.join("bridge"), "[ddi]\npolling_sleep = \"1s\"\n").unwrap();
+        let mut bridge = Bridge::init_with(
+            &dir.join("bridge"),
+            &format!("[ddi]\npolling_sleep = \"1s\"\n{ddi_extra}\n"),
+        )
+        .unwrap();
         bridge.start().unwrap();
         std::fs::write(dir.join("boot_id"), "boot-0\n").unwrap();
         let mut agent = Agent::new(
@@ -394,4 +402,150 @@ fn kill_during_install_resumes_without_installing_twice() {
     );
     assert_eq!(rig.final_reports(action).len(), 1);
     assert_eq!(rig.status()["state"]["sw_version"], "9.0.0");
+}
+
+/// The bridge's DDI server answers like hawkBit: auth, ETag, Range, .MD5SUM, feedback checks.
+#[test]
+fn ddi_server_speaks_hawkbit() {
+    let t0 = tempfile::tempdir().unwrap();
+    let token_file = t0.path().join("gateway.token");
+    std::fs::write(&token_file, "gw-secret-1\n").unwrap();
+    // The agent's own OTA is off: this test is the DDI client.
+    let rig = Rig::with_ddi(
+        "enabled = false",
+        &format!("gateway_token_file = \"{}\"", token_file.display()),
+    );
+    let http = rig.bridge.http().unwrap();
+    let base = format!("{}/DEFAULT/controller/v1/ota-dev", rig.bridge.url());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let gw = "GatewayToken gw-secret-1";
+    let get = |url: &str, auth: Option<&str>, headers: &[(&str, &str)]| {
+        let mut r = http.get(url);
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        rt.block_on(async {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let h = resp.headers().clone();
+            (status, h, resp.bytes().await.unwrap().to_vec())
+        })
+    };
+    // Authentication.
+    assert_eq!(get(&base, None, &[]).0, 401);
+    assert_eq!(get(&base, Some("GatewayToken wrong"), &[]).0, 401);
+    assert_eq!(get(&base, Some("TargetToken nope"), &[]).0, 401);
+    let (s, h, body) = get(&base, Some(gw), &[]);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let etag = h["etag"].to_str().unwrap().to_string();
+    assert_eq!(get(&base, Some(gw), &[("If-None-Match", &etag)]).0, 304);
+    // A TargetToken made for the device works too.
+    let target = rig
+        .bridge
+        .cli(&["ota", "target-token", "--device", "ota-dev"])
+        .unwrap();
+    let tt = format!("TargetToken {}", target.trim());
+    assert_eq!(get(&base, Some(&tt), &[]).0, 200);
+
+    // An assignment changes the root (new ETag) and links the deployment.
+    let bundle = rig
+        .rauc
+        .bundle("d.raucb", "1.2.3", &["--size-mib", "1"])
+        .unwrap();
+    let bytes = std::fs::read(&bundle).unwrap();
+    let action = rig.assign(rig.upload(&bundle, "1.2.3"), &[]);
+    let (s, _, body) = get(&base, Some(gw), &[("If-None-Match", &etag)]);
+    assert_eq!(s, 200);
+    let root: thingsly_proto::ddi::ControllerBase = serde_json::from_slice(&body).unwrap();
+    let href = root.href("deploymentBase").unwrap().to_string();
+    assert!(
+        href.contains(&format!("/deploymentBase/{action}?c=")),
+        "{href}"
+    );
+    let (s, _, body) = get(&href, Some(gw), &[]);
+    assert_eq!(s, 200);
+    let dep: thingsly_proto::ddi::DeploymentBase = serde_json::from_slice(&body).unwrap();
+    let art = &dep.deployment.chunks[0].artifacts[0];
+    assert_eq!(art.size, Some(bytes.len() as u64));
+    let url = art.download_href().unwrap().to_string();
+    // Range: 206 with the exact bytes, 416 past the end, whole file without.
+    let (s, h, part) = get(&url, Some(gw), &[("Range", "bytes=100-199")]);
+    assert_eq!(s, 206);
+    assert_eq!(part, bytes[100..200]);
+    assert_eq!(
+        h["content-range"].to_str().unwrap(),
+        format!("bytes 100-199/{}", bytes.len())
+    );
+    let past = format!("bytes={}-", bytes.len());
+    let (s, h, _) = get(&url, Some(gw), &[("Range", &past)]);
+    assert_eq!(s, 416);
+    assert_eq!(
+        h["content-range"].to_str().unwrap(),
+        format!("bytes */{}", bytes.len())
+    );
+    let (s, _, whole) = get(&url, Some(gw), &[]);
+    assert_eq!((s, whole.len()), (200, bytes.len()));
+    let (s, _, md5) = get(&format!("{url}.MD5SUM"), Some(gw), &[]);
+    assert_eq!(s, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&md5)
+            .split_whitespace()
+            .next()
+            .unwrap(),
+        art.hashes.md5.as_deref().unwrap()
+    );
+    assert_eq!(get(&url, None, &[]).0, 401);
+
+    // Feedback: hawkBit's INVALID bodies are 400, a good one 200, after closing 410.
+    let post = |body: Vec<u8>| {
+        rt.block_on(async {
+            http.post(format!("{base}/deploymentBase/{action}/feedback"))
+                .header("Authorization", gw)
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/proto/tests/fixtures/ddi");
+    for name in [
+        "deploymentBase-feedback_POST_request_INVALID_id-not-numeric_broken-details.json",
+        "deploymentBase-feedback_POST_request_INVALID_wrong-types.json",
+        "cancelAction-feedback_POST_request_INVALID_unknown-execution.json",
+        "cancelAction-feedback_POST_request_INVALID_id-not-numeric.json",
+    ] {
+        assert_eq!(
+            post(std::fs::read(fixtures.join(name)).unwrap()),
+            400,
+            "{name}"
+        );
+    }
+    let ok = std::fs::read(
+        fixtures.join("deploymentBase-feedback_POST_request_download_no-timestamp.json"),
+    )
+    .unwrap();
+    assert_eq!(post(ok.clone()), 200);
+    let closed =
+        br#"{"status":{"execution":"closed","result":{"finished":"success"},"details":["done"]}}"#;
+    assert_eq!(post(closed.to_vec()), 200);
+    assert_eq!(post(ok), 410);
+    assert_eq!(rig.action(action)["action"]["status"], "closed");
+    // Another device's action is not found; an unknown tenant neither.
+    let other = format!(
+        "{}/DEFAULT/controller/v1/someone-else/deploymentBase/{action}",
+        rig.bridge.url()
+    );
+    assert_eq!(get(&other, Some(gw), &[]).0, 404);
+    let tenant = format!("{}/OTHER/controller/v1/ota-dev", rig.bridge.url());
+    assert_eq!(get(&tenant, Some(gw), &[]).0, 404);
 }

@@ -18,12 +18,14 @@ inherit cargo systemd useradd
 CARGO_SRC_DIR = "agent"
 
 # Each agent module is a cargo feature; drop one from PACKAGECONFIG to compile it out.
-PACKAGECONFIG ??= "telemetry metrics terminal tunnel rauc"
+PACKAGECONFIG ??= "telemetry metrics terminal tunnel rauc ota"
 PACKAGECONFIG[telemetry] = "--features=telemetry"
 PACKAGECONFIG[metrics] = "--features=metrics"
 PACKAGECONFIG[terminal] = "--features=terminal"
 PACKAGECONFIG[tunnel] = "--features=tunnel"
 PACKAGECONFIG[rauc] = "--features=rauc"
+# OTA from hawkBit (DDI) through RAUC; implies rauc.
+PACKAGECONFIG[ota] = "--features=ota"
 CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
 
 USERADD_PACKAGES = "${PN}"
