@@ -1064,6 +1064,19 @@ mod tests {
     }
 
     #[test]
+    fn ota_errors_name_the_key_and_line() {
+        let e = parse("[device]\nid = \"d\"\n[ota]\nserver_url = \"http://x\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("ota.server_url", Some(4)));
+        let e = parse("[device]\nid = \"d\"\n[ota]\nauth = \"target_token\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("ota.auth", Some(4)));
+        let e = parse("[device]\nid = \"d\"\n[ota]\nauth = \"password\"\n").unwrap_err();
+        assert_eq!(e.key, "ota.auth");
+        assert!(
+            parse("[device]\nid = \"d\"\n[ota]\nauth = \"gateway_token\"\ntoken = \"t\"\n").is_ok()
+        );
+    }
+
+    #[test]
     fn example_config_in_repo_is_valid() {
         let src = include_str!("../../../agent/agent.example.toml");
         parse(src).unwrap();
