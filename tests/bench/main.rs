@@ -14,8 +14,12 @@
 //!
 //! `thingsly-bench tunnel SECONDS` (root): iperf3 TCP and ping across the WireGuard tunnel vs
 //! the bare veth, hub and agent CPU per 100 Mbit/s, agent RSS with the tunnel up vs off.
+//!
+//! `thingsly-bench ota MIB` (root: RAUC sandbox): the agent's download + verify throughput vs
+//! curl from the same bridge, its peak RSS after 64 MiB and after MIB, bridge DDI polls/s.
 
 mod metrics;
+mod ota;
 mod terminal;
 mod tunnel;
 
@@ -26,6 +30,9 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.get(1).map(String::as_str) == Some("metrics") {
         return metrics::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000));
+    }
+    if a.get(1).map(String::as_str) == Some("ota") {
+        return ota::run(a.get(2).and_then(|n| n.parse().ok()).unwrap_or(1024));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

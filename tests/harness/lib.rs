@@ -6,6 +6,7 @@
 
 mod idp;
 mod influx;
+pub mod proxy;
 pub mod rauc;
 pub mod ttyd;
 pub use idp::{Idp, Operators, SigningKey};

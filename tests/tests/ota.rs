@@ -7,8 +7,9 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use thingsly_e2e::proxy::TcpProxy;
 use thingsly_e2e::rauc::RaucSandbox;
-use thingsly_e2e::{Agent, AgentOpts, Bridge, wait_for};
+use thingsly_e2e::{Agent, AgentOpts, Bridge, Broker, Observer, mqtt_tls, wait_for};
 
 struct Rig {
     _t: tempfile::TempDir,
@@ -17,6 +18,10 @@ struct Rig {
     rauc: RaucSandbox,
     agent: Agent,
     boots: u32,
+    /// Between the agent's DDI client and the bridge, when asked for.
+    proxy: Option<TcpProxy>,
+    /// Mosquitto with mTLS, when telemetry is part of the test.
+    broker: Option<Broker>,
 }
 
 impl Rig {
@@ -26,6 +31,15 @@ impl Rig {
 
     /// `ddi_extra`: more lines in the bridge's `[ddi]`.
     fn with_ddi(ota_extra: &str, ddi_extra: &str) -> Self {
+        Self::build(ota_extra, ddi_extra, false, false)
+    }
+
+    /// The agent reaches the DDI server (polls and downloads) through a [`TcpProxy`].
+    fn with_proxy(ota_extra: &str) -> Self {
+        Self::build(ota_extra, "", true, false)
+    }
+
+    fn build(ota_extra: &str, ddi_extra: &str, proxied: bool, mqtt: bool) -> Self {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().to_path_buf();
         let rauc = RaucSandbox::start(&dir.join("rauc")).unwrap();
@@ -35,6 +49,21 @@ impl Rig {
         )
         .unwrap();
         bridge.start().unwrap();
+        let proxy = proxied.then(|| TcpProxy::start(bridge.port));
+        let broker = mqtt.then(|| {
+            let mut b = Broker::new(&bridge, &dir.join("broker")).unwrap();
+            b.start().unwrap();
+            b
+        });
+        let telemetry = match &broker {
+            Some(_) => String::new(),
+            None => "enabled = false".to_string(),
+        };
+        let health_mqtt = broker.is_some();
+        let ota_server = proxy
+            .as_ref()
+            .map(|p| format!("server_url = \"https://127.0.0.1:{}\"\n", p.port))
+            .unwrap_or_default();
         std::fs::write(dir.join("boot_id"), "boot-0\n").unwrap();
         let mut agent = Agent::new(
             &dir.join("agent"),
@@ -43,14 +72,15 @@ impl Rig {
                 server_url: bridge.url(),
                 token: bridge.fleet_token(),
                 ca_bundle: bridge.ca_chain(),
-                telemetry_extra: "enabled = false".into(),
+                telemetry_extra: telemetry,
+                mqtt_port: broker.as_ref().map_or(1, |b| b.port),
                 rauc_enabled: true,
                 reboot: format!(
                     "[\"sh\", \"-c\", \"touch {}\"]",
                     dir.join("reboot-requested").display()
                 ),
                 extra: format!(
-                    "[ota]\npoll_interval = \"1s\"\nhealth_deadline = \"6s\"\nhealth_mqtt = false\nboot_id_path = \"{}\"\n{ota_extra}\n",
+                    "[ota]\npoll_interval = \"1s\"\nhealth_deadline = \"6s\"\nhealth_mqtt = {health_mqtt}\nboot_id_path = \"{}\"\n{ota_server}{ota_extra}\n",
                     dir.join("boot_id").display()
                 ),
                 ..Default::default()
@@ -69,6 +99,8 @@ impl Rig {
             rauc,
             agent,
             boots: 0,
+            proxy,
+            broker,
         }
     }
 
@@ -142,6 +174,26 @@ impl Rig {
             .collect()
     }
 
+    fn proxy(&self) -> &TcpProxy {
+        self.proxy.as_ref().unwrap()
+    }
+
+    fn feedback_text(&self, id: i64) -> String {
+        self.action(id)["feedback"].to_string()
+    }
+
+    fn phase(&self) -> String {
+        std::fs::read_to_string(self.agent.state().join("ota/deployment.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["phase"].as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
+    fn installs_into_b(&self) -> usize {
+        self.rauc.boot_calls().matches("set-primary B").count()
+    }
+
     fn log(&self) -> String {
         let mut all = String::new();
         for e in std::fs::read_dir(&self.agent.dir).unwrap() {
@@ -202,6 +254,18 @@ fn full_cycle_installs_the_other_slot_reboots_verifies_and_reports_success() {
         rig.rauc.boot_calls()
     );
     assert!(!rig.agent.state().join("ota/deployment.json").exists());
+    // configData reached the server, and again when the version changed.
+    wait_for("configData updated", Duration::from_secs(10), || {
+        let d: serde_json::Value = serde_json::from_str(
+            &rig.bridge
+                .cli(&["ota", "device", "--device", "ota-dev"])
+                .unwrap(),
+        )
+        .unwrap();
+        d["config_data"]["sw_version"] == "2.0.0"
+            && d["config_data"]["slot"] == "B"
+            && d["config_data"]["compatible"] == "rauc-sandbox-board"
+    });
     // Restarting the agent does not report again.
     rig.agent.proc.as_mut().unwrap().kill();
     rig.agent.start().unwrap();
@@ -548,4 +612,187 @@ fn ddi_server_speaks_hawkbit() {
     assert_eq!(get(&other, Some(gw), &[]).0, 404);
     let tenant = format!("{}/OTHER/controller/v1/ota-dev", rig.bridge.url());
     assert_eq!(get(&tenant, Some(gw), &[]).0, 404);
+}
+
+#[test]
+fn a_connection_cut_mid_download_resumes_with_range() {
+    let mut rig = Rig::with_proxy("");
+    let bundle = rig
+        .rauc
+        .bundle("c.raucb", "10.0.0", &["--size-mib", "16"])
+        .unwrap();
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    let module = rig.upload(&bundle, "10.0.0");
+    rig.proxy().cut_once_after(5 * 1024 * 1024);
+    let action = rig.assign(module, &[]);
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    assert_eq!(rig.proxy().cuts(), 1);
+    let fb = rig.feedback_text(action);
+    assert!(fb.contains("download interrupted"), "{fb}");
+    // Resumed, not restarted: well under two copies went through the link.
+    let down = rig.proxy().down_bytes();
+    assert!(
+        down < size + size / 2,
+        "{down} bytes for a {size}-byte bundle"
+    );
+    let log = rig.bridge.log_text();
+    assert!(
+        log.contains("range=\"bytes=") && !log.contains("range=\"bytes=0-"),
+        "the retry asked for the rest: {}",
+        log.lines()
+            .filter(|l| l.contains("artifact"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(rig.installs_into_b(), 1);
+}
+
+#[test]
+fn cancel_during_download_stops_it_and_leaves_nothing_behind() {
+    let rig = Rig::with_proxy("");
+    let bundle = rig
+        .rauc
+        .bundle("s.raucb", "11.0.0", &["--size-mib", "8"])
+        .unwrap();
+    let module = rig.upload(&bundle, "11.0.0");
+    rig.proxy().throttle(1024 * 1024);
+    let action = rig.assign(module, &[]);
+    wait_for("download under way", Duration::from_secs(30), || {
+        rig.feedback_text(action).contains("downloading: 20%")
+    });
+    rig.bridge
+        .cli(&["ota", "cancel", &action.to_string()])
+        .unwrap();
+    rig.wait_status(action, "canceled", Duration::from_secs(30));
+    assert!(!rig.feedback_text(action).contains("downloading: 100%"));
+    let leftovers: Vec<_> = std::fs::read_dir(rig.agent.state().join("ota"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".raucb") || n.ends_with(".part") || n == "deployment.json")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(rig.installs_into_b(), 0);
+    assert_eq!(rig.status()["state"]["rauc_slot"], "A");
+}
+
+#[test]
+fn kill_during_download_resumes_the_partial_file() {
+    let mut rig = Rig::with_proxy("");
+    let bundle = rig
+        .rauc
+        .bundle("k.raucb", "12.0.0", &["--size-mib", "12"])
+        .unwrap();
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    let module = rig.upload(&bundle, "12.0.0");
+    rig.proxy().throttle(3 * 1024 * 1024);
+    let action = rig.assign(module, &[]);
+    wait_for("a third downloaded", Duration::from_secs(30), || {
+        rig.feedback_text(action).contains("downloading: 30%")
+    });
+    rig.agent.proc.as_mut().unwrap().kill();
+    assert_eq!(rig.phase(), "downloading");
+    rig.proxy().throttle(0);
+    rig.agent.start().unwrap();
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    let down = rig.proxy().down_bytes();
+    assert!(
+        down < size + size / 2,
+        "{down} bytes for a {size}-byte bundle"
+    );
+    assert_eq!(rig.installs_into_b(), 1);
+    assert_eq!(rig.final_reports(action).len(), 1);
+}
+
+#[test]
+fn kill_while_verifying_checks_again_and_reports_once() {
+    let mut rig = Rig::new("health_command = [\"sh\", \"-c\", \"sleep 2\"]");
+    let bundle = rig
+        .rauc
+        .bundle("h.raucb", "13.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "13.0.0"), &[]);
+    rig.reboot();
+    wait_for("verifying", Duration::from_secs(30), || {
+        rig.phase() == "verifying"
+    });
+    rig.agent.proc.as_mut().unwrap().kill();
+    rig.agent.start().unwrap();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    assert_eq!(rig.final_reports(action).len(), 1);
+    assert!(rig.rauc.boot_state().contains("STATE_B=good"));
+    assert_eq!(rig.installs_into_b(), 1);
+}
+
+#[test]
+fn the_final_report_survives_a_server_outage_and_a_power_cut() {
+    let mut rig = Rig::new("health_ddi = false");
+    let bundle = rig
+        .rauc
+        .bundle("r.raucb", "14.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "14.0.0"), &[]);
+    wait_for("reboot command", Duration::from_secs(60), || {
+        rig.reboot_requested()
+    });
+    rig.bridge.proc.as_mut().unwrap().kill();
+    rig.reboot();
+    // On B, healthy, marked good; the report cannot go out.
+    wait_for("outcome persisted", Duration::from_secs(30), || {
+        rig.phase() == "reporting"
+    });
+    assert!(rig.rauc.boot_state().contains("STATE_B=good"));
+    rig.agent.proc.as_mut().unwrap().kill();
+    rig.bridge.start().unwrap();
+    rig.agent.start().unwrap();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rig.final_reports(action).len(), 1);
+    assert_eq!(rig.installs_into_b(), 1);
+}
+
+/// MQTT is one of the health checks, and ThingsBoard sees the update in the device's attributes
+/// (our keys and its OTA dashboard's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_shows_the_update_and_gates_the_health_check() {
+    let mut rig = Rig::build("", "", false, true);
+    let broker = rig.broker.as_ref().unwrap();
+    let (crt, key) = rig.bridge.client_cert("ota-observer").unwrap();
+    let tls = mqtt_tls(&broker.ca(), &crt, &key).unwrap();
+    let mut obs = Observer::start(broker.port, tls, "ota-observer", "v1/devices/me/attributes");
+    obs.wait_ready().await;
+    let bundle = rig
+        .rauc
+        .bundle("t.raucb", "15.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "15.0.0"), &[]);
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    let (_, attrs) = obs
+        .next_where(Duration::from_secs(30), |_, v| {
+            v["sw_version"] == "15.0.0" && v["ota_status"] == "success"
+        })
+        .await;
+    assert_eq!(attrs["rauc_slot"], "B");
+    assert_eq!(attrs["current_sw_version"], "15.0.0");
+    assert_eq!(attrs["sw_state"], "UPDATED");
+    // The health check waited for the MQTT session on the new slot.
+    assert!(rig.log().contains("OTA action succeeded"), "{}", rig.log());
+}
+
+/// hawkBit's user consent: the action starts only after the device confirms it.
+#[test]
+fn actions_needing_consent_are_confirmed_then_run() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("u.raucb", "16.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "16.0.0"), &["--confirm"]);
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    let fb = rig.action(action)["feedback"].clone();
+    assert_eq!(fb[0]["endpoint"], "confirmationBase", "{fb:#}");
+    assert_eq!(fb[0]["body"]["confirmation"], "confirmed");
 }

@@ -80,6 +80,14 @@ pub fn router() -> Router<Arc<AppState>> {
         .route(&format!("{base}/configData"), put(config_data))
         .route(&format!("{base}/confirmationBase"), get(confirmation_base))
         .route(
+            &format!("{base}/confirmationBase/{{aid}}"),
+            get(confirmation_action),
+        )
+        .route(
+            &format!("{base}/confirmationBase/{{aid}}/feedback"),
+            post(confirmation_feedback),
+        )
+        .route(
             &format!("{base}/softwaremodules/{{mid}}/artifacts"),
             get(artifacts),
         )
@@ -91,6 +99,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/ota/actions", post(assign).get(list_actions))
         .route("/ota/actions/{id}", get(show_action))
         .route("/ota/actions/{id}/cancel", post(cancel))
+        .route("/ota/devices/{id}", get(show_device))
         .route("/ota/devices/{id}/target-token", post(new_target_token))
 }
 
@@ -211,6 +220,12 @@ async fn root(
             links.insert(
                 "cancelAction".into(),
                 ddi::link(format!("{base}/cancelAction/{}", a.id)),
+            );
+        } else if a.status == status::CONFIRMING {
+            let c = cache_buster(&a, now_unix());
+            links.insert(
+                "confirmationBase".into(),
+                ddi::link(format!("{base}/confirmationBase/{}?c={c}", a.id)),
             );
         } else {
             // hawkBit's opaque cache-buster: changes when what the device must do changes.
@@ -534,7 +549,60 @@ async fn config_data(
     Ok(StatusCode::OK)
 }
 
-/// Confirmation is automatic on this server: every assignment is confirmed.
+/// The action awaiting the device's consent.
+async fn confirmation_action(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Query(q): Query<HistoryQuery>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::ConfirmationBaseAction>, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let a = own_action(&st, &cid, &aid)?;
+    let d = deployment_body(&st, &headers, &tenant, &cid, &a, q)
+        .await?
+        .0;
+    Ok(Json(ddi::ConfirmationBaseAction {
+        id: d.id,
+        confirmation: d.deployment,
+        action_history: d.action_history,
+        links: d.links,
+    }))
+}
+
+/// `confirmed` starts the action; `denied` leaves it waiting (as hawkBit does).
+async fn confirmation_feedback(
+    State(st): State<Arc<AppState>>,
+    Path((tenant, cid, aid)): ActionIds,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+    let fb: ddi::ConfirmationFeedback = serde_json::from_slice(&body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "hawkbit.server.error.rest.body.notReadable",
+            format!("confirmation feedback: {e}"),
+        )
+    })?;
+    let a = own_action(&st, &cid, &aid)?;
+    if a.status != status::CONFIRMING {
+        return Err(gone(&a));
+    }
+    let raw = serde_json::to_value(&fb).map_err(internal)?;
+    st.store
+        .add_feedback(a.id, "confirmationBase", &raw)
+        .map_err(internal)?;
+    if fb.confirmation == ddi::Confirmation::Confirmed {
+        st.store
+            .set_action_status(a.id, &[status::CONFIRMING], status::RUNNING)
+            .map_err(internal)?;
+    }
+    Ok(StatusCode::OK)
+}
+
+/// Auto-confirm is off on this server: actions assigned with `confirm` wait for the device.
 async fn confirmation_base(
     State(st): State<Arc<AppState>>,
     Path((tenant, cid)): Ids,
@@ -544,8 +612,8 @@ async fn confirmation_base(
     authenticate(&st, &tenant, &cid, &headers, &peer)?;
     Ok(Json(ddi::ConfirmationBase {
         auto_confirm: ddi::AutoConfirm {
-            active: true,
-            initiator: Some("thingsly-bridge".into()),
+            active: false,
+            initiator: None,
             remark: None,
         },
         links: ddi::Links::new(),
@@ -654,6 +722,7 @@ async fn artifact_file(
     let size = m.size;
     let etag = format!("\"{}\"", m.sha256);
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    tracing::info!(device = %cid, module = m.id, range = range.unwrap_or("-"), "artifact download");
     let common = [
         (header::ACCEPT_RANGES, "bytes".to_string()),
         (header::ETAG, etag),
@@ -855,6 +924,9 @@ pub struct AssignRequest {
     pub kind: ActionKind,
     #[serde(default)]
     pub maintenance_window: Option<Window>,
+    /// The device must confirm first (hawkBit's user consent flow).
+    #[serde(default)]
+    pub confirm: bool,
 }
 
 fn forced() -> ActionKind {
@@ -906,6 +978,7 @@ pub fn assign_to(st: &crate::store::Store, req: &AssignRequest) -> Result<Vec<Ac
                 req.module,
                 req.kind,
                 req.maintenance_window.map(|w| (w.start, w.duration)),
+                req.confirm,
             )
             .map_err(|e| e.to_string())
         })
@@ -975,7 +1048,11 @@ async fn cancel(
     admin(&st, &headers)?;
     if !st
         .store
-        .set_action_status(id, &[status::RUNNING], status::CANCELING)
+        .set_action_status(
+            id,
+            &[status::RUNNING, status::CONFIRMING],
+            status::CANCELING,
+        )
         .map_err(internal)?
     {
         return Err(err(
@@ -990,6 +1067,31 @@ async fn cancel(
         .map_err(internal)?
         .ok_or_else(|| internal("vanished"))?;
     Ok(Json(a))
+}
+
+/// What the DDI server knows of a device: its configData and its actions.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct DeviceOta {
+    pub device_id: String,
+    pub config_data: Option<std::collections::BTreeMap<String, String>>,
+    pub actions: Vec<Action>,
+}
+
+pub fn device_ota(st: &crate::store::Store, id: &str) -> anyhow::Result<DeviceOta> {
+    Ok(DeviceOta {
+        device_id: id.to_string(),
+        config_data: st.config_data(id)?,
+        actions: st.actions(Some(id))?,
+    })
+}
+
+async fn show_device(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<DeviceOta>, DdiError> {
+    admin(&st, &headers)?;
+    Ok(Json(device_ota(&st.store, &id).map_err(internal)?))
 }
 
 async fn new_target_token(

@@ -121,6 +121,9 @@ enum OtaCmd {
         window_start: Option<String>,
         #[arg(long, value_parser = humantime::parse_duration)]
         window_duration: Option<Duration>,
+        /// The device must confirm the action before it starts (hawkBit's user consent).
+        #[arg(long)]
+        confirm: bool,
     },
     /// Ask the device to cancel a running action.
     Cancel { action: i64 },
@@ -128,6 +131,11 @@ enum OtaCmd {
     Show { action: i64 },
     /// Modules and actions, as JSON.
     List,
+    /// A device's configData (as its DDI client sent it) and actions, as JSON.
+    Device {
+        #[arg(long)]
+        device: String,
+    },
     /// Create (or replace) a device's DDI TargetToken and print it.
     TargetToken {
         #[arg(long)]
@@ -176,6 +184,7 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
             kind,
             window_start,
             window_duration,
+            confirm,
         } => {
             let kind = ActionKind::parse(&kind)
                 .ok_or_else(|| anyhow::anyhow!("--type {kind:?}: forced, soft or downloadonly"))?;
@@ -192,13 +201,18 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
                 group,
                 kind,
                 maintenance_window,
+                confirm,
             };
             let actions = ddi_server::assign_to(&store, &req).map_err(|e| anyhow::anyhow!(e))?;
             print(&actions);
         }
         OtaCmd::Cancel { action } => {
             anyhow::ensure!(
-                store.set_action_status(action, &[status::RUNNING], status::CANCELING)?,
+                store.set_action_status(
+                    action,
+                    &[status::RUNNING, status::CONFIRMING],
+                    status::CANCELING
+                )?,
                 "action {action} is not running"
             );
             println!("cancel requested for action {action}; the device confirms at its next poll");
@@ -217,6 +231,7 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
                 &serde_json::json!({ "modules": store.modules()?, "actions": store.actions(None)? }),
             );
         }
+        OtaCmd::Device { device } => print(&ddi_server::device_ota(&store, &device)?),
         OtaCmd::TargetToken { device } => {
             anyhow::ensure!(store.get(&device)?.is_some(), "no device {device:?}");
             let t = random_token();

@@ -89,16 +89,19 @@ impl ActionKind {
     }
 }
 
-/// An action's life: `running` → `closed`/`failed` (device's final feedback); `running` →
-/// `canceling` (operator) → `canceled` (device confirmed) or back to `running` (rejected).
+/// An action's life: (`confirming` → device confirms →) `running` → `closed`/`failed`
+/// (device's final feedback); `running` → `canceling` (operator) → `canceled` (device
+/// confirmed) or back to `running` (rejected).
 pub mod status {
+    /// Waiting for the device's consent (hawkBit's user-consent flow).
+    pub const CONFIRMING: &str = "confirming";
     pub const RUNNING: &str = "running";
     pub const CANCELING: &str = "canceling";
     pub const CANCELED: &str = "canceled";
     pub const CLOSED: &str = "closed";
     pub const FAILED: &str = "failed";
     pub fn is_open(s: &str) -> bool {
-        s == RUNNING || s == CANCELING
+        s == RUNNING || s == CANCELING || s == CONFIRMING
     }
 }
 
@@ -241,13 +244,14 @@ impl Store {
         module_id: i64,
         kind: ActionKind,
         window: Option<(i64, i64)>,
+        confirm: bool,
     ) -> anyhow::Result<Action> {
         let mut c = self.conn();
         let tx = c.transaction()?;
         let t = now();
         tx.execute(
             "UPDATE ota_actions SET status = ?2, updated_at = ?3
-              WHERE device_id = ?1 AND status IN ('running', 'canceling')",
+              WHERE device_id = ?1 AND status IN ('running', 'canceling', 'confirming')",
             params![device_id, status::CANCELED, t],
         )?;
         tx.execute(
@@ -260,7 +264,11 @@ impl Store {
                 kind.as_str(),
                 window.map(|w| w.0),
                 window.map(|w| w.1),
-                status::RUNNING,
+                if confirm {
+                    status::CONFIRMING
+                } else {
+                    status::RUNNING
+                },
                 t
             ],
         )?;
@@ -292,7 +300,7 @@ impl Store {
             .query_row(
                 &format!(
                     "SELECT {ACTION_COLS} FROM ota_actions
-                      WHERE device_id = ?1 AND status IN ('running', 'canceling')
+                      WHERE device_id = ?1 AND status IN ('running', 'canceling', 'confirming')
                       ORDER BY id DESC LIMIT 1"
                 ),
                 params![device_id],
@@ -440,9 +448,11 @@ mod tests {
         let m = s
             .add_module("os", "2.0", "os.raucb", 10, "aa", "bb", "cc")
             .unwrap();
-        let a1 = s.assign("dev1", m.id, ActionKind::Forced, None).unwrap();
+        let a1 = s
+            .assign("dev1", m.id, ActionKind::Forced, None, false)
+            .unwrap();
         let a2 = s
-            .assign("dev1", m.id, ActionKind::Soft, Some((100, 50)))
+            .assign("dev1", m.id, ActionKind::Soft, Some((100, 50)), false)
             .unwrap();
         assert_eq!(s.action(a1.id).unwrap().unwrap().status, status::CANCELED);
         assert_eq!(s.open_action("dev1").unwrap().unwrap().id, a2.id);

@@ -466,6 +466,10 @@ pub struct OtaSection {
     /// Download attempts after a cut or a 5xx before the action is reported failed.
     #[serde(default = "default_download_attempts")]
     pub download_attempts: u32,
+    /// Confirm actions that ask for the device's consent (hawkBit's confirmationBase); off:
+    /// they wait, shown in `status`, until confirmed elsewhere.
+    #[serde(default = "yes")]
+    pub auto_confirm: bool,
     /// Give the installed bundle's http(s) URL to RAUC instead of downloading it ourselves
     /// (RAUC streaming/download; needs a RAUC that can reach the server itself).
     #[serde(default)]
@@ -501,6 +505,7 @@ impl Default for OtaSection {
             max_poll_interval: default_ota_max_poll(),
             download_dir: None,
             download_attempts: default_download_attempts(),
+            auto_confirm: true,
             rauc_url_install: false,
             health_deadline: default_health_deadline(),
             health_mqtt: true,

@@ -292,6 +292,11 @@ impl Engine {
             self.etag = None;
             return Ok(());
         }
+        if let Some(href) = root.href("confirmationBase") {
+            self.confirm(href).await?;
+            self.etag = None;
+            return Ok(());
+        }
         if let Some(href) = root.href("deploymentBase") {
             let base: DeploymentBase = self.ddi.get(href).await?;
             match current {
@@ -308,6 +313,46 @@ impl Engine {
                 None => self.start(href, base).await,
             }
         }
+        Ok(())
+    }
+
+    /// hawkBit's user consent: the action waits until the device confirms it.
+    async fn confirm(&mut self, href: &str) -> Result<(), DdiError> {
+        let action: ddi::ConfirmationBaseAction = self.ddi.get(href).await?;
+        if !self.cfg.section.auto_confirm {
+            self.set_status(
+                "idle",
+                format!(
+                    "action {} waits for confirmation (ota.auto_confirm = false)",
+                    action.id
+                ),
+            );
+            return Ok(());
+        }
+        let chunk = action.confirmation.chunks.first();
+        let what = chunk.map_or(String::new(), |c| format!(" {} {}", c.name, c.version));
+        let fb = ddi::ConfirmationFeedback {
+            confirmation: ddi::Confirmation::Confirmed,
+            code: None,
+            details: vec![format!(
+                "confirmed by the device agent (ota.auto_confirm){what}"
+            )],
+        };
+        let base = href.split('?').next().unwrap_or(href);
+        let r = self
+            .ddi
+            .request(reqwest::Method::POST, &format!("{base}/feedback"))
+            .json(&fb)
+            .send()
+            .await
+            .map_err(|e| DdiError::Transport(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(DdiError::Status(
+                r.status().as_u16(),
+                "confirmation refused".into(),
+            ));
+        }
+        tracing::info!(action = %action.id, "OTA action confirmed");
         Ok(())
     }
 

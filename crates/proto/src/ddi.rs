@@ -220,6 +220,23 @@ pub struct CancelActionToStop {
     pub stop_id: String,
 }
 
+/// POST `confirmationBase/{actionId}/feedback`: the device's consent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfirmationFeedback {
+    pub confirmation: Confirmation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default)]
+    pub details: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confirmation {
+    Confirmed,
+    Denied,
+}
+
 /// POST `…/feedback` (deploymentBase, cancelAction, installedBase).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionFeedback {
