@@ -145,7 +145,7 @@ pub fn run(large_mib: u64) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no feedback {needle}"))?;
             rfc3339(f["at"].as_str().unwrap_or_default())
         };
-        let secs = (at("downloaded")? - at("accepted")?).as_seconds_f64();
+        let secs = (at("hash verified")? - at("accepted")?).as_seconds_f64();
         let url = format!(
             "{}/DEFAULT/controller/v1/bench-dev/softwaremodules/{module}/artifacts/{filename}",
             bridge.url()

@@ -653,16 +653,13 @@ impl Engine {
                     tracing::info!(action = %d.action_id, file = %d.bundle_path.display(), "bundle downloaded and verified");
                     d.phase = Phase::Downloaded;
                     let done = self.persist(d);
-                    let finished = if d.download_only {
-                        Finished::Success
-                    } else {
-                        Finished::None
-                    };
+                    // Not final even for download-only: that report comes from `Reporting`,
+                    // persisted first, so it is sent exactly once.
                     self.feedback(
                         d,
                         fb(
                             Execution::Downloaded,
-                            finished,
+                            Finished::None,
                             "download complete, hash verified",
                         ),
                     )
