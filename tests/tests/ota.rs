@@ -396,8 +396,13 @@ fn download_only_then_maintenance_window_closed_then_open() {
             .contains("waiting for the maintenance window")
     });
     assert!(!rig.rauc.boot_calls().contains("set-primary"));
+    // A power cut while waiting: it keeps the downloaded bundle and keeps waiting.
+    rig.agent.proc.as_mut().unwrap().kill();
+    assert_eq!(rig.phase(), "downloaded");
+    rig.agent.start().unwrap();
     rig.reboot();
     rig.wait_status(a2, "closed", Duration::from_secs(60));
+    assert_eq!(rig.installs_into_b(), 1);
     assert_eq!(rig.status()["state"]["sw_version"], "7.0.0");
 }
 
@@ -795,4 +800,38 @@ fn actions_needing_consent_are_confirmed_then_run() {
     let fb = rig.action(action)["feedback"].clone();
     assert_eq!(fb[0]["endpoint"], "confirmationBase", "{fb:#}");
     assert_eq!(fb[0]["body"]["confirmation"], "confirmed");
+}
+
+/// Needs root (a small tmpfs as the download directory); CI runs as root.
+#[test]
+fn too_little_space_is_reported_before_downloading() {
+    let t = tempfile::tempdir().unwrap();
+    let small = t.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "this test needs root to mount a tmpfs");
+    let _unmount = Unmount(small.clone());
+    let rig = Rig::new(&format!("download_dir = \"{}\"", small.display()));
+    let bundle = rig
+        .rauc
+        .bundle("big.raucb", "17.0.0", &["--size-mib", "4"])
+        .unwrap();
+    assert!(std::fs::metadata(&bundle).unwrap().len() > 1024 * 1024);
+    let action = rig.assign(rig.upload(&bundle, "17.0.0"), &[]);
+    rig.wait_status(action, "failed", Duration::from_secs(60));
+    let d = details(&rig.final_reports(action)[0]);
+    assert!(d.contains("not enough space"), "{d}");
+    assert!(!rig.feedback_text(action).contains("downloading: 10%"));
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0);
+    assert!(!rig.reboot_requested());
 }
