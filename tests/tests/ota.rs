@@ -355,6 +355,22 @@ fn broken_bundles_fail_cleanly_and_the_device_stays_on_its_slot() {
     let d = details(&rig.final_reports(a3)[0]);
     assert!(d.contains("Compatible mismatch"), "{d}");
 
+    // 4. The server lost the file (404): final at once, not retried.
+    let gone = rig
+        .rauc
+        .bundle("gone.raucb", "7.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let m4 = rig.upload(&gone, "7.0.0");
+    let m: serde_json::Value =
+        serde_json::from_str(&rig.bridge.cli(&["ota", "list"]).unwrap()).unwrap();
+    let sha = m["modules"][3]["sha256"].as_str().unwrap().to_string();
+    std::fs::remove_file(rig.bridge.data().join(format!("artifacts/{sha}.bin"))).unwrap();
+    let a4 = rig.assign(m4, &[]);
+    rig.wait_status(a4, "failed", Duration::from_secs(30));
+    let d = details(&rig.final_reports(a4)[0]);
+    assert!(d.contains("404"), "{d}");
+    assert!(!rig.feedback_text(a4).contains("interrupted"));
+
     // Nothing rebooted, the running slot untouched, the agent still fine.
     assert!(!rig.reboot_requested());
     wait_for("status shows the failure", Duration::from_secs(5), || {
@@ -834,4 +850,33 @@ fn too_little_space_is_reported_before_downloading() {
     assert!(!rig.feedback_text(action).contains("downloading: 10%"));
     assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0);
     assert!(!rig.reboot_requested());
+}
+
+/// The agent with hawkBit's GatewayToken instead of its certificate, and asked to let RAUC
+/// fetch the bundle: Debian's RAUC 1.8 cannot pass TLS options, so the agent downloads itself.
+#[test]
+fn gateway_token_auth_and_url_install_falls_back_on_rauc_1_8() {
+    let t = tempfile::tempdir().unwrap();
+    let token = t.path().join("gw.token");
+    std::fs::write(&token, "gw-agent-secret\n").unwrap();
+    let mut rig = Rig::with_ddi(
+        &format!(
+            "auth = \"gateway_token\"\ntoken_file = \"{}\"\nrauc_url_install = true",
+            token.display()
+        ),
+        &format!("gateway_token_file = \"{}\"", token.display()),
+    );
+    let bundle = rig
+        .rauc
+        .bundle("g.raucb", "18.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "18.0.0"), &[]);
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    assert!(
+        rig.log().contains("cannot pass TLS options"),
+        "{}",
+        rig.log()
+    );
+    assert_eq!(rig.status()["state"]["sw_version"], "18.0.0");
 }

@@ -718,7 +718,18 @@ async fn artifact_file(
         ));
     }
     let path = artifact_path(&settings(&st)?.artifacts_dir, &m.sha256);
-    let mut f = tokio::fs::File::open(&path).await.map_err(internal)?;
+    let mut f = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::error!(module = m.id, path = %path.display(), "artifact file missing from the store");
+            return Err(err(
+                StatusCode::NOT_FOUND,
+                "hawkbit.server.error.artifact.binaryGone",
+                format!("the file of module {} is gone from the server", m.id),
+            ));
+        }
+        Err(e) => return Err(internal(e)),
+    };
     let size = m.size;
     let etag = format!("\"{}\"", m.sha256);
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
@@ -1131,6 +1142,41 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=x-"), 100), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=0-1,5-6"), 100), Ok(None));
         assert_eq!(parse_range(Some("items=0-1"), 100), Ok(None));
+    }
+
+    #[test]
+    fn a_group_assignment_reaches_its_members_only() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let st =
+            crate::store::Store::open(&dir.path().join("db")).unwrap_or_else(|e| panic!("{e}"));
+        let pool: ipnet::Ipv4Net = "10.9.0.0/24".parse().unwrap_or_else(|e| panic!("{e}"));
+        for (id, group) in [("a", "line-3"), ("b", "line-3"), ("c", "line-4")] {
+            let mut meta = serde_json::Map::new();
+            meta.insert("group".into(), group.into());
+            st.record(id, "00", "01", "2030-01-01T00:00:00Z", None, pool, &meta)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let m = st
+            .add_module("os", "1", "os.raucb", 1, "s", "s1", "m")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let req = AssignRequest {
+            module: m.id,
+            devices: vec!["c".into()],
+            group: Some("line-3".into()),
+            kind: ActionKind::Soft,
+            maintenance_window: None,
+            confirm: false,
+        };
+        let actions = assign_to(&st, &req).unwrap_or_else(|e| panic!("{e}"));
+        let mut who: Vec<_> = actions.iter().map(|a| a.device_id.as_str()).collect();
+        who.sort();
+        assert_eq!(who, ["a", "b", "c"]);
+        let none = AssignRequest {
+            devices: vec!["zz".into()],
+            group: None,
+            ..req
+        };
+        assert!(assign_to(&st, &none).unwrap_err().contains("not enrolled"));
     }
 
     #[test]

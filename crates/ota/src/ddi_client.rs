@@ -85,6 +85,11 @@ impl DdiClient {
         })
     }
 
+    /// `TargetToken …`/`GatewayToken …`, or `None` with certificate authentication.
+    pub fn auth_header(&self) -> Option<&str> {
+        self.auth.as_deref()
+    }
+
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, url).header(
             reqwest::header::ACCEPT,

@@ -259,3 +259,46 @@ impl From<DdiError> for DownloadError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn art(sha256: Option<&str>, sha1: Option<&str>, md5: Option<&str>) -> ArtifactRef {
+        ArtifactRef {
+            filename: "b.raucb".into(),
+            url: String::new(),
+            size: None,
+            sha256: sha256.map(String::from),
+            sha1: sha1.map(String::from),
+            md5: md5.map(String::from),
+        }
+    }
+
+    fn digest_of(a: &ArtifactRef, data: &[u8]) -> Option<(String, String)> {
+        let e = expected(a)?;
+        let mut h = Hasher::for_expected(&e);
+        h.update(data);
+        let want = match e {
+            Expected::Sha256(w) | Expected::Sha1(w) | Expected::Md5(w) => w,
+        };
+        Some((h.finish(), want))
+    }
+
+    #[test]
+    fn the_strongest_hash_given_is_checked() {
+        // "abc": sha256 ba78…, sha1 a999…, md5 9001…
+        let sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let sha1 = "a9993e364706816aba3e25717850c26c9cd0d89d";
+        let md5 = "900150983cd24fb0d6963f7d28e17f72";
+        let (got, want) = digest_of(&art(Some(sha256), Some("x"), Some("y")), b"abc").unwrap();
+        assert_eq!(got, want);
+        // Only sha1/md5 from the server: still verified, case-insensitively.
+        let (got, want) =
+            digest_of(&art(None, Some(&sha1.to_uppercase()), Some("y")), b"abc").unwrap();
+        assert_eq!(got, want);
+        let (got, want) = digest_of(&art(None, None, Some(md5)), b"abc").unwrap();
+        assert_eq!(got, want);
+        assert!(digest_of(&art(None, None, None), b"abc").is_none());
+    }
+}

@@ -66,6 +66,8 @@ struct Engine {
     config_sent: Option<ConfigData>,
     /// Last time the DDI server answered a poll (for the health check).
     ddi_ok: Option<tokio::time::Instant>,
+    /// The installedBase version last warned about.
+    installed_mismatch: Option<String>,
 }
 
 fn now_unix() -> i64 {
@@ -199,6 +201,7 @@ pub async fn run(
         etag: None,
         config_sent: None,
         ddi_ok: None,
+        installed_mismatch: None,
     };
     e.run().await;
     Ok(())
@@ -286,6 +289,11 @@ impl Engine {
         }
         self.send_config_data(root.href("configData").is_some())
             .await;
+        if current.is_none()
+            && let Some(href) = root.href("installedBase")
+        {
+            self.check_installed_base(href).await;
+        }
         if let Some(href) = root.href("cancelAction") {
             self.handle_cancel(href, current.as_ref()).await?;
             // The next poll shows what comes after the cancel.
@@ -314,6 +322,22 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// hawkBit's `installedBase`: what the server believes this device runs. A difference
+    /// (a manual install, a bootloader fallback the server never heard of) is shown, not acted on.
+    async fn check_installed_base(&mut self, href: &str) {
+        let Ok(base) = self.ddi.get::<DeploymentBase>(href).await else {
+            return;
+        };
+        let Some(chunk) = base.deployment.chunks.first() else {
+            return;
+        };
+        let running = self.state.get().sw_version;
+        if chunk.version != running && self.installed_mismatch.as_deref() != Some(&chunk.version) {
+            tracing::warn!(server = %chunk.version, running = %running, action = %base.id, "the DDI server believes another version is installed");
+            self.installed_mismatch = Some(chunk.version.clone());
+        }
     }
 
     /// hawkBit's user consent: the action waits until the device confirms it.
@@ -507,6 +531,7 @@ impl Engine {
             install_started_at: 0,
             boot_id: String::new(),
             reboots: 0,
+            by_url: false,
             report: None,
         };
         tracing::info!(action = %id, name = %d.name, version = %d.version, size = ?d.artifact.size, download_only = d.download_only, "OTA action received");
@@ -599,6 +624,19 @@ impl Engine {
     }
 
     async fn download(&mut self, d: &mut Deployment) -> Step {
+        if self.cfg.section.rauc_url_install && !d.by_url {
+            if self.rauc.streams_with_tls_options().await {
+                // RAUC fetches the bundle itself, straight into the slot.
+                d.by_url = true;
+                d.phase = Phase::Downloaded;
+                tracing::info!(action = %d.action_id, "RAUC installs from the URL (ota.rauc_url_install)");
+                return self.persist(d);
+            }
+            tracing::warn!(
+                "ota.rauc_url_install: this RAUC (before 1.9) cannot pass TLS options when it \
+                 downloads; the agent downloads the bundle instead"
+            );
+        }
         self.set_status(
             "downloading",
             format!("downloading {} {}", d.name, d.version),
@@ -719,6 +757,39 @@ impl Engine {
         }
     }
 
+    /// `InstallBundle` arguments for RAUC fetching the bundle: our trust anchors and credentials.
+    fn url_install_args(
+        &self,
+    ) -> std::collections::HashMap<&'static str, zbus::zvariant::Value<'static>> {
+        use thingsly_enroll::paths;
+        let mut args = std::collections::HashMap::new();
+        let path = |p: &str| self.dir.path(p).display().to_string();
+        let ca = match &self.cfg.section.ca_bundle {
+            Some(p) => p.display().to_string(),
+            None => path(paths::CA_CHAIN),
+        };
+        args.insert("tls-ca", zbus::zvariant::Value::from(ca));
+        match self.ddi.auth_header() {
+            Some(h) => {
+                args.insert(
+                    "http-headers",
+                    zbus::zvariant::Value::from(vec![format!("Authorization: {h}")]),
+                );
+            }
+            None => {
+                args.insert(
+                    "tls-cert",
+                    zbus::zvariant::Value::from(path(paths::DEVICE_CERT)),
+                );
+                args.insert(
+                    "tls-key",
+                    zbus::zvariant::Value::from(path(paths::DEVICE_KEY)),
+                );
+            }
+        }
+        args
+    }
+
     async fn after_download(&mut self, d: &mut Deployment) -> Step {
         if d.download_only {
             let detail = format!("{} {} downloaded (download only)", d.name, d.version);
@@ -785,14 +856,14 @@ impl Engine {
         self.set_status("installing", format!("installing {} {}", d.name, d.version));
         self.feedback(d, fb(Execution::Proceeding, Finished::None, "installing"))
             .await;
-        let source = if self.cfg.section.rauc_url_install {
-            d.artifact.url.clone()
+        let (source, args) = if d.by_url {
+            (d.artifact.url.clone(), self.url_install_args())
         } else {
-            d.bundle_path.display().to_string()
+            (d.bundle_path.display().to_string(), Default::default())
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, String)>(16);
         let rauc = &self.rauc;
-        let install = rauc.install(&source, |pct, text| {
+        let install = rauc.install(&source, args, |pct, text| {
             let _ = tx.try_send((pct, text.to_string()));
         });
         let ddi = &self.ddi;

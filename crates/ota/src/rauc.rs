@@ -117,11 +117,29 @@ impl Rauc {
         Ok(())
     }
 
-    /// Install `bundle` (an absolute path or a URL). `progress(percent, message)` follows the
+    /// Whether this RAUC streams bundles from a URL with the TLS and header options applied.
+    /// RAUC 1.8 (no `InspectBundle`, added in 1.9 together with working `tls-*` options in the
+    /// streaming code) downloads without them, which fails against a private CA.
+    pub async fn streams_with_tls_options(&self) -> bool {
+        let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
+        let r: Result<HashMap<String, OwnedValue>, zbus::Error> =
+            self.installer.call("InspectBundle", &("", args)).await;
+        match r {
+            Ok(_) => true,
+            Err(zbus::Error::MethodError(name, _, _)) => {
+                name.as_str() != "org.freedesktop.DBus.Error.UnknownMethod"
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Install `bundle` (an absolute path or a URL) with `InstallBundle` arguments (none for a
+    /// path, so every RAUC since 1.8 takes it). `progress(percent, message)` follows the
     /// `Progress` property; the result is RAUC's `Completed`, with `LastError` on failure.
     pub async fn install(
         &self,
         bundle: &str,
+        args: HashMap<&str, zbus::zvariant::Value<'_>>,
         mut progress: impl FnMut(i32, &str),
     ) -> Result<(), String> {
         use futures_util::StreamExt;
@@ -135,7 +153,6 @@ impl Rauc {
             .await
             .map_err(e)?;
         let mut changes = props.receive_signal("PropertiesChanged").await.map_err(e)?;
-        let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
         let _: () = self
             .installer
             .call("InstallBundle", &(bundle, args))
