@@ -471,26 +471,7 @@ impl Engine {
             return;
         }
         let dep = &base.deployment;
-        let artifacts: Vec<(&ddi::Chunk, &ddi::Artifact)> = dep
-            .chunks
-            .iter()
-            .flat_map(|c| c.artifacts.iter().map(move |a| (c, a)))
-            .collect();
-        let refuse = |why: String| why;
-        let shape = match artifacts.as_slice() {
-            [(chunk, a)] if dep.chunks.len() == 1 => match a.download_href() {
-                Some(url) => Ok((*chunk, *a, url.to_string())),
-                None => Err(refuse(format!(
-                    "artifact {} has no download link",
-                    a.filename
-                ))),
-            },
-            _ => Err(refuse(format!(
-                "expected one RAUC bundle (one chunk with one artifact), got {} chunks with {} artifacts",
-                dep.chunks.len(),
-                artifacts.len()
-            ))),
-        };
+        let shape = the_bundle(dep);
         let (chunk, artifact, url) = match shape {
             Ok(s) => s,
             Err(why) => {
@@ -1182,6 +1163,27 @@ impl Engine {
 
 fn unreachable_progress() -> Result<(), String> {
     Err("progress stream ended".into())
+}
+
+/// The one RAUC bundle of a deployment and its download link; any other shape is refused
+/// with a reason the operator can act on.
+pub fn the_bundle(dep: &ddi::Deployment) -> Result<(&ddi::Chunk, &ddi::Artifact, String), String> {
+    let artifacts: Vec<(&ddi::Chunk, &ddi::Artifact)> = dep
+        .chunks
+        .iter()
+        .flat_map(|c| c.artifacts.iter().map(move |a| (c, a)))
+        .collect();
+    match artifacts.as_slice() {
+        [(chunk, a)] if dep.chunks.len() == 1 => match a.download_href() {
+            Some(url) => Ok((*chunk, *a, url.to_string())),
+            None => Err(format!("artifact {} has no download link", a.filename)),
+        },
+        _ => Err(format!(
+            "expected one RAUC bundle (one chunk with one artifact), got {} chunks with {} artifacts",
+            dep.chunks.len(),
+            artifacts.len()
+        )),
+    }
 }
 
 /// RAUC's `installed.timestamp` (ISO 8601 UTC) at or after `unix`.
