@@ -70,6 +70,9 @@ struct Engine {
     installed_mismatch: Option<String>,
 }
 
+/// How long a reboot command may take to bring the system down before it is run again.
+const REBOOT_GRACE_SECS: i64 = 120;
+
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -512,6 +515,7 @@ impl Engine {
             install_started_at: 0,
             boot_id: String::new(),
             reboots: 0,
+            reboot_at: 0,
             by_url: false,
             report: None,
         };
@@ -948,6 +952,7 @@ impl Engine {
         }
         d.boot_id = self.boot_id();
         d.reboots += 1;
+        d.reboot_at = now_unix();
         if let Step::Wait = self.persist(d) {
             return Step::Wait;
         }
@@ -980,6 +985,10 @@ impl Engine {
         };
         let rebooted = self.boot_id() != d.boot_id || booted != d.previous_slot;
         if !rebooted {
+            // The system may be going down right now: give the command time before retrying.
+            if now_unix() - d.reboot_at < REBOOT_GRACE_SECS {
+                return Step::Wait;
+            }
             if d.reboots >= 3 {
                 return self.conclude(
                     d,
@@ -990,7 +999,12 @@ impl Engine {
                     ),
                 );
             }
-            return Step::Wait;
+            return self
+                .reboot(
+                    d,
+                    "the device did not reboot; running the reboot command again",
+                )
+                .await;
         }
         if booted == d.target_slot || (d.target_slot.is_empty() && booted != d.previous_slot) {
             d.phase = Phase::Verifying;
@@ -1114,8 +1128,24 @@ impl Engine {
     async fn after_rollback(&mut self, d: &mut Deployment) -> Step {
         let booted = self.rauc.boot_slot().await.unwrap_or_default();
         if booted != d.previous_slot {
-            if self.boot_id() == d.boot_id && d.reboots < 6 {
+            let same_boot = self.boot_id() == d.boot_id;
+            if same_boot && now_unix() - d.reboot_at < REBOOT_GRACE_SECS {
                 return Step::Wait;
+            }
+            if d.reboots >= 6 {
+                let detail = d
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.details.first().cloned())
+                    .unwrap_or_default();
+                return self.conclude(
+                    d,
+                    Finished::Failure,
+                    format!(
+                        "{detail}; the device did not get back to slot {} ({} reboots)",
+                        d.previous_slot, d.reboots
+                    ),
+                );
             }
             return self
                 .reboot(d, "health checks failed; rebooting into the previous slot")

@@ -73,6 +73,9 @@ pub struct Deployment {
     pub boot_id: String,
     #[serde(default)]
     pub reboots: u32,
+    /// Unix seconds when the reboot command last ran.
+    #[serde(default)]
+    pub reboot_at: i64,
     /// RAUC installs from the artifact URL itself (`ota.rauc_url_install` on a RAUC that can).
     #[serde(default)]
     pub by_url: bool,
