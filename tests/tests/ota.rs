@@ -880,3 +880,65 @@ fn gateway_token_auth_and_url_install_falls_back_on_rauc_1_8() {
     );
     assert_eq!(rig.status()["state"]["sw_version"], "18.0.0");
 }
+
+/// A third-party DDI client, used unchanged: pengutronix's rauc-hawkbit (PyPI, pinned in
+/// `tests/ddi/requirements.txt`, installed into a venv under target/) with a TargetToken.
+#[test]
+fn a_third_party_ddi_client_works_against_the_bridge_unchanged() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("../target/ddi-venv");
+    if !venv.join("bin/python").exists() {
+        let st = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(st.success(), "python3 -m venv (python3-venv)");
+    }
+    let st = std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--no-deps", "-r"])
+        .arg(root.join("ddi/requirements.txt"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "pip install (PyPI)");
+
+    let rig = Rig::with_ddi("enabled = false", "");
+    let bundle = rig
+        .rauc
+        .bundle("p.raucb", "19.0.0", &["--size-mib", "2"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "19.0.0"), &[]);
+    let token = rig
+        .bridge
+        .cli(&["ota", "target-token", "--device", "ota-dev"])
+        .unwrap();
+    let dl = rig.dir.join("third-party-dl");
+    std::fs::create_dir_all(&dl).unwrap();
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(root.join("ddi/third_party_client.py"))
+        .arg(format!("127.0.0.1:{}", rig.bridge.port))
+        .arg("ota-dev")
+        .arg(token.trim())
+        .arg(&dl)
+        .env("SSL_CERT_FILE", rig.bridge.ca_chain())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("action {action} done")), "{text}");
+    assert_eq!(
+        std::fs::read(dl.join("p.raucb")).unwrap(),
+        std::fs::read(&bundle).unwrap()
+    );
+    let done = rig.wait_status(action, "closed", Duration::from_secs(10));
+    assert!(
+        done["feedback"]
+            .to_string()
+            .contains("installed by rauc-hawkbit"),
+        "{done:#}"
+    );
+}

@@ -262,13 +262,20 @@ async fn root(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
+    // hawkBit produces both; clients asking for plain JSON (aiohttp checks) get that.
+    let hal = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|a| a.contains("hal+json") || !a.contains("application/json"));
+    let content_type = if hal {
+        "application/hal+json"
+    } else {
+        "application/json"
+    };
     Ok((
         [
             (header::ETAG, etag_value),
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/hal+json"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
         ],
         json,
     )

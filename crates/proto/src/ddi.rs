@@ -272,8 +272,27 @@ pub enum Execution {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultStatus {
     pub finished: Finished,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "empty_object_is_none"
+    )]
     pub progress: Option<Progress>,
+}
+
+/// `"progress": {}` (what pengutronix's rauc-hawkbit client sends without progress) means
+/// none; any other value must be a well-typed `Progress`.
+fn empty_object_is_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Progress>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Object(m)) if m.is_empty() => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +370,17 @@ mod tests {
         for bad in ["123", "", "1:2", "00:61:00", "a:b:c", "1:2:3:4"] {
             assert_eq!(parse_sleep(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_empty_progress_is_none_and_a_bad_one_an_error() {
+        let ok: ResultStatus = serde_json::from_str(r#"{"finished":"none","progress":{}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.progress, None);
+        assert!(
+            serde_json::from_str::<ResultStatus>(r#"{"finished":"none","progress":{"cnt":[1]}}"#)
+                .is_err()
+        );
     }
 
     #[test]
