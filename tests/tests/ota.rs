@@ -942,3 +942,33 @@ fn a_third_party_ddi_client_works_against_the_bridge_unchanged() {
         "{done:#}"
     );
 }
+
+/// The new slot never comes up (the bootloader's tries run out and it boots the old one): the
+/// agent, back on A after a reboot, reports the rollback.
+#[test]
+fn a_bootloader_fallback_is_reported_as_a_rollback() {
+    let mut rig = Rig::new("");
+    let bundle = rig
+        .rauc
+        .bundle("f.raucb", "20.0.0", &["--size-mib", "1"])
+        .unwrap();
+    let action = rig.assign(rig.upload(&bundle, "20.0.0"), &[]);
+    wait_for("reboot command", Duration::from_secs(60), || {
+        rig.reboot_requested()
+    });
+    // What a bootloader does when B fails to boot: B is bad, A boots.
+    let state = rig.rauc.dir.join("boot/state");
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replace("STATE_B=good", "STATE_B=bad")).unwrap();
+    rig.reboot();
+    rig.wait_status(action, "failed", Duration::from_secs(60));
+    let d = details(&rig.final_reports(action)[0]);
+    assert!(
+        d.contains("rolled back: booted slot A again instead of B"),
+        "{d}"
+    );
+    wait_for("status", Duration::from_secs(5), || {
+        let s = rig.status();
+        s["state"]["rauc_slot"] == "A" && s["state"]["ota_status"] == "failed"
+    });
+}
