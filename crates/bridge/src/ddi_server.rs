@@ -71,7 +71,7 @@ pub fn router() -> Router<Arc<AppState>> {
             &format!("{base}/deploymentBase/{{aid}}/feedback"),
             post(deployment_feedback),
         )
-        .route(&format!("{base}/installedBase/{{aid}}"), get(installed))
+        .route(&format!("{base}/installedBase/{{aid}}"), get(deployment))
         .route(&format!("{base}/cancelAction/{{aid}}"), get(cancel_action))
         .route(
             &format!("{base}/cancelAction/{{aid}}/feedback"),
@@ -404,19 +404,8 @@ async fn deployment_body(
     }))
 }
 
+/// `deploymentBase/{id}` and `installedBase/{id}`: the same body (hawkBit's too).
 async fn deployment(
-    State(st): State<Arc<AppState>>,
-    Path((tenant, cid, aid)): ActionIds,
-    Query(q): Query<HistoryQuery>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-) -> Result<Json<ddi::DeploymentBase>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
-    let a = own_action(&st, &cid, &aid)?;
-    deployment_body(&st, &headers, &tenant, &cid, &a, q).await
-}
-
-async fn installed(
     State(st): State<Arc<AppState>>,
     Path((tenant, cid, aid)): ActionIds,
     Query(q): Query<HistoryQuery>,

@@ -43,16 +43,21 @@ pub enum Poll {
     NotModified,
 }
 
-fn transport(e: reqwest::Error) -> DdiError {
-    // The source chain says why (TLS, refused, timeout); the top level only "error sending".
+/// The error with its source chain: the top level only says "error sending request", the
+/// chain says why (TLS, refused, timeout).
+pub fn error_chain(e: &reqwest::Error) -> String {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    DdiError::Transport(msg)
+    msg
+}
+
+fn transport(e: reqwest::Error) -> DdiError {
+    DdiError::Transport(error_chain(&e))
 }
 
 impl DdiClient {

@@ -141,7 +141,7 @@ pub async fn fetch(
         let resp = req
             .send()
             .await
-            .map_err(|e| DownloadError::Retry(transport_text(e)))?;
+            .map_err(|e| DownloadError::Retry(crate::ddi_client::error_chain(&e)))?;
         let status = resp.status();
         if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             // Our partial file does not match the server's: start over next attempt.
@@ -181,7 +181,7 @@ pub async fn fetch(
             let chunk = chunk.map_err(|e| {
                 DownloadError::Retry(format!(
                     "connection lost after {have} bytes: {}",
-                    transport_text(e)
+                    crate::ddi_client::error_chain(&e)
                 ))
             })?;
             hasher.update(&chunk);
@@ -236,17 +236,6 @@ pub async fn fetch(
         let _ = thingsly_core::state_dir::fsync_dir(dir);
     }
     Ok(())
-}
-
-fn transport_text(e: reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 impl From<DdiError> for DownloadError {
