@@ -12,7 +12,6 @@ use thingsly_e2e::rauc::RaucSandbox;
 use thingsly_e2e::{Agent, AgentOpts, Bridge, Broker, Observer, mqtt_tls, wait_for};
 
 struct Rig {
-    _t: tempfile::TempDir,
     dir: PathBuf,
     bridge: Bridge,
     rauc: RaucSandbox,
@@ -22,6 +21,9 @@ struct Rig {
     proxy: Option<TcpProxy>,
     /// Mosquitto with mTLS, when telemetry is part of the test.
     broker: Option<Broker>,
+    /// Last: fields drop in order, and the RAUC sandbox finds the processes to stop through
+    /// PID files in this directory (dropped first, it leaked a dbus-daemon per test).
+    _t: tempfile::TempDir,
 }
 
 impl Rig {

@@ -259,13 +259,22 @@ async fn device_tunnel_to_the_userspace_hub_carries_ping_tcp_and_the_terminal() 
 /// wireguard-go (Debian's, an independent implementation) in `ns` as interface `name` with
 /// `address`, in the foreground so the test owns the process.
 fn wireguard_go(ns: &Netns, name: &str, address: &str, dir: &std::path::Path) -> Proc {
+    // The name carries this test process's pid: a socket under it is a leftover of an earlier
+    // run killed with the same pid, and wireguard-go refuses to start over it.
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, "wireguard-go", "-f", name])
         .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
     let p = Proc::spawn(&mut cmd, dir.join(format!("{name}.log"))).unwrap();
-    wait_for("wireguard-go interface", Duration::from_secs(10), || {
-        ns.exec(&["ip", "link", "show", name]).is_ok()
-    });
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while ns.exec(&["ip", "link", "show", name]).is_err() {
+        assert!(
+            std::time::Instant::now() < end,
+            "wireguard-go interface {name} not up after 10 s: {}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     ns.ip(&["addr", "add", address, "dev", name]).unwrap();
     ns.ip(&["link", "set", name, "mtu", "1420", "up"]).unwrap();
     p
