@@ -157,7 +157,6 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
     use thingsly_bridge::ddi_server::{self, AssignRequest, Window};
     use thingsly_bridge::ota_store::{ActionKind, status};
     let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
-    let print = |v: &dyn erased_json::Json| println!("{}", v.pretty());
     match cmd {
         OtaCmd::Upload {
             file,
@@ -243,15 +242,8 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
 }
 
 /// Pretty JSON for whatever the OTA commands print.
-mod erased_json {
-    pub trait Json {
-        fn pretty(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn pretty(&self) -> String {
-            serde_json::to_string_pretty(self).unwrap_or_default()
-        }
-    }
+fn print<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {

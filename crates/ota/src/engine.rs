@@ -64,8 +64,6 @@ struct Engine {
     sleep: Duration,
     etag: Option<String>,
     config_sent: Option<ConfigData>,
-    /// Last time the DDI server answered a poll (for the health check).
-    ddi_ok: Option<tokio::time::Instant>,
     /// The installedBase version last warned about.
     installed_mismatch: Option<String>,
 }
@@ -203,7 +201,6 @@ pub async fn run(
         sleep,
         etag: None,
         config_sent: None,
-        ddi_ok: None,
         installed_mismatch: None,
     };
     e.run().await;
@@ -239,11 +236,6 @@ impl Engine {
     }
 
     async fn run(&mut self) {
-        self.state.update(|s| {
-            if s.ota_status.is_empty() {
-                s.ota_status = "idle".into();
-            }
-        });
         self.set_status("idle", "polling");
         // An action in flight goes first: it may be mid-reboot.
         self.resume().await;
@@ -277,16 +269,12 @@ impl Engine {
     /// One root poll: configData, cancel, new deployment.
     async fn poll_once(&mut self, current: Option<Deployment>) -> Result<(), DdiError> {
         let root = match self.ddi.poll(self.etag.as_deref()).await? {
-            Poll::NotModified => {
-                self.ddi_ok = Some(tokio::time::Instant::now());
-                return Ok(());
-            }
+            Poll::NotModified => return Ok(()),
             Poll::Changed(root, etag) => {
                 self.etag = etag;
                 root
             }
         };
-        self.ddi_ok = Some(tokio::time::Instant::now());
         if let Some(s) = root.sleep() {
             self.sleep = s.clamp(Duration::from_secs(1), self.cfg.section.max_poll_interval);
         }
@@ -593,13 +581,7 @@ impl Engine {
             self.state.update(|s| s.ota_error.clear());
             self.set_status("success", detail);
         }
-        match self.save(d) {
-            Ok(()) => Step::Next,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot persist the OTA outcome");
-                Step::Wait
-            }
-        }
+        self.persist(d)
     }
 
     async fn feedback(&self, d: &Deployment, f: ActionFeedback) {
@@ -659,12 +641,11 @@ impl Engine {
                     .progress(cnt, of);
                     let _ = ddi.feedback(&href, &f).await;
                 }
-                std::future::pending::<()>().await
             };
             let cancel_watch = self.watch_cancel(&d.action_id);
             let result = tokio::select! {
-                r = fetch => r,
-                _ = progress => unreachable_progress().map_err(DownloadError::Retry),
+                // The progress sender lives in `fetch`'s callback: both end together.
+                (r, ()) = async { tokio::join!(fetch, progress) } => r,
                 _ = cancel_watch => {
                     tracing::info!(action = %d.action_id, "cancel requested during download");
                     return Step::Wait; // handled by the next poll
@@ -848,7 +829,7 @@ impl Engine {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, String)>(16);
         let rauc = &self.rauc;
-        let install = rauc.install(&source, args, |pct, text| {
+        let install = rauc.install(&source, args, move |pct, text| {
             let _ = tx.try_send((pct, text.to_string()));
         });
         let ddi = &self.ddi;
@@ -873,12 +854,9 @@ impl Engine {
                     let _ = ddi.feedback(&href, &f).await;
                 }
             }
-            std::future::pending::<()>().await
         };
-        let result = tokio::select! {
-            r = install => r,
-            _ = progress => unreachable_progress(),
-        };
+        // The progress sender lives in `install`'s callback: both end together.
+        let (result, ()) = tokio::join!(install, progress);
         let _ = std::fs::remove_file(self.dir.path("ota/install-called"));
         match result {
             Ok(()) => {
@@ -1072,10 +1050,7 @@ impl Engine {
             }
         }
         if sec.health_ddi {
-            match self.ddi.poll(None).await {
-                Ok(_) => self.ddi_ok = Some(tokio::time::Instant::now()),
-                Err(e) => return Err(e.to_string()),
-            }
+            self.ddi.poll(None).await.map_err(|e| e.to_string())?;
         }
         if let Some((prog, args)) = sec.health_command.split_first() {
             let run = tokio::process::Command::new(prog)
@@ -1189,10 +1164,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn unreachable_progress() -> Result<(), String> {
-    Err("progress stream ended".into())
 }
 
 /// The one RAUC bundle of a deployment and its download link; any other shape is refused
