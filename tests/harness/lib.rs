@@ -166,6 +166,18 @@ impl Bridge {
 
     /// A bridge listening on `host` (an address inside a test's network namespace).
     pub fn init_at(dir: &Path, host: &str, extra: &str) -> anyhow::Result<Self> {
+        Self::init_custom(dir, host, &[], extra, &[])
+    }
+
+    /// The general form: `names` go into the server certificate besides localhost, 127.0.0.1
+    /// and `host`; `init_args` are given to `thingsly-bridge init` (e.g. `--import-root-cert`).
+    pub fn init_custom(
+        dir: &Path,
+        host: &str,
+        names: &[&str],
+        extra: &str,
+        init_args: &[&str],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
         let config = dir.join("bridge.toml");
@@ -179,8 +191,12 @@ impl Bridge {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\nlisten = \"{host}:{port}\"\nserver_names = [\"localhost\", \"127.0.0.1\", \"{host}\"]\n{extra}\n",
-                dir.join("data").display()
+                "data_dir = \"{}\"\nlisten = \"{host}:{port}\"\nserver_names = [\"localhost\", \"127.0.0.1\", \"{host}\"{}]\n{extra}\n",
+                dir.join("data").display(),
+                names
+                    .iter()
+                    .map(|n| format!(", \"{n}\""))
+                    .collect::<String>()
             ),
         )?;
         let b = Self {
@@ -191,7 +207,9 @@ impl Bridge {
             netns: None,
             host: host.to_string(),
         };
-        b.cli(&["init"])?;
+        let mut init = vec!["init"];
+        init.extend_from_slice(init_args);
+        b.cli(&init)?;
         Ok(b)
     }
 
@@ -300,21 +318,32 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(bridge: &Bridge, dir: &Path) -> anyhow::Result<Self> {
+        Self::with_names(bridge, dir, &[])
+    }
+
+    /// `names`: more DNS names or addresses in its certificate (e.g. the address a VM uses).
+    pub fn with_names(bridge: &Bridge, dir: &Path, names: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = free_port();
         let crt = dir.join("server.crt");
         let key = dir.join("server.key");
-        bridge.cli(&[
+        let mut args = vec![
             "issue-server-cert",
             "--name",
             "localhost",
             "--name",
             "127.0.0.1",
+        ];
+        for n in names {
+            args.extend_from_slice(&["--name", n]);
+        }
+        args.extend_from_slice(&[
             "--out-cert",
             crt.to_str().unwrap_or_default(),
             "--out-key",
             key.to_str().unwrap_or_default(),
-        ])?;
+        ]);
+        bridge.cli(&args)?;
         std::fs::copy(bridge.ca_chain(), dir.join("ca.pem"))?;
         // Mosquitto started as root drops to its own user: it must read these test files.
         use std::os::unix::fs::PermissionsExt;

@@ -486,6 +486,11 @@ pub struct OtaSection {
     /// Health check: this command must exit 0 (argv; empty: none).
     #[serde(default)]
     pub health_command: Vec<String>,
+    /// Mark the running slot good on every boot once the agent runs (unless an update waits
+    /// for its verdict). RAUC's grub and other counting backends treat a slot that is never
+    /// marked good as failed and skip it on the next boot. Off: the board marks it itself.
+    #[serde(default = "yes")]
+    pub mark_good_on_boot: bool,
     /// Tells a reboot from an agent restart; tests point it at a file they change.
     #[serde(default = "default_boot_id_path")]
     pub boot_id_path: PathBuf,
@@ -511,6 +516,7 @@ impl Default for OtaSection {
             health_mqtt: true,
             health_ddi: true,
             health_command: Vec::new(),
+            mark_good_on_boot: true,
             boot_id_path: default_boot_id_path(),
         }
     }

@@ -6,7 +6,7 @@ use crate::MODULE;
 use crate::ddi_client::{Auth, DdiClient, DdiError, Poll};
 use crate::download::{self, DownloadError};
 use crate::rauc::Rauc;
-use crate::state::{ArtifactRef, DEPLOYMENT, Deployment, LAST, Last, Phase, Report};
+use crate::state::{ArtifactRef, DEPLOYMENT, Deployment, LAST, Last, MARKED_GOOD, Phase, Report};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +67,9 @@ struct Engine {
     /// The installedBase version last warned about.
     installed_mismatch: Option<String>,
 }
+
+/// `InstallBundle` calls for one action when power cuts keep interrupting them.
+const MAX_INSTALL_ATTEMPTS: u32 = 3;
 
 /// How long a reboot command may take to bring the system down before it is run again.
 const REBOOT_GRACE_SECS: i64 = 120;
@@ -163,6 +166,13 @@ pub async fn run(
     mut creds: watch::Receiver<Option<Arc<Credentials>>>,
     shutdown: CancellationToken,
 ) -> Result<(), OtaError> {
+    // Before anything that needs the network: a slot that boots must be marked good even
+    // when the server is out of reach, or the bootloader skips it next time.
+    if cfg.section.mark_good_on_boot
+        && let Ok(r) = Rauc::connect().await
+    {
+        mark_good_on_boot(&cfg, &r, &dir).await;
+    }
     let Some(ddi) = client(&cfg, &mut creds, &state, &shutdown).await else {
         return Ok(());
     };
@@ -181,6 +191,9 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
     };
+    if cfg.section.mark_good_on_boot {
+        mark_good_on_boot(&cfg, &rauc, &dir).await;
+    }
     let download_dir = cfg
         .section
         .download_dir
@@ -205,6 +218,46 @@ pub async fn run(
     };
     e.run().await;
     Ok(())
+}
+
+fn read_boot_id(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Mark the booted slot good, once per boot: bootloaders driven by RAUC (GRUB's grubenv, U-Boot's
+/// BOOT_x_LEFT) count every boot of a slot as an attempt until it is marked good. Not while an
+/// update waits for its verdict: then the engine decides (good after the health checks, or
+/// bad and back).
+async fn mark_good_on_boot(cfg: &OtaConfig, rauc: &Rauc, dir: &StateDir) {
+    let boot = read_boot_id(&cfg.section.boot_id_path);
+    if std::fs::read_to_string(dir.path(MARKED_GOOD)).is_ok_and(|b| b.trim() == boot) {
+        return;
+    }
+    if let Ok(Some(d)) = dir.read_json::<Deployment>(DEPLOYMENT)
+        && matches!(
+            d.phase,
+            Phase::Rebooting | Phase::Verifying | Phase::RollingBack
+        )
+    {
+        return;
+    }
+    let Ok(slot) = rauc.boot_slot().await else {
+        return;
+    };
+    match rauc.mark("good", "booted").await {
+        Ok(()) => {
+            tracing::info!(%slot, "booted slot marked good");
+            let _ = dir.subdir("ota");
+            let _ = thingsly_core::state_dir::write_atomic(
+                &dir.path(MARKED_GOOD),
+                boot.as_bytes(),
+                0o600,
+            );
+        }
+        Err(e) => tracing::warn!(%slot, error = %e, "cannot mark the booted slot good"),
+    }
 }
 
 impl Engine {
@@ -501,6 +554,8 @@ impl Engine {
             previous_version: s.sw_version.clone(),
             target_slot: String::new(),
             install_started_at: 0,
+            install_attempts: 0,
+            install_boot_id: String::new(),
             boot_id: String::new(),
             reboots: 0,
             reboot_at: 0,
@@ -888,9 +943,7 @@ impl Engine {
             .ok()
             .is_some_and(|s| s.trim() == d.action_id);
         if !called {
-            // Persist that InstallBundle is being called: a second run must not call it again.
-            let _ = thingsly_core::state_dir::write_atomic(&marker, d.action_id.as_bytes(), 0o600);
-            return None;
+            return self.install_attempt(d, &marker);
         }
         let slots = self.rauc.slots().await.ok()?;
         let primary = self.rauc.primary().await.ok();
@@ -901,7 +954,21 @@ impl Engine {
                 && s.status == "ok"
                 && timestamp_after(&s.installed_timestamp, d.install_started_at)
         });
+        if fresh.is_none()
+            && !d.install_boot_id.is_empty()
+            && d.install_boot_id != self.boot_id()
+            && d.install_attempts < MAX_INSTALL_ATTEMPTS
+        {
+            // A power cut (or reboot) took RAUC down with the install: the bundle on disk is
+            // complete and verified, the half-written slot was never activated. Again.
+            tracing::warn!(action = %d.action_id, attempt = d.install_attempts + 1, "the install was cut short by a reboot or power cut; installing again");
+            return self.install_attempt(d, &marker);
+        }
         let _ = std::fs::remove_file(&marker);
+        let why = match self.rauc.last_error().await {
+            Ok(e) if !e.is_empty() => format!(": RAUC says {e}"),
+            _ => String::new(),
+        };
         Some(match fresh {
             Some(s) => {
                 tracing::info!(action = %d.action_id, slot = %s.name, "the install started before the restart completed");
@@ -913,15 +980,25 @@ impl Engine {
             None => self.conclude(
                 d,
                 Finished::Failure,
-                "installation interrupted (agent restarted during the install); the new slot is not complete, the device stays on its current slot".into(),
+                format!("installation interrupted ({} attempts; agent restarted during the install){why}; the new slot is not complete, the device stays on its current slot", d.install_attempts),
             ),
         })
     }
 
+    /// Persist that `InstallBundle` is about to be called (attempt count, boot id, marker), so
+    /// that a later run never calls it twice for one attempt. `None`: go on and install.
+    fn install_attempt(&self, d: &mut Deployment, marker: &std::path::Path) -> Option<Step> {
+        d.install_attempts += 1;
+        d.install_boot_id = self.boot_id();
+        if let Step::Wait = self.persist(d) {
+            return Some(Step::Wait);
+        }
+        let _ = thingsly_core::state_dir::write_atomic(marker, d.action_id.as_bytes(), 0o600);
+        None
+    }
+
     fn boot_id(&self) -> String {
-        std::fs::read_to_string(&self.cfg.section.boot_id_path)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
+        read_boot_id(&self.cfg.section.boot_id_path)
     }
 
     async fn reboot(&mut self, d: &mut Deployment, why: &str) -> Step {
@@ -989,7 +1066,9 @@ impl Engine {
             self.set_status("verifying", format!("running slot {booted}; health checks"));
             return self.persist(d);
         }
-        // The bootloader chose the old slot: the new one did not come up.
+        // The bootloader chose the old slot: the new one did not come up. Take it out of the
+        // boot order for good and keep the running slot first (and marked good).
+        self.mark_back_on(&booted).await;
         self.conclude(
             d,
             Finished::Failure,
@@ -1074,6 +1153,15 @@ impl Engine {
         Ok(())
     }
 
+    /// After the bootloader fell back to `booted`: the other slot bad, `booted` active and good.
+    async fn mark_back_on(&self, booted: &str) {
+        for (state, slot) in [("bad", "other"), ("active", "booted"), ("good", "booted")] {
+            if let Err(e) = self.rauc.mark(state, slot).await {
+                tracing::warn!(error = %e, %booted, "cannot mark {slot} {state}");
+            }
+        }
+    }
+
     async fn fail_health(&mut self, d: &mut Deployment, why: String) -> Step {
         let detail = format!(
             "health checks failed on slot {} within {:?}: {why}; rolled back to {}",
@@ -1125,6 +1213,10 @@ impl Engine {
             return self
                 .reboot(d, "health checks failed; rebooting into the previous slot")
                 .await;
+        }
+        // GRUB counted this boot of the old slot as a try: it must be marked good again.
+        if let Err(e) = self.rauc.mark("good", "booted").await {
+            tracing::warn!(error = %e, "cannot mark the slot rolled back to good");
         }
         let detail = d
             .report

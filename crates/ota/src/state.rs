@@ -9,6 +9,8 @@ use thingsly_proto::ddi::{Execution, Finished};
 pub const DEPLOYMENT: &str = "ota/deployment.json";
 /// The last action reported final, to answer a server that did not get the report.
 pub const LAST: &str = "ota/last.json";
+/// Boot id of the boot whose slot was last marked good at start (`ota.mark_good_on_boot`).
+pub const MARKED_GOOD: &str = "ota/marked-good-boot";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,6 +70,12 @@ pub struct Deployment {
     /// Unix seconds when `InstallBundle` was called.
     #[serde(default)]
     pub install_started_at: i64,
+    /// `InstallBundle` calls made for this action, and the boot id of the last one: an install
+    /// cut short by a power cut is started again (RAUC lost it too), a few times at most.
+    #[serde(default)]
+    pub install_attempts: u32,
+    #[serde(default)]
+    pub install_boot_id: String,
     /// Boot id when the reboot command was run.
     #[serde(default)]
     pub boot_id: String,

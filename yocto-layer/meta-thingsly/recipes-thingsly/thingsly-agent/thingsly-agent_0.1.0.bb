@@ -32,19 +32,24 @@ USERADD_PACKAGES = "${PN}"
 USERADD_PARAM:${PN} = "--system --user-group --home-dir ${localstatedir}/lib/thingsly-agent \
                        --no-create-home --shell /sbin/nologin thingsly"
 
-SYSTEMD_SERVICE:${PN} = "thingsly-agent.service"
+# The path unit reboots on the agent's request (it runs unprivileged; commands.reboot).
+SYSTEMD_SERVICE:${PN} = "thingsly-agent.service thingsly-agent-reboot.path"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 do_install:append() {
     install -d ${D}${systemd_system_unitdir}
-    install -m 0644 ${S}/systemd/thingsly-agent.service ${D}${systemd_system_unitdir}/
+    for u in thingsly-agent.service thingsly-agent-reboot.path thingsly-agent-reboot.service; do
+        install -m 0644 ${S}/systemd/$u ${D}${systemd_system_unitdir}/
+    done
     install -d ${D}${sysconfdir}/thingsly
     # The example lists every key with its default; the image sets [device] id and [enroll].
     install -m 0640 -g thingsly ${S}/agent/agent.example.toml ${D}${sysconfdir}/thingsly/agent.toml
 }
 
 CONFFILES:${PN} = "${sysconfdir}/thingsly/agent.toml"
-FILES:${PN} += "${systemd_system_unitdir}/thingsly-agent.service"
+FILES:${PN} += "${systemd_system_unitdir}/thingsly-agent.service \
+                ${systemd_system_unitdir}/thingsly-agent-reboot.path \
+                ${systemd_system_unitdir}/thingsly-agent-reboot.service"
 
 # The userspace tunnel needs /dev/net/tun (CONFIG_TUN); no WireGuard kernel module.
 RRECOMMENDS:${PN} += "kernel-module-tun"

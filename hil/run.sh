@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Hardware-in-the-loop in one command: builds the agent (release; x86_64 for the A/B image,
+# aarch64-musl for the arm64 board), the bridge and the runner, the image (Debian packages
+# cached in ~/.cache/thingsly-hil), then runs the scenarios and prints a table.
+#   hil/run.sh [update|rollback|health|powercut|arm64|ci|all]...   (default: all)
+#   hil/run.sh bench                                              (boot and update phase times)
+# ci = update rollback arm64 (what scripts/test.sh runs). Needs root (image build, QEMU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+args=("$@"); [ ${#args[@]} -gt 0 ] || args=(all)
+cargo build --locked --release -p thingsly-agent
+cargo build --locked --bins
+if [[ " ${args[*]} " =~ \ (arm64|ci|all)\  ]]; then
+  scripts/install-toolchains.sh >/dev/null
+  cargo build --locked --release --target aarch64-unknown-linux-musl -p thingsly-agent
+fi
+HIL_AGENT_BIN=target/release/thingsly-agent HIL_BRIDGE_BIN=target/debug/thingsly-bridge hil/build-image.sh
+exec target/debug/thingsly-hil "${args[@]}"

@@ -1,0 +1,172 @@
+//! One QEMU machine of the HIL image, driven through `hil/boot.sh` (which powers it on again
+//! after every guest reboot), read through its serial log with host timestamps.
+
+use anyhow::{Context, bail, ensure};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct Vm {
+    pub run: PathBuf,
+    boot_sh: PathBuf,
+    /// `--fwd GUEST:HOST` pairs and `--accel`, kept for power-on after a hard kill.
+    args: Vec<String>,
+    console_seq: u32,
+}
+
+/// Host time (Unix seconds) of a serial line, and the line.
+pub type Line = (f64, String);
+
+impl Vm {
+    pub fn new(run: &Path, hil_dir: &Path, fwds: &[(u16, u16)], accel: Option<&str>) -> Self {
+        let mut args = Vec::new();
+        for (g, h) in fwds {
+            args.push("--fwd".into());
+            args.push(format!("{g}:{h}"));
+        }
+        if let Some(a) = accel {
+            args.push("--accel".into());
+            args.push(a.into());
+        }
+        Self {
+            run: run.to_path_buf(),
+            boot_sh: hil_dir.join("boot.sh"),
+            args,
+            console_seq: 0,
+        }
+    }
+
+    fn boot_sh(&self, args: &[&str]) -> anyhow::Result<()> {
+        // Output to a file, not a pipe: `start` leaves QEMU's supervisor running with it.
+        let log = self.run.join("boot.out");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let status = Command::new(&self.boot_sh)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .status()
+            .context("hil/boot.sh")?;
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!(
+                "boot.sh {args:?}: {}",
+                text.lines().last().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Power on: `fresh` makes a new overlay on the base image (a factory-new device).
+    pub fn power_on(&self, fresh: bool) -> anyhow::Result<()> {
+        let run = self.run.to_string_lossy().to_string();
+        let mut args = vec!["start", run.as_str()];
+        if fresh {
+            args.push("--fresh");
+        }
+        args.extend(self.args.iter().map(String::as_str));
+        // boot.sh start truncates serial.log: keep what earlier power-ons printed.
+        let log = self.run.join("serial.ts.log");
+        if log.exists() {
+            let keep = self.run.join("serial.before.log");
+            let mut all = std::fs::read(&keep).unwrap_or_default();
+            all.extend(std::fs::read(&log)?);
+            std::fs::write(keep, all)?;
+        }
+        self.boot_sh(&args)
+    }
+
+    /// Pull the plug: SIGKILL to QEMU (the supervisor then exits, as after a crash).
+    pub fn kill_hard(&self) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.run.join("qemu.pid")).context("qemu.pid")?;
+        let status = Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+        ensure!(status.success(), "kill -KILL {}", pid.trim());
+        let sup = std::fs::read_to_string(self.run.join("supervisor.pid")).unwrap_or_default();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if !Path::new("/proc").join(sup.trim()).exists() || sup.trim().is_empty() {
+                // The log follower ends with the supervisor; let it flush.
+                std::thread::sleep(Duration::from_millis(300));
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("QEMU supervisor still running after SIGKILL to QEMU")
+    }
+
+    pub fn stop(&self) {
+        let _ = self.boot_sh(&["stop", &self.run.to_string_lossy()]);
+    }
+
+    /// Every serial line so far (all power-ons), with host times.
+    pub fn lines(&self) -> Vec<Line> {
+        let mut text = std::fs::read(self.run.join("serial.before.log")).unwrap_or_default();
+        text.extend(std::fs::read(self.run.join("serial.ts.log")).unwrap_or_default());
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| {
+                let (t, rest) = l.split_once(' ')?;
+                Some((t.parse().ok()?, rest.replace('\r', "")))
+            })
+            .collect()
+    }
+
+    /// The `nth` (1-based) serial line containing `pat`, waiting up to `timeout`.
+    pub fn wait(&self, pat: &str, nth: usize, timeout: Duration) -> anyhow::Result<Line> {
+        self.wait_any(&[pat], nth, timeout)
+    }
+
+    pub fn wait_any(&self, pats: &[&str], nth: usize, timeout: Duration) -> anyhow::Result<Line> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines()
+                .into_iter()
+                .filter(|(_, l)| pats.iter().any(|p| l.contains(p)))
+                .nth(nth - 1)
+            {
+                return Ok(l);
+            }
+            if Instant::now() > end {
+                bail!("no serial line with {pats:?} (#{nth}) within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Run a shell command on the serial console (root autologin) and return its output.
+    pub fn console(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
+        self.console_seq += 1;
+        let (begin, end) = (
+            format!("HIL-CMD-BEGIN-{}", self.console_seq),
+            format!("HIL-CMD-END-{}", self.console_seq),
+        );
+        let mut s = std::os::unix::net::UnixStream::connect(self.run.join("serial.sock"))
+            .context("serial console")?;
+        // Markers built from two halves so that the shell's echo of the command never matches.
+        let line = format!(
+            "\necho HIL-CMD-BEGIN-''{n}; {cmd} 2>&1; echo; echo HIL-CMD-END-''{n}\n",
+            n = self.console_seq
+        );
+        s.write_all(line.as_bytes())?;
+        self.wait(&end, 1, timeout)
+            .with_context(|| format!("console command {cmd:?}"))?;
+        let text: String = self.lines().into_iter().map(|(_, l)| l + "\n").collect();
+        let from = text.rfind(&begin).context("no begin marker")? + begin.len();
+        let to = text[from..].find(&end).context("no end marker")? + from;
+        // Drop the terminal's mode escapes (bracketed paste on/off) around the output.
+        Ok(text[from..to]
+            .replace("\x1b[?2004l", "")
+            .replace("\x1b[?2004h", ""))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
