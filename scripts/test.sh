@@ -4,7 +4,8 @@
 # end-to-end tests (real thingsly-bridge, Mosquitto with mTLS, InfluxDB, thingsly-agent; root is
 # needed for tmpfs mounts and network namespaces), builds with the MSRV toolchain (the Rust of the
 # current Yocto LTS) and every agent feature set the recipe offers, lints the Yocto layer, checks
-# the systemd units, and cross-builds for the boards with their unit tests under qemu-user.
+# the systemd units, cross-builds for the boards with their unit tests under qemu-user, and runs
+# the QEMU hardware-in-the-loop update and rollback (hil/run.sh ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -31,5 +32,7 @@ cargo build -q --locked --bins
 scripts/lint-layer.sh
 scripts/check-units.sh
 scripts/test-cross.sh
+# QEMU hardware-in-the-loop: A/B update and rollback with the release agent, the arm64 board.
+hil/run.sh ci
 echo "target/ holds $(du -sh target | cut -f1); $(df -h --output=avail . | tail -n1 | tr -d ' ') free" >&2
 echo "all checks passed in $(( $(date +%s) - start )) s"

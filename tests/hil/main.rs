@@ -318,11 +318,23 @@ impl Rig {
     }
 
     fn grubenv(&mut self) -> anyhow::Result<String> {
-        let out = self.vm.console(
-            "grub-editenv /boot/efi/EFI/BOOT/grubenv list | tr '\\n' ' '",
-            Duration::from_secs(60),
-        )?;
-        Ok(out.trim().to_string())
+        let mut out = String::new();
+        for _ in 0..3 {
+            out = self
+                .vm
+                .console(
+                    "grub-editenv /boot/efi/EFI/BOOT/grubenv list | tr '\\n' ' '",
+                    Duration::from_secs(90),
+                )?
+                .trim()
+                .to_string();
+            // Well-formed (see Vm::console on the console's glitches): every key once.
+            let keys = ["ORDER=", "A_OK=", "A_TRY=", "B_OK=", "B_TRY="];
+            if out.split(' ').count() == 6 && keys.iter().all(|k| out.matches(k).count() == 1) {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Kept on failure (logs), trimmed on success (the disk overlay is large).
@@ -472,7 +484,14 @@ fn powercut(r: &mut Rig) -> anyhow::Result<String> {
     r.vm.kill_hard()?;
     r.mark("cut-download", now());
     r.vm.power_on(false)?;
-    r.wait_feedback(id, "installing: 30%", Duration::from_secs(600))?;
+    // RAUC 1.8 reports 90 % ("Checking slot … done") and then writes the image, about 10 s
+    // under TCG, before 100 %: cut in the middle of the write.
+    r.wait_feedback(id, "installing: 90%", Duration::from_secs(600))?;
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(
+        r.first_feedback(id, "installing: 100%")?.is_none(),
+        "the install finished before the cut"
+    );
     r.vm.kill_hard()?;
     r.mark("cut-install", now());
     r.vm.power_on(false)?;
@@ -519,6 +538,12 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
     let dir = p.work.join("arm64");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    // Debian's arm64 kernel and busybox, kept between runs and clones like the image's .debs.
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| p.work.clone())
+        .join("thingsly-hil/arm64");
     let cfg = dir.join("agent.toml");
     std::fs::write(
         &cfg,
@@ -527,7 +552,7 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
          [ota]\nenabled = false\n",
     )?;
     let out = Command::new(p.root.join("hil/arm64-boot.sh"))
-        .env("HIL_ARM64_OUT", p.work.join("arm64-cache"))
+        .env("HIL_ARM64_OUT", &cache)
         .arg("--file")
         .arg(format!("{}:/bin/thingsly-agent", bin.display()))
         .arg("--file")
@@ -548,7 +573,7 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
     );
     std::fs::write(dir.join("arm64.log"), &text)?;
     ensure!(out.status.success(), "arm64-boot.sh failed: {text}");
-    let serial = std::fs::read_to_string(p.work.join("arm64-cache/serial.log")).unwrap_or_default();
+    let serial = std::fs::read_to_string(cache.join("serial.log")).unwrap_or_default();
     std::fs::write(dir.join("serial.log"), &serial)?;
     for want in [
         "HIL-ARM64-INIT",
@@ -559,6 +584,8 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
         "ok (device arm64-board)",
         "mem,host=arm64-board",
         "cpu,cpu=cpu-total,host=arm64-board",
+        // the board's two emulated cores, as /proc/cpuinfo on aarch64 lists them
+        "n_cpus=2i",
     ] {
         has(&serial, want)?;
     }

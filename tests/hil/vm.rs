@@ -139,7 +139,20 @@ impl Vm {
     }
 
     /// Run a shell command on the serial console (root autologin) and return its output.
+    /// Under TCG the console now and then doubles a character (the agent's log and the shell
+    /// share it): a mangled marker is retried, a few times.
     pub fn console(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.console_once(cmd, timeout / 3) {
+                Ok(out) => return Ok(out),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("console")))
+    }
+
+    fn console_once(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
         self.console_seq += 1;
         let (begin, end) = (
             format!("HIL-CMD-BEGIN-{}", self.console_seq),
