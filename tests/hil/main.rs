@@ -508,6 +508,14 @@ fn powercut(r: &mut Rig) -> anyhow::Result<String> {
     has(&serial, "installing again")?;
     let fb = r.feedback(id)?;
     let installs = fb.iter().filter(|f| f.3 == "installing").count();
+    let completed = fb
+        .iter()
+        .filter(|f| f.3.starts_with("installing: 100%"))
+        .count();
+    ensure!(
+        completed == 1,
+        "one install must complete, {completed} did: {fb:?}"
+    );
     let status = r.vm.console(
         "rauc status --detailed | grep -A8 'bootname: B' | grep -E 'installed|status'",
         Duration::from_secs(60),
@@ -517,7 +525,7 @@ fn powercut(r: &mut Rig) -> anyhow::Result<String> {
         Duration::from_secs(60),
     )?;
     Ok(format!(
-        "closed/success after 2 cuts; {installs} install starts (1 cut short), bridge log Range lines: {ranges}; RAUC on B: {}",
+        "closed/success after 2 cuts; {installs} install starts, {completed} completed, bridge log Range lines: {ranges}; RAUC on B: {}",
         status.split_whitespace().collect::<Vec<_>>().join(" ")
     ))
 }

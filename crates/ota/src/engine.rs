@@ -954,14 +954,17 @@ impl Engine {
                 && s.status == "ok"
                 && timestamp_after(&s.installed_timestamp, d.install_started_at)
         });
-        if fresh.is_none()
-            && !d.install_boot_id.is_empty()
-            && d.install_boot_id != self.boot_id()
-            && d.install_attempts < MAX_INSTALL_ATTEMPTS
-        {
-            // A power cut (or reboot) took RAUC down with the install: the bundle on disk is
-            // complete and verified, the half-written slot was never activated. Again.
-            tracing::warn!(action = %d.action_id, attempt = d.install_attempts + 1, "the install was cut short by a reboot or power cut; installing again");
+        if fresh.is_none() && d.install_attempts < MAX_INSTALL_ATTEMPTS {
+            // RAUC is idle and no slot was completed: either a power cut took RAUC down with
+            // the install, or the agent died between marking the attempt and calling
+            // InstallBundle. Either way the bundle on disk is complete and verified and the
+            // half-written slot was never activated: install again (bounded).
+            let cause = if d.install_boot_id != self.boot_id() {
+                "cut short by a reboot or power cut"
+            } else {
+                "cut short by an agent restart"
+            };
+            tracing::warn!(action = %d.action_id, attempt = d.install_attempts + 1, "the install was {cause}; installing again");
             return self.install_attempt(d, &marker);
         }
         let _ = std::fs::remove_file(&marker);
@@ -980,7 +983,7 @@ impl Engine {
             None => self.conclude(
                 d,
                 Finished::Failure,
-                format!("installation interrupted ({} attempts; agent restarted during the install){why}; the new slot is not complete, the device stays on its current slot", d.install_attempts),
+                format!("installation did not complete in {} attempts (each cut short by a restart or power cut){why}; the new slot is not complete, the device stays on its current slot", d.install_attempts),
             ),
         })
     }
