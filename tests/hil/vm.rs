@@ -2,7 +2,7 @@
 //! after every guest reboot), read through its serial log with host timestamps.
 
 use anyhow::{Context, bail, ensure};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -139,8 +139,8 @@ impl Vm {
     }
 
     /// Run a shell command on the serial console (root autologin) and return its output.
-    /// Under TCG the console now and then doubles a character (the agent's log and the shell
-    /// share it): a mangled marker is retried, a few times.
+    /// A marker mangled on the way (a character doubled in the log when QEMU had to retry a
+    /// write to a full socket) is retried, a few times.
     pub fn console(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
         let mut last = None;
         for _ in 0..3 {
@@ -165,9 +165,21 @@ impl Vm {
             "\necho HIL-CMD-BEGIN-''{n}; {cmd} 2>&1; echo; echo HIL-CMD-END-''{n}\n",
             n = self.console_seq
         );
+        // Drain what QEMU sends us while connected: the UART hands it over a byte per write,
+        // an unread socket fills after a few hundred bytes and then stalls the guest's output
+        // (and the log we read) until we disconnect.
+        let mut drain = s.try_clone()?;
+        let drainer = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+        });
         s.write_all(line.as_bytes())?;
-        self.wait(&end, 1, timeout)
-            .with_context(|| format!("console command {cmd:?}"))?;
+        let done = self
+            .wait(&end, 1, timeout)
+            .with_context(|| format!("console command {cmd:?}"));
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let _ = drainer.join();
+        done?;
         let text: String = self.lines().into_iter().map(|(_, l)| l + "\n").collect();
         let from = text.rfind(&begin).context("no begin marker")? + begin.len();
         let to = text[from..].find(&end).context("no end marker")? + from;
