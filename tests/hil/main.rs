@@ -330,6 +330,15 @@ impl Rig {
         })
     }
 
+    /// The grubenv, which must contain each of `want`.
+    fn grubenv_with(&mut self, want: &[&str]) -> anyhow::Result<String> {
+        let env = self.grubenv()?;
+        for w in want {
+            has(&env, w)?;
+        }
+        Ok(env)
+    }
+
     fn grubenv(&mut self) -> anyhow::Result<String> {
         let mut out = String::new();
         for _ in 0..3 {
@@ -405,10 +414,7 @@ fn update(r: &mut Rig) -> anyhow::Result<String> {
         ],
         Duration::from_secs(60),
     )?;
-    let env = r.grubenv()?;
-    has(&env, "ORDER=B A")?;
-    has(&env, "B_OK=1")?;
-    has(&env, "B_TRY=0")?;
+    let env = r.grubenv_with(&["ORDER=B A", "B_OK=1", "B_TRY=0"])?;
     Ok(format!("closed/success \"{detail}\"; grubenv {env}"))
 }
 
@@ -448,10 +454,7 @@ fn rollback(r: &mut Rig) -> anyhow::Result<String> {
         ],
         Duration::from_secs(60),
     )?;
-    let env = r.grubenv()?;
-    has(&env, "ORDER=A B")?;
-    has(&env, "A_TRY=0")?;
-    has(&env, "B_OK=0")?;
+    let env = r.grubenv_with(&["ORDER=A B", "A_TRY=0", "B_OK=0"])?;
     Ok(format!("closed/failure \"{detail}\"; grubenv {env}"))
 }
 
@@ -480,10 +483,7 @@ fn health(r: &mut Rig) -> anyhow::Result<String> {
         &[("sw_version", "1.0.0"), ("rauc_slot", "A")],
         Duration::from_secs(60),
     )?;
-    let env = r.grubenv()?;
-    has(&env, "ORDER=A B")?;
-    has(&env, "B_OK=0")?;
-    has(&env, "A_TRY=0")?;
+    let env = r.grubenv_with(&["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0"])?;
     Ok(format!("closed/failure \"{detail}\"; grubenv {env}"))
 }
 
