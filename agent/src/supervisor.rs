@@ -29,7 +29,8 @@ pub struct Ctx {
 impl Ctx {
     /// Retry `step` until it yields what a module needs to start (enrollment, an address, an
     /// interface), showing why it waits as the module's state (logged once per new reason, by
-    /// `log`). Looks again every `every` and whenever a certificate arrives. `None`: shutdown.
+    /// `log`). Looks again every `every`, whenever a certificate arrives and whenever the tunnel's
+    /// state changes. `None`: shutdown.
     pub async fn wait_ready<T, E, F>(
         &self,
         module: &str,
@@ -43,6 +44,16 @@ impl Ctx {
     {
         let mut waiting_for = String::new();
         let mut creds = self.creds_tx.subscribe();
+        // The tunnel coming up (its interface and address now exist) is what the terminal
+        // waits for: look again at once rather than up to `every` later.
+        let tunnel_of = |s: &DeviceState| {
+            (
+                s.modules.get("tunnel").map(|m| m.state.clone()),
+                s.tunnel_state.clone(),
+            )
+        };
+        let mut states = self.state.subscribe();
+        let mut tunnel = tunnel_of(&states.borrow_and_update());
         loop {
             match step().await {
                 Ok(ready) => return Some(ready),
@@ -57,6 +68,16 @@ impl Ctx {
                         _ = self.shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(every) => {}
                         _ = creds.changed() => {}
+                        _ = async {
+                            while states.changed().await.is_ok() {
+                                let now = tunnel_of(&states.borrow_and_update());
+                                if now != tunnel {
+                                    tunnel = now;
+                                    return;
+                                }
+                            }
+                            std::future::pending::<()>().await
+                        } => {}
                     }
                 }
             }
