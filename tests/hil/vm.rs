@@ -140,7 +140,8 @@ impl Vm {
 
     /// Run a shell command on the serial console (root autologin) and return its output.
     /// A marker mangled on the way (a character doubled in the log when QEMU had to retry a
-    /// write to a full socket) is retried, a few times.
+    /// write to a full socket) is retried, a few times: give it only commands that are safe to
+    /// run twice (all of the runner's read state).
     pub fn console(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
         let mut last = None;
         for _ in 0..3 {
