@@ -29,8 +29,8 @@ pub struct Ctx {
 impl Ctx {
     /// Retry `step` until it yields what a module needs to start (enrollment, an address, an
     /// interface), showing why it waits as the module's state (logged once per new reason, by
-    /// `log`). Looks again every `every`, whenever a certificate arrives and whenever the tunnel's
-    /// state changes. `None`: shutdown.
+    /// `log`). Looks again every `every`, whenever a certificate arrives and whenever another
+    /// module changes state. `None`: shutdown.
     pub async fn wait_ready<T, E, F>(
         &self,
         module: &str,
@@ -44,16 +44,18 @@ impl Ctx {
     {
         let mut waiting_for = String::new();
         let mut creds = self.creds_tx.subscribe();
-        // The tunnel coming up (its interface and address now exist) is what the terminal
-        // waits for: look again at once rather than up to `every` later.
-        let tunnel_of = |s: &DeviceState| {
-            (
-                s.modules.get("tunnel").map(|m| m.state.clone()),
-                s.tunnel_state.clone(),
-            )
+        // What a module waits for is usually another module coming up (the terminal waits for
+        // the tunnel's interface): look again as soon as one changes state, not up to `every`
+        // later. Only the states: details and counters change all the time.
+        let others = |s: &DeviceState| -> Vec<(String, String)> {
+            s.modules
+                .iter()
+                .filter(|(name, _)| name.as_str() != module)
+                .map(|(name, m)| (name.clone(), m.state.clone()))
+                .collect()
         };
         let mut states = self.state.subscribe();
-        let mut tunnel = tunnel_of(&states.borrow_and_update());
+        let mut seen = others(&states.borrow_and_update());
         loop {
             match step().await {
                 Ok(ready) => return Some(ready),
@@ -70,9 +72,9 @@ impl Ctx {
                         _ = creds.changed() => {}
                         _ = async {
                             while states.changed().await.is_ok() {
-                                let now = tunnel_of(&states.borrow_and_update());
-                                if now != tunnel {
-                                    tunnel = now;
+                                let now = others(&states.borrow_and_update());
+                                if now != seen {
+                                    seen = now;
                                     return;
                                 }
                             }
