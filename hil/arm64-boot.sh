@@ -10,12 +10,15 @@
 #   --run CMD       run a shell command line in the VM (in order, after the --bin runs); each
 #                   prints HIL-ARM64-RUN-OK: CMD or HIL-ARM64-RUN-FAILED: CMD rc=N
 #   --keep          do not power off: leave a busybox shell on the serial console (interactive)
-# Env: HIL_ARM64_OUT (default target/hil/arm64)
+# Env: HIL_ARM64_OUT (this run's initramfs and serial.log; default target/hil/arm64),
+#      HIL_ARM64_CACHE (Debian's kernel and busybox, kept between runs and clones;
+#      default ~/.cache/thingsly-hil/arm64, beside the image build's .deb cache)
 # Prints: time to "HIL-ARM64-INIT" (kernel up, /init running) and to QEMU exit after poweroff.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${HIL_ARM64_OUT:-$HERE/../target/hil/arm64}
+CACHE=${HIL_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/thingsly-hil/arm64}
 FLAVOUR=generic SMP=2 KEEP=0
 BINS=() FILES=() RUNS=()
 while [ $# -gt 0 ]; do
@@ -31,8 +34,9 @@ while [ $# -gt 0 ]; do
 	shift
 done
 log() { echo "arm64-boot: $*" >&2; }
-mkdir -p "$OUT"
-cd "$OUT"
+mkdir -p "$OUT" "$CACHE"
+OUT=$(cd "$OUT" && pwd)
+cd "$CACHE"
 
 # host packages: the emulator, and arm64 as a foreign architecture for apt-get download
 need=()
@@ -54,19 +58,24 @@ kpkg=$(apt-cache depends "$meta:arm64" | sed -n 's/^ *Depends: \(linux-image-[0-
 if [ ! -d "x-$kpkg" ]; then
 	rm -f "$kpkg"_*.deb
 	apt-get download "$kpkg:arm64" >/dev/null
-	dpkg-deb -x "$kpkg"_*_arm64.deb "x-$kpkg"
+	dpkg-deb -x "$kpkg"_*_arm64.deb "x-$kpkg.new"
+	# only the kernel image is booted (no modules: everything runs from the initramfs)
+	rm -rf "x-$kpkg.new/lib" "x-$kpkg.new/usr" "$kpkg"_*.deb
+	mv "x-$kpkg.new" "x-$kpkg"
 fi
 if [ ! -x x-busybox/bin/busybox ]; then
 	rm -f busybox-static_*.deb
 	apt-get download busybox-static:arm64 >/dev/null
 	dpkg-deb -x busybox-static_*_arm64.deb x-busybox
 fi
-KERNEL=$(ls "x-$kpkg"/boot/vmlinuz-*)
+KERNEL=$CACHE/$(ls "x-$kpkg"/boot/vmlinuz-*)
+BUSYBOX=$CACHE/x-busybox/bin/busybox
+cd "$OUT"
 
 # initramfs: busybox + /init + the binaries to run
 rm -rf initramfs
 mkdir -p initramfs/bin initramfs/proc initramfs/sys initramfs/dev initramfs/tmp
-cp x-busybox/bin/busybox initramfs/bin/
+cp "$BUSYBOX" initramfs/bin/
 runs=
 for b in "${BINS[@]}"; do
 	cp "$b" "initramfs/bin/$(basename "$b")"

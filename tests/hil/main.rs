@@ -583,12 +583,6 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
     let dir = p.work.join("arm64");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    // Debian's arm64 kernel and busybox, kept between runs and clones like the image's .debs.
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_else(|| p.work.clone())
-        .join("thingsly-hil/arm64");
     let cfg = dir.join("agent.toml");
     std::fs::write(
         &cfg,
@@ -597,7 +591,7 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
          [ota]\nenabled = false\n",
     )?;
     let out = Command::new(p.root.join("hil/arm64-boot.sh"))
-        .env("HIL_ARM64_OUT", &cache)
+        .env("HIL_ARM64_OUT", &dir)
         .arg("--file")
         .arg(format!("{}:/bin/thingsly-agent", bin.display()))
         .arg("--file")
@@ -618,8 +612,7 @@ fn arm64(p: &Paths) -> anyhow::Result<String> {
     );
     std::fs::write(dir.join("arm64.log"), &text)?;
     ensure!(out.status.success(), "arm64-boot.sh failed: {text}");
-    let serial = std::fs::read_to_string(cache.join("serial.log")).unwrap_or_default();
-    std::fs::write(dir.join("serial.log"), &serial)?;
+    let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
     for want in [
         "HIL-ARM64-INIT",
         "aarch64",
