@@ -340,23 +340,11 @@ impl Rig {
     }
 
     fn grubenv(&mut self) -> anyhow::Result<String> {
-        let mut out = String::new();
-        for _ in 0..3 {
-            out = self
-                .vm
-                .console(
-                    "grub-editenv /boot/efi/EFI/BOOT/grubenv list | tr '\\n' ' '",
-                    Duration::from_secs(90),
-                )?
-                .trim()
-                .to_string();
-            // Well-formed (see Vm::console on the console's glitches): every key once.
-            let keys = ["ORDER=", "A_OK=", "A_TRY=", "B_OK=", "B_TRY="];
-            if out.split(' ').count() == 6 && keys.iter().all(|k| out.matches(k).count() == 1) {
-                break;
-            }
-        }
-        Ok(out)
+        let out = self.vm.console(
+            "grub-editenv /boot/efi/EFI/BOOT/grubenv list | tr '\\n' ' '",
+            Duration::from_secs(60),
+        )?;
+        Ok(out.trim().to_string())
     }
 
     /// Kept on failure (logs), trimmed on success (the disk overlay is large).

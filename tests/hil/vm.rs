@@ -139,21 +139,7 @@ impl Vm {
     }
 
     /// Run a shell command on the serial console (root autologin) and return its output.
-    /// A marker mangled on the way (a character doubled in the log when QEMU had to retry a
-    /// write to a full socket) is retried, a few times: give it only commands that are safe to
-    /// run twice (all of the runner's read state).
     pub fn console(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
-        let mut last = None;
-        for _ in 0..3 {
-            match self.console_once(cmd, timeout / 3) {
-                Ok(out) => return Ok(out),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("console")))
-    }
-
-    fn console_once(&mut self, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
         self.console_seq += 1;
         let (begin, end) = (
             format!("HIL-CMD-BEGIN-{}", self.console_seq),
@@ -166,28 +152,41 @@ impl Vm {
             "\necho HIL-CMD-BEGIN-''{n}; {cmd} 2>&1; echo; echo HIL-CMD-END-''{n}\n",
             n = self.console_seq
         );
-        // Drain what QEMU sends us while connected: the UART hands it over a byte per write,
-        // an unread socket fills after a few hundred bytes and then stalls the guest's output
-        // (and the log we read) until we disconnect.
-        let mut drain = s.try_clone()?;
-        let drainer = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
-        });
+        // Read the output from the connection itself, not from serial.log: while a client is
+        // connected QEMU's logfile doubles a character now and then ("RAUC_SLOT_PARENNT_1"; 25
+        // runs of one command gave 25 identical outputs on the socket and dozens of doubled
+        // characters in the log). Reading all the time also keeps the socket drained: an unread
+        // socket stalls the guest's output after a few hundred bytes.
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
         s.write_all(line.as_bytes())?;
-        let done = self
-            .wait(&end, 1, timeout)
-            .with_context(|| format!("console command {cmd:?}"));
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let text = loop {
+            let text = String::from_utf8_lossy(&got);
+            if let Some(to) = text.rfind(&end) {
+                break text[..to].to_string();
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "console command {cmd:?}: no end marker within {timeout:?}"
+            );
+            match s.read(&mut buf) {
+                Ok(0) => bail!("console command {cmd:?}: the serial console closed"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e).context("serial console"),
+            }
+        };
         let _ = s.shutdown(std::net::Shutdown::Both);
-        let _ = drainer.join();
-        done?;
-        let text: String = self.lines().into_iter().map(|(_, l)| l + "\n").collect();
         let from = text.rfind(&begin).context("no begin marker")? + begin.len();
-        let to = text[from..].find(&end).context("no end marker")? + from;
+        let out = text[from..].replace('\r', "");
         // Drop the terminal's mode escapes (bracketed paste on/off) around the output.
-        Ok(text[from..to]
-            .replace("\x1b[?2004l", "")
-            .replace("\x1b[?2004h", ""))
+        Ok(out.replace("\x1b[?2004l", "").replace("\x1b[?2004h", ""))
     }
 }
 
