@@ -62,6 +62,7 @@ fn init_logging(level: &str) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .fmt_fields(thingsly_core::log_fields::EscapedFields)
         .with_ansi(false);
     if journald {
         b.without_time().with_target(false).init();

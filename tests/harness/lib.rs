@@ -666,3 +666,11 @@ impl Observer {
         }
     }
 }
+
+/// A fresh WireGuard public key (base64), as a device would make.
+pub fn wg_public_key() -> String {
+    use base64::Engine;
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    base64::engine::general_purpose::STANDARD
+        .encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+}

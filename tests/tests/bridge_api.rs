@@ -13,8 +13,9 @@ fn csr(cn: &str, kp: &rcgen::KeyPair) -> String {
     p.serialize_request(kp).unwrap().pem().unwrap()
 }
 
+/// A fresh WireGuard key every time: the bridge refuses one that another device holds.
 fn body(csr_pem: String) -> serde_json::Value {
-    serde_json::json!({"csr_pem": csr_pem, "wireguard_public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="})
+    serde_json::json!({"csr_pem": csr_pem, "wireguard_public_key": wg_public_key()})
 }
 
 struct Api {

@@ -1,96 +1,32 @@
 //! HTTP API: enrollment (bootstrap token), renewal (mTLS), device registry (admin token).
 
-use crate::ca::Ca;
-use crate::store::Store;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use rustls_pki_types::CertificateDer;
 use std::sync::Arc;
-use std::time::Duration;
-use subtle::ConstantTimeEq;
-use thingsly_proto::enroll::{
-    ApiError, EnrollRequest, EnrollResponse, WireguardConfig, error_code, is_valid_device_id,
-};
+use thingsly_proto::enroll::{EnrollRequest, EnrollResponse, WireguardConfig, error_code};
 
-pub struct AppState {
-    pub ca: Ca,
-    pub store: Store,
-    /// Empty disables fleet enrollment (per-device tokens only).
-    pub fleet_token: String,
-    pub admin_token: String,
-    pub device_cert_lifetime: Duration,
-    pub pool: ipnet::Ipv4Net,
-    pub wg_endpoint: String,
-    pub wg_keepalive: u16,
-    pub wg_public_key: String,
-    /// Public half of the terminal ticket key (SPKI PEM), sent with every certificate.
-    pub ticket_public_pem: String,
-    /// `None` without `[terminal]` in bridge.toml.
-    pub terminal: Option<crate::terminal_proxy::TerminalProxy>,
-    /// `None` with `wireguard.mode = "off"`.
-    pub hub: Option<Arc<crate::hub::Hub>>,
-    /// `None` without `[ddi]` in bridge.toml.
-    pub ddi: Option<crate::ddi_server::DdiSettings>,
-}
+use crate::auth::{Admin, Enroller, RenewingDevice, Via};
+use crate::error::internal;
+pub use crate::error::{ApiFailure, fail};
+pub use crate::state::{AppState, PeerCert};
 
-impl AppState {
-    /// Bring the hub's peers in line with the registry now (after enroll, renew, revoke).
-    fn sync_hub(&self) {
-        if let Some(h) = &self.hub
-            && let Err(e) = h.reconcile(&self.store)
-        {
-            tracing::error!(error = %format!("{e:#}"), "WireGuard hub update failed; retried by the periodic reconcile");
-        }
-    }
-}
-
-/// The verified client certificate of the TLS connection, if the client sent one.
-#[derive(Clone, Default)]
-pub struct PeerCert(pub Option<CertificateDer<'static>>);
-
-pub struct ApiFailure(pub StatusCode, pub &'static str, pub String);
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        let ApiFailure(status, code, message) = self;
-        if status.is_server_error() {
-            tracing::error!(%status, code, %message, "request failed");
-        } else {
-            tracing::info!(%status, code, %message, "request refused");
-        }
-        (
-            status,
-            Json(ApiError {
-                error: code.to_string(),
-                message,
-            }),
-        )
-            .into_response()
-    }
-}
-
-pub(crate) fn fail(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiFailure {
-    ApiFailure(status, code, msg.into())
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiFailure {
-    fail(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        error_code::INTERNAL,
-        e.to_string(),
-    )
-}
+/// Enroll and renew carry a CSR, a key and a little metadata: a few KiB.
+pub const ENROLL_BODY_LIMIT: usize = 16 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/devices/{id}/enroll", post(enroll))
         .route("/devices/{id}/renew", post(renew))
+        .route_layer(DefaultBodyLimit::max(ENROLL_BODY_LIMIT))
         .route("/devices/{id}", get(get_device).delete(revoke_device))
+        .route("/devices/{id}/admit", post(admit_device))
         .route("/devices", get(list_devices))
+        .route("/crl.pem", get(crl))
         .route("/terminal", get(crate::terminal_proxy::handle))
         .merge(crate::ddi_server::router())
         .fallback(|| async {
@@ -103,40 +39,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-fn token_eq(a: &str, b: &str) -> bool {
-    !b.is_empty() && a.as_bytes().ct_eq(b.as_bytes()).into()
-}
-
-/// A checked CSR: its CN and the DER SubjectPublicKeyInfo to certify.
+/// A checked CSR: the DER SubjectPublicKeyInfo to certify.
 struct CheckedCsr {
     spki_der: Vec<u8>,
 }
 
 fn check_csr(pem: &str, device_id: &str) -> Result<CheckedCsr, ApiFailure> {
     use x509_parser::prelude::FromDer;
-    let bad = |m: String| fail(StatusCode::BAD_REQUEST, error_code::BAD_CSR, m);
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| bad(format!("csr_pem is not PEM: {e}")))?;
-    if p.label != "CERTIFICATE REQUEST" {
-        return Err(bad(format!(
-            "csr_pem holds a {:?}, not a CERTIFICATE REQUEST",
-            p.label
-        )));
+    let bad = |m: &str| fail(StatusCode::BAD_REQUEST, error_code::BAD_CSR, m);
+    let (rest, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|_| bad("csr_pem is not one PEM block"))?;
+    if !String::from_utf8_lossy(rest).trim().is_empty() {
+        return Err(bad("csr_pem holds more than one PEM block"));
     }
-    let (_, csr) =
+    if p.label != "CERTIFICATE REQUEST" {
+        return Err(bad("csr_pem must be a CERTIFICATE REQUEST block"));
+    }
+    let (trailing, csr) =
         x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
-            .map_err(|e| bad(format!("CSR does not parse: {e}")))?;
+            .map_err(|_| bad("the CSR is not valid DER (PKCS#10)"))?;
+    if !trailing.is_empty() {
+        return Err(bad("the CSR has bytes after its DER encoding"));
+    }
     csr.verify_signature()
-        .map_err(|e| bad(format!("CSR signature does not verify: {e}")))?;
+        .map_err(|_| bad("the CSR's signature does not verify"))?;
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
     let is_p256 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
@@ -174,33 +100,31 @@ fn parse_body(
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<EnrollRequest, ApiFailure> {
     body.map(|Json(b)| b).map_err(|e| {
-        fail(
-            StatusCode::BAD_REQUEST,
-            error_code::BAD_REQUEST,
-            e.body_text(),
-        )
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                error_code::TOO_LARGE,
+                format!("the body must be at most {ENROLL_BODY_LIMIT} bytes"),
+            )
+        } else {
+            fail(
+                StatusCode::BAD_REQUEST,
+                error_code::BAD_REQUEST,
+                e.body_text(),
+            )
+        }
     })
 }
 
-fn check_id(id: &str) -> Result<(), ApiFailure> {
-    if is_valid_device_id(id) {
-        Ok(())
-    } else {
-        Err(fail(
-            StatusCode::BAD_REQUEST,
-            error_code::BAD_DEVICE_ID,
-            "device id must be 1-64 of A-Z a-z 0-9 . _ -",
-        ))
-    }
-}
-
-/// Sign, allocate the address (kept across re-enrollment), record, and build the answer.
+/// Sign, allocate the address (kept across re-enrollment), record, publish the CRL (the
+/// certificate this one replaces is on it), and build the answer.
 fn issue(
     st: &AppState,
     id: &str,
     csr: &CheckedCsr,
     wg_public_key: Option<&str>,
     metadata: &serde_json::Map<String, serde_json::Value>,
+    via: &str,
 ) -> Result<EnrollResponse, ApiFailure> {
     let exhausted = || {
         fail(
@@ -210,21 +134,17 @@ fn issue(
         )
     };
     // Early refusal before signing; the real allocation happens atomically in `record`.
-    st.store
-        .address_for(id, st.pool)
-        .map_err(internal)?
-        .ok_or_else(exhausted)?;
+    st.store.address_for(id, st.pool)?.ok_or_else(exhausted)?;
     let issued = st
         .ca
-        .sign_device(id, &csr.spki_der, st.device_cert_lifetime)
-        .map_err(internal)?;
+        .sign_device(id, &csr.spki_der, st.device_cert_lifetime)?;
     let not_after = issued
         .not_after
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(internal)?;
     let address = st
         .store
-        .record(
+        .record_via(
             id,
             &hex::encode(&csr.spki_der),
             &issued.serial_hex,
@@ -232,10 +152,11 @@ fn issue(
             wg_public_key,
             st.pool,
             metadata,
-        )
-        .map_err(internal)?
+            via,
+        )?
         .ok_or_else(exhausted)?;
     st.sync_hub();
+    publish_crl(st);
     Ok(EnrollResponse {
         certificate_pem: issued.pem,
         ca_chain_pem: st.ca.chain_pem.clone(),
@@ -251,75 +172,165 @@ fn issue(
     })
 }
 
+/// How long a published CRL is good for; the bridge writes a new one well before (at start,
+/// on every revocation and renewal, and daily).
+pub const CRL_VALIDITY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Write the CRL of `store`'s revoked and superseded certificates to `path` (atomically).
+/// Returns how many certificates it lists.
+pub fn write_crl(
+    store: &crate::store::Store,
+    ca: &crate::ca::Ca,
+    path: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let (entries, number) = store.crl_entries()?;
+    let pem = ca.crl_pem(&entries, number, CRL_VALIDITY)?;
+    crate::ca::write_file(path, pem.as_bytes(), 0o644)?;
+    Ok(entries.len())
+}
+
+/// [`write_crl`] for the running bridge; a failure is logged and retried by the next change
+/// or the daily refresh.
+pub fn publish_crl(st: &AppState) {
+    match write_crl(&st.store, &st.ca, &st.crl_path) {
+        Ok(n) => tracing::debug!(path = %st.crl_path.display(), revoked = n, "CRL published"),
+        Err(e) => {
+            tracing::error!(path = %st.crl_path.display(), error = %format!("{e:#}"), "CRL not published")
+        }
+    }
+}
+
 /// The body of enroll and renew, parsed and checked: the WireGuard key and the CSR.
 fn checked_request(
+    st: &AppState,
     body: Result<Json<EnrollRequest>, JsonRejection>,
     id: &str,
 ) -> Result<(EnrollRequest, CheckedCsr), ApiFailure> {
     let req = parse_body(body)?;
-    check_wg_key(req.wireguard_public_key.as_deref())?;
+    if let Some(k) = req.wireguard_public_key.as_deref() {
+        check_wg_key(k, &st.wg_public_key)
+            .map_err(|why| fail(StatusCode::BAD_REQUEST, error_code::BAD_WIREGUARD_KEY, why))?;
+        if let Some(other) = st.store.wg_key_holder(k, id)? {
+            tracing::warn!(target: "audit", device = %id, holder = %other, "WireGuard key of another device refused");
+            return Err(fail(
+                StatusCode::CONFLICT,
+                error_code::BAD_WIREGUARD_KEY,
+                "this WireGuard public key belongs to another device",
+            ));
+        }
+    }
     let csr = check_csr(&req.csr_pem, id)?;
     Ok((req, csr))
 }
 
-fn check_wg_key(key: Option<&str>) -> Result<(), ApiFailure> {
+/// A WireGuard public key a device may use: 32 bytes of base64, not the hub's own, and not
+/// a low-order point (with one of those, the shared secret is predictable: all zero).
+pub fn check_wg_key(key: &str, hub_key: &str) -> Result<(), &'static str> {
     use base64::Engine;
-    if let Some(k) = key {
-        let ok = base64::engine::general_purpose::STANDARD
-            .decode(k)
-            .is_ok_and(|b| b.len() == 32);
-        if !ok {
-            return Err(fail(
-                StatusCode::BAD_REQUEST,
-                error_code::BAD_REQUEST,
-                "wireguard_public_key must be 32 bytes, base64",
-            ));
-        }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| "wireguard_public_key must be 32 bytes, base64")?;
+    let bytes: [u8; 32] = raw
+        .try_into()
+        .map_err(|_| "wireguard_public_key must be 32 bytes, base64")?;
+    if key == hub_key {
+        return Err("wireguard_public_key is the hub's own key");
+    }
+    // A contributory exchange with a random secret is impossible exactly for the low-order
+    // points (RFC 7748 §6.1: the all-zero output check).
+    let probe = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    if !probe
+        .diffie_hellman(&x25519_dalek::PublicKey::from(bytes))
+        .was_contributory()
+    {
+        return Err("wireguard_public_key is a low-order point");
+    }
+    Ok(())
+}
+
+/// The fleet token's quotas: new identities per minute, devices held at once.
+fn fleet_quota(st: &AppState, id: &str) -> Result<(), ApiFailure> {
+    let e = &st.enrollment;
+    if st.store.get(id)?.is_some() {
+        return Ok(()); // a repeat of an enrollment creates nothing
+    }
+    if e.fleet_max_devices > 0 && st.store.fleet_devices()? >= e.fleet_max_devices {
+        return Err(fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            error_code::QUOTA_EXCEEDED,
+            format!(
+                "the fleet token holds its {} devices (enrollment.fleet_max_devices)",
+                e.fleet_max_devices
+            ),
+        ));
+    }
+    if !st.fleet_rate.try_take(std::time::Instant::now()) {
+        return Err(fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            error_code::QUOTA_EXCEEDED,
+            format!(
+                "the fleet token enrolled {} new devices in the last minute (enrollment.fleet_enrollments_per_minute)",
+                e.fleet_enrollments_per_minute
+            ),
+        ));
     }
     Ok(())
 }
 
 async fn enroll(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    who: Enroller,
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiFailure> {
-    check_id(&id)?;
-    let token = bearer(&headers).unwrap_or_default();
-    let fleet = token_eq(token, &st.fleet_token);
-    let device_token =
-        !fleet && !token.is_empty() && st.store.device_token_valid(&id, token).map_err(internal)?;
-    if !fleet && !device_token {
+    let id = who.id.as_str();
+    let (req, csr) = checked_request(&st, body, id)?;
+    if who.via == Via::Fleet {
+        if let Some(existing) = st.store.get(id)? {
+            // The fleet token may repeat an enrollment (an answer lost in a crash) but not hand
+            // an enrolled identity to a new key: that takes a one-time token for this device.
+            if existing.public_key_hex != hex::encode(&csr.spki_der) {
+                return Err(fail(
+                    StatusCode::CONFLICT,
+                    error_code::KEY_CONFLICT,
+                    "device is enrolled with another key; re-enroll it with a one-time device token",
+                ));
+            }
+        }
+        fleet_quota(&st, id)?;
+    }
+    // A one-time token is claimed before anything is issued: of concurrent requests with the
+    // same token exactly one gets past here.
+    if let Via::DeviceToken(t) = &who.via
+        && !st.store.claim_device_token(id, t)?
+    {
         return Err(fail(
             StatusCode::UNAUTHORIZED,
             error_code::BAD_TOKEN,
             "missing, unknown or used bootstrap token",
         ));
     }
-    let (req, csr) = checked_request(body, &id)?;
-    if let Some(existing) = st.store.get(&id).map_err(internal)? {
-        // The fleet token may repeat an enrollment (an answer lost in a crash) but not hand an
-        // enrolled identity to a new key: that takes a one-time token for this device.
-        if fleet && existing.public_key_hex != hex::encode(&csr.spki_der) {
-            return Err(fail(
-                StatusCode::CONFLICT,
-                error_code::KEY_CONFLICT,
-                "device is enrolled with another key; re-enroll it with a one-time device token",
-            ));
-        }
-    }
+    let via = match who.via {
+        Via::Fleet => "fleet",
+        Via::DeviceToken(_) => "device-token",
+    };
     let resp = issue(
         &st,
-        &id,
+        id,
         &csr,
         req.wireguard_public_key.as_deref(),
         &req.metadata,
-    )?;
-    if device_token {
-        st.store.consume_device_token(token).map_err(internal)?;
-    }
-    tracing::info!(device = %id, via = if fleet { "fleet token" } else { "device token" }, address = %resp.wireguard.address, "device enrolled");
+        via,
+    );
+    let resp = match (resp, &who.via) {
+        (Ok(r), _) => r,
+        (Err(e), Via::DeviceToken(t)) => {
+            // Nothing was issued: the operator's token stays good for another try.
+            st.store.release_device_token(t)?;
+            return Err(e);
+        }
+        (Err(e), Via::Fleet) => return Err(e),
+    };
+    tracing::info!(target: "audit", device = %id, via, address = %resp.wireguard.address, "device enrolled");
     Ok(Json(resp))
 }
 
@@ -395,99 +406,48 @@ pub fn random_token() -> String {
 
 async fn renew(
     State(st): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    Extension(peer): Extension<PeerCert>,
+    who: RenewingDevice,
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiFailure> {
-    check_id(&id)?;
-    let unauth = |m: &str| {
-        fail(
-            StatusCode::UNAUTHORIZED,
-            error_code::BAD_TOKEN,
-            m.to_string(),
-        )
-    };
-    // rustls already verified the chain to our root; here we check whose it is.
-    let der = peer
-        .0
-        .ok_or_else(|| unauth("renewal needs the device's current client certificate (mTLS)"))?;
-    match cert_device(&st, &der, &id)? {
-        CertCheck::Current => {}
-        CertCheck::Unknown => {
-            return Err(fail(
-                StatusCode::NOT_FOUND,
-                error_code::NOT_FOUND,
-                "unknown device",
-            ));
-        }
-        CertCheck::OtherDevice(cn) => {
-            return Err(fail(
-                StatusCode::FORBIDDEN,
-                error_code::CN_MISMATCH,
-                format!("client certificate is for {cn:?}, not {id:?}"),
-            ));
-        }
-        CertCheck::NotCurrent => {
-            return Err(fail(
-                StatusCode::FORBIDDEN,
-                error_code::CERT_NOT_CURRENT,
-                "client certificate is not the device's current one",
-            ));
-        }
-    }
-    let (req, csr) = checked_request(body, &id)?;
+    let id = who.id.as_str();
+    let (req, csr) = checked_request(&st, body, id)?;
+    // `via` is recorded only when a row is created, which a renewal never does.
+    let via = "fleet";
     let resp = issue(
         &st,
-        &id,
+        id,
         &csr,
         req.wireguard_public_key.as_deref(),
         &req.metadata,
+        via,
     )?;
-    tracing::info!(device = %id, "certificate renewed");
+    tracing::info!(target: "audit", device = %id, "certificate renewed");
     Ok(Json(resp))
-}
-
-fn check_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiFailure> {
-    if token_eq(bearer(headers).unwrap_or_default(), &st.admin_token) {
-        Ok(())
-    } else {
-        Err(fail(
-            StatusCode::UNAUTHORIZED,
-            error_code::BAD_TOKEN,
-            "admin token required",
-        ))
-    }
 }
 
 async fn get_device(
     State(st): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<thingsly_proto::enroll::DeviceRecord>, ApiFailure> {
-    check_admin(&st, &headers)?;
-    st.store
-        .get(&id)
-        .map_err(internal)?
-        .map(|d| Json(d.record))
-        .ok_or_else(|| {
-            fail(
-                StatusCode::NOT_FOUND,
-                error_code::NOT_FOUND,
-                "unknown device",
-            )
-        })
+    st.store.get(&id)?.map(|d| Json(d.record)).ok_or_else(|| {
+        fail(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            "unknown device",
+        )
+    })
 }
 
 /// `DELETE /devices/{id}` (admin): revoke. The tunnel peer is removed at once; the address
-/// returns to the pool; renewal is refused from now on. The certificate itself stays valid
-/// until it expires (no CRL): keep `device_cert_lifetime` short.
+/// returns to the pool; renewal is refused; the certificate goes on the CRL (the broker's
+/// `crlfile`); enrollment of this id is refused until `POST /devices/{id}/admit`.
 async fn revoke_device(
     State(st): State<Arc<AppState>>,
+    _: Admin,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<StatusCode, ApiFailure> {
-    check_admin(&st, &headers)?;
-    if !st.store.delete(&id).map_err(internal)? {
+    if !st.store.delete(&id)? {
         return Err(fail(
             StatusCode::NOT_FOUND,
             error_code::NOT_FOUND,
@@ -495,14 +455,73 @@ async fn revoke_device(
         ));
     }
     st.sync_hub();
+    publish_crl(&st);
     tracing::info!(target: "audit", device = %id, "device revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /devices/{id}/admit` (admin): a revoked id may enroll again (with a bootstrap
+/// token, as any new device).
+async fn admit_device(
+    State(st): State<Arc<AppState>>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    if !st.store.admit(&id)? {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            "this id is not revoked",
+        ));
+    }
+    tracing::info!(target: "audit", device = %id, "revoked device re-admitted");
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_devices(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> Result<Json<Vec<thingsly_proto::enroll::DeviceRecord>>, ApiFailure> {
-    check_admin(&st, &headers)?;
-    Ok(Json(st.store.list().map_err(internal)?))
+    Ok(Json(st.store.list()?))
+}
+
+/// `GET /crl.pem`: the CRL the broker should load (public, as CRLs are).
+async fn crl(State(st): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiFailure> {
+    let pem = std::fs::read(&st.crl_path).map_err(internal)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/pkix-crl")],
+        pem,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wireguard_keys_low_order_and_the_hubs_are_refused() {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let good = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ));
+        let hub = b64(&[9u8; 32]);
+        assert_eq!(check_wg_key(&b64(good.as_bytes()), &hub), Ok(()));
+        assert!(check_wg_key(&hub, &hub).unwrap_err().contains("hub"));
+        // RFC 7748 / libsodium's blocklist: 0, 1, and the order-8 points.
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        let order8 =
+            hex::decode("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+                .unwrap();
+        for k in [&[0u8; 32][..], &one, &order8] {
+            assert!(
+                check_wg_key(&b64(k), &hub)
+                    .unwrap_err()
+                    .contains("low-order")
+            );
+        }
+        assert!(check_wg_key("short", &hub).is_err());
+        assert!(check_wg_key(&b64(&[1u8; 31]), &hub).is_err());
+    }
 }

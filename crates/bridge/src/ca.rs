@@ -160,6 +160,10 @@ pub fn init(data_dir: &Path, server_names: &[String], opts: &InitOptions) -> any
         0o644,
     )?;
     write_file(&paths.server_key(), key.as_bytes(), 0o600)?;
+    // An empty CRL from the start, so a broker configured with `crlfile` can start before
+    // the bridge serves (which rewrites it with every revocation and renewal).
+    let crl = ca.crl_pem(&[], 0, crate::api::CRL_VALIDITY)?;
+    write_file(&data_dir.join("crl.pem"), crl.as_bytes(), 0o644)?;
     Ok(())
 }
 
@@ -206,6 +210,37 @@ impl Ca {
             now - time::Duration::try_from(backdate)?,
             now + time::Duration::try_from(lifetime)?,
         )
+    }
+
+    /// A CRL of the issuing CA listing `revoked` (serial hex, revocation time): what the
+    /// broker's `crlfile` reads. `crl_number` must grow with every new list (RFC 5280 §5.2.3).
+    pub fn crl_pem(
+        &self,
+        revoked: &[(String, OffsetDateTime)],
+        crl_number: u64,
+        next_update: Duration,
+    ) -> anyhow::Result<String> {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&hex::decode(serial)?),
+                    revocation_time: *at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::try_from(next_update)?,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     /// The device profile with explicit validity (tests use it for expired certificates).

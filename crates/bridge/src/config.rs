@@ -31,6 +31,117 @@ pub struct BridgeConfig {
     pub terminal: Option<TerminalSection>,
     #[serde(default)]
     pub ddi: DdiSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub enrollment: EnrollmentSection,
+    /// The URL devices reach the bridge by (`https://bridge.example.com:8443`): DDI links are
+    /// built from it. Unset: from the request's `Host` header (fine on one machine, but a
+    /// client then chooses the links it is sent).
+    #[serde(default)]
+    pub external_url: Option<String>,
+}
+
+/// `[enrollment]`: what the fleet token (shared by every device of a production run, and so
+/// as good as public once one device is opened) may do. One-time device tokens, minted by an
+/// operator for one id, are not bound by the id rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentSection {
+    /// Ids the fleet token may never claim (the names of service identities such as the MQTT
+    /// observer or the broker).
+    pub reserved_ids: Vec<String>,
+    /// When not empty, the fleet token may claim only ids matching one of these patterns;
+    /// `*` stands for any run of id characters, everything else is literal (`dev-*`).
+    pub fleet_id_patterns: Vec<String>,
+    /// Devices the fleet token may hold at once (its share of the address pool); 0: no cap
+    /// but the pool.
+    pub fleet_max_devices: usize,
+    /// New identities the fleet token may create per minute (repeats and renewals do not
+    /// count); 0: no limit.
+    pub fleet_enrollments_per_minute: u32,
+}
+
+impl Default for EnrollmentSection {
+    fn default() -> Self {
+        Self {
+            reserved_ids: ["observer", "broker", "bridge", "admin", "root", "localhost"]
+                .map(String::from)
+                .to_vec(),
+            fleet_id_patterns: Vec::new(),
+            fleet_max_devices: 0,
+            fleet_enrollments_per_minute: 60,
+        }
+    }
+}
+
+impl EnrollmentSection {
+    /// Why the fleet token may not claim `id`, if it may not.
+    pub fn fleet_refuses(&self, id: &str) -> Option<String> {
+        if self.reserved_ids.iter().any(|r| r.eq_ignore_ascii_case(id)) {
+            return Some(format!("{id:?} is reserved (enrollment.reserved_ids)"));
+        }
+        if !self.fleet_id_patterns.is_empty()
+            && !self.fleet_id_patterns.iter().any(|p| glob_match(p, id))
+        {
+            return Some(format!(
+                "{id:?} matches none of enrollment.fleet_id_patterns"
+            ));
+        }
+        None
+    }
+}
+
+/// `*` = any run of characters (possibly empty); everything else literal; whole string.
+fn glob_match(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == s; // unreachable: split yields at least one part
+    };
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let Some(mut rest) = s.strip_prefix(first) else {
+        return false;
+    };
+    for m in middle {
+        match rest.find(m) {
+            Some(i) => rest = &rest[i + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// `[limits]`: what one client may cost, per listener (the device port and the operator
+/// port each have these). Sized for `LimitNOFILE=65536` in the shipped unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Open connections per listener; over it, new connections are closed at once (logged
+    /// once per episode). Keep it below the process's `nofile` limit.
+    pub max_connections: usize,
+    /// TCP accepted → TLS handshake done.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Waiting for a request's headers, the first one and every keep-alive one.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// No byte read or written on a connection for this long closes it (a body that stalls,
+    /// a download nobody reads). Upgraded connections (the terminal) have their own.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[ddi]`: the hawkBit-compatible DDI server (devices authenticate with their enrolled
@@ -273,6 +384,28 @@ impl BridgeConfig {
                 path.display()
             );
         }
+        let lim = &cfg.limits;
+        let key = |k: &str| format!("{}: key `limits.{k}`", path.display());
+        if lim.max_connections == 0 {
+            anyhow::bail!("{}: must be at least 1", key("max_connections"));
+        }
+        for (k, v) in [
+            ("handshake_timeout", lim.handshake_timeout),
+            ("header_timeout", lim.header_timeout),
+            ("idle_timeout", lim.idle_timeout),
+        ] {
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&v) {
+                anyhow::bail!("{}: must be between 1s and 1h", key(k));
+            }
+        }
+        if let Some(u) = &cfg.external_url
+            && (!u.starts_with("https://") || u.ends_with('/'))
+        {
+            anyhow::bail!(
+                "{}: key `external_url`: must be https://host[:port] without a trailing /",
+                path.display()
+            );
+        }
         if let Some(t) = &cfg.terminal {
             let key = |k: &str| format!("{}: key `terminal.{k}`", path.display());
             if !t.jwks_url.starts_with("https://") {
@@ -306,6 +439,31 @@ impl BridgeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_id_rules() {
+        assert!(glob_match("dev-*", "dev-1"));
+        assert!(glob_match("dev-*", "dev-"));
+        assert!(!glob_match("dev-*", "xdev-1"));
+        assert!(glob_match("*-lab", "a-lab"));
+        assert!(!glob_match("*-lab", "a-lab2"));
+        assert!(glob_match("dev-*-lab", "dev-9-lab"));
+        assert!(!glob_match("dev-*-lab", "dev-9-prod"));
+        assert!(!glob_match("a*a", "a"), "the two literals may not overlap");
+        assert!(glob_match("exact", "exact") && !glob_match("exact", "exact2"));
+        let e = EnrollmentSection {
+            fleet_id_patterns: vec!["dev-*".into()],
+            ..Default::default()
+        };
+        assert!(e.fleet_refuses("dev-7").is_none());
+        assert!(e.fleet_refuses("observer").unwrap().contains("reserved"));
+        assert!(e.fleet_refuses("OBSERVER").unwrap().contains("reserved"));
+        assert!(
+            e.fleet_refuses("prod-1")
+                .unwrap()
+                .contains("fleet_id_patterns")
+        );
+    }
 
     /// The file the Yocto recipe installs as /etc/thingsly/bridge.toml.
     #[test]

@@ -4,19 +4,19 @@
 //! same feedback checks (400 on malformed bodies, 410 on closed actions) as hawkBit.
 //! Plus the management side: upload a bundle, assign it, cancel, read an action's history.
 
-use crate::api::{AppState, PeerCert};
+use crate::auth::{authorization, token_eq};
 use crate::ota_store::{Action, ActionKind, Module, status};
+use crate::state::{AppState, PeerCert};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use sha2::Digest;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use thingsly_proto::ddi::{self, ActionFeedback, Execution, Finished};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -95,6 +95,8 @@ pub fn router() -> Router<Arc<AppState>> {
             &format!("{base}/softwaremodules/{{mid}}/artifacts/{{file}}"),
             get(artifact_file),
         )
+        // Every body above is a small JSON document; uploads below stream (no buffer).
+        .route_layer(axum::extract::DefaultBodyLimit::max(DDI_BODY_LIMIT))
         .route("/ota/modules", post(upload_module).get(list_modules))
         .route("/ota/actions", post(assign).get(list_actions))
         .route("/ota/actions/{id}", get(show_action))
@@ -105,18 +107,42 @@ pub fn router() -> Router<Arc<AppState>> {
 
 // ----------------------------------------------------------------------------- authentication
 
-fn authorization<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (s, rest) = v.split_once(' ')?;
-    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
-}
-
-fn ct_eq(a: &str, b: &str) -> bool {
-    !b.is_empty() && a.as_bytes().ct_eq(b.as_bytes()).into()
-}
-
 /// Who may act as controller `cid`: its own current certificate, its target token, or the
-/// gateway token. hawkBit answers 401 to anything else.
+/// gateway token. hawkBit answers 401 to anything else. An extractor, so that it is decided
+/// before any body is read.
+pub struct Controller;
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Controller {
+    type Rejection = DdiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(ids) =
+            Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, st)
+                .await
+                .map_err(|_| not_found("no such controller"))?;
+        let (Some(tenant), Some(cid)) = (ids.get("tenant"), ids.get("cid")) else {
+            return Err(not_found("no such controller"));
+        };
+        let peer = parts
+            .extensions
+            .get::<PeerCert>()
+            .cloned()
+            .unwrap_or_default();
+        authenticate(st, tenant, cid, &parts.headers, &peer)?;
+        Ok(Controller)
+    }
+}
+
+fn not_found(msg: impl Into<String>) -> DdiError {
+    err(
+        StatusCode::NOT_FOUND,
+        "hawkbit.server.error.repo.entitiyNotFound",
+        msg,
+    )
+}
+
 fn authenticate(
     st: &AppState,
     tenant: &str,
@@ -124,19 +150,12 @@ fn authenticate(
     headers: &HeaderMap,
     peer: &PeerCert,
 ) -> Result<(), DdiError> {
-    let ddi = st.ddi.as_ref().ok_or_else(|| {
-        err(
-            StatusCode::NOT_FOUND,
-            "hawkbit.server.error.repo.entitiyNotFound",
-            "the DDI server is off ([ddi] in bridge.toml)",
-        )
-    })?;
+    let ddi = st
+        .ddi
+        .as_ref()
+        .ok_or_else(|| not_found("the DDI server is off ([ddi] in bridge.toml)"))?;
     if tenant != ddi.tenant {
-        return Err(err(
-            StatusCode::NOT_FOUND,
-            "hawkbit.server.error.repo.entitiyNotFound",
-            format!("no tenant {tenant:?}"),
-        ));
+        return Err(not_found(format!("no tenant {tenant:?}")));
     }
     if let Some(der) = &peer.0 {
         return match crate::api::current_device_of_cert(st, der, cid) {
@@ -149,7 +168,7 @@ fn authenticate(
         };
     }
     if let Some(t) = authorization(headers, "GatewayToken")
-        && ct_eq(t, &ddi.gateway_token)
+        && token_eq(t, &ddi.gateway_token)
     {
         return Ok(());
     }
@@ -171,13 +190,27 @@ fn settings(st: &AppState) -> Result<&DdiSettings, DdiError> {
         .ok_or_else(|| internal("DDI server not configured"))
 }
 
-/// The base URL the device used, so links work through whatever address it reached us by.
-fn base_url(headers: &HeaderMap, tenant: &str, cid: &str) -> String {
+/// The base of the links sent to the device: `external_url` when configured; else the
+/// address the device used (its `Host`, kept only when it is a plain host[:port], so a
+/// client cannot make us send it links with paths, queries or other schemes).
+fn base_url(st: &AppState, headers: &HeaderMap, tenant: &str, cid: &str) -> String {
+    if let Some(u) = &st.external_url {
+        return format!("{u}/{tenant}/controller/v1/{cid}");
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .filter(|h| plain_authority(h))
         .unwrap_or("localhost");
     format!("https://{host}/{tenant}/controller/v1/{cid}")
+}
+
+/// `host`, `host:port`, `[v6]:port`: the characters of an authority without userinfo.
+fn plain_authority(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
 }
 
 /// The device's action `aid`; 404 when it does not exist or is someone else's.
@@ -207,13 +240,12 @@ type ActionIds = Path<(String, String, String)>;
 
 async fn root(
     State(st): State<Arc<AppState>>,
+    _device: Controller,
     Path((tenant, cid)): Ids,
-    Extension(peer): Extension<PeerCert>,
     headers: HeaderMap,
 ) -> Result<Response, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let ddi = settings(&st)?;
-    let base = base_url(&headers, &tenant, &cid);
+    let base = base_url(&st, &headers, &tenant, &cid);
     let mut links = ddi::Links::new();
     if let Some(a) = st.store.open_action(&cid).map_err(internal)? {
         if a.status == status::CANCELING {
@@ -338,7 +370,51 @@ struct HistoryQuery {
     action_history: Option<i64>,
 }
 
-/// hawkBit's `actionHistory`: the newest `n` feedback messages first (-1: all).
+/// hawkBit's quotas (`hawkbit.server.security.dos.*` in its `HawkbitSecurityProperties`, and
+/// `RepositoryConstants.MAX_ACTION_HISTORY_MSG_COUNT`): feedback statuses per action, messages
+/// per status (details are split at 512 characters, as hawkBit's `ActionStatus.addMessage`
+/// does), and the messages `actionHistory` returns at most (also for -1).
+pub const MAX_STATUS_ENTRIES_PER_ACTION: usize = 1000;
+pub const MAX_MESSAGES_PER_ACTION_STATUS: usize = 50;
+pub const MESSAGE_SPLIT_CHARS: usize = 512;
+pub const MAX_ACTION_HISTORY_MESSAGES: usize = 100;
+/// Feedback and configData bodies: 50 messages of 512 characters fit with room to spare.
+pub const DDI_BODY_LIMIT: usize = 64 * 1024;
+
+/// How many stored messages `details` makes once split as hawkBit splits them.
+fn message_count(details: &[String]) -> usize {
+    details
+        .iter()
+        .map(|d| d.chars().count().div_ceil(MESSAGE_SPLIT_CHARS).max(1))
+        .sum()
+}
+
+fn quota_exceeded(msg: String) -> DdiError {
+    err(
+        StatusCode::TOO_MANY_REQUESTS,
+        "hawkbit.server.error.quota.tooManyEntries",
+        msg,
+    )
+}
+
+/// hawkBit's quotas on one more feedback for action `a`.
+fn check_feedback_quota(st: &AppState, a: &Action, details: &[String]) -> Result<(), DdiError> {
+    let n = message_count(details);
+    if n > MAX_MESSAGES_PER_ACTION_STATUS {
+        return Err(quota_exceeded(format!(
+            "{n} messages in one status; at most {MAX_MESSAGES_PER_ACTION_STATUS} of {MESSAGE_SPLIT_CHARS} characters"
+        )));
+    }
+    if st.store.feedback_count(a.id).map_err(internal)? >= MAX_STATUS_ENTRIES_PER_ACTION {
+        return Err(quota_exceeded(format!(
+            "action {} holds {MAX_STATUS_ENTRIES_PER_ACTION} statuses already",
+            a.id
+        )));
+    }
+    Ok(())
+}
+
+/// hawkBit's `actionHistory`: the newest `n` feedback messages first (-1: as many as allowed).
 fn history(
     st: &AppState,
     a: &Action,
@@ -347,9 +423,13 @@ fn history(
     let Some(n) = n.filter(|n| *n != 0) else {
         return Ok(None);
     };
+    let n = usize::try_from(n)
+        .unwrap_or(MAX_ACTION_HISTORY_MESSAGES)
+        .min(MAX_ACTION_HISTORY_MESSAGES);
+    // Every entry yields at least one message: the newest n entries are enough.
     let mut messages: Vec<String> = st
         .store
-        .feedback(a.id)
+        .feedback_newest(a.id, n)
         .map_err(internal)?
         .into_iter()
         .rev()
@@ -373,9 +453,7 @@ fn history(
             }
         })
         .collect();
-    if n > 0 {
-        messages.truncate(n as usize);
-    }
+    messages.truncate(n);
     Ok(Some(ddi::ActionHistory {
         status: Some(a.status.to_uppercase()),
         messages,
@@ -395,7 +473,7 @@ async fn deployment_body(
         .module(a.module_id)
         .map_err(internal)?
         .ok_or_else(|| internal("the action's module is gone"))?;
-    let base = base_url(headers, tenant, cid);
+    let base = base_url(st, headers, tenant, cid);
     Ok(Json(ddi::DeploymentBase {
         id: a.id.to_string(),
         deployment: deployment_of(a, &m, &base),
@@ -407,12 +485,11 @@ async fn deployment_body(
 /// `deploymentBase/{id}` and `installedBase/{id}`: the same body (hawkBit's too).
 async fn deployment(
     State(st): State<Arc<AppState>>,
+    _device: Controller,
     Path((tenant, cid, aid)): ActionIds,
     Query(q): Query<HistoryQuery>,
-    Extension(peer): Extension<PeerCert>,
     headers: HeaderMap,
 ) -> Result<Json<ddi::DeploymentBase>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let a = own_action(&st, &cid, &aid)?;
     deployment_body(&st, &headers, &tenant, &cid, &a, q).await
 }
@@ -442,17 +519,16 @@ fn gone(a: &Action) -> DdiError {
 
 async fn deployment_feedback(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid, aid)): ActionIds,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _device: Controller,
+    Path((_, cid, aid)): ActionIds,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let (fb, raw) = parse_feedback(&body)?;
     let a = own_action(&st, &cid, &aid)?;
     if !status::is_open(&a.status) {
         return Err(gone(&a));
     }
+    check_feedback_quota(&st, &a, &fb.status.details)?;
     st.store
         .add_feedback(a.id, "deploymentBase", &raw)
         .map_err(internal)?;
@@ -473,11 +549,9 @@ async fn deployment_feedback(
 
 async fn cancel_action(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid, aid)): ActionIds,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _device: Controller,
+    Path((_, cid, aid)): ActionIds,
 ) -> Result<Json<ddi::Cancel>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let a = own_action(&st, &cid, &aid)?;
     Ok(Json(ddi::Cancel {
         id: Some(a.id.to_string()),
@@ -489,17 +563,16 @@ async fn cancel_action(
 
 async fn cancel_feedback(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid, aid)): ActionIds,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _device: Controller,
+    Path((_, cid, aid)): ActionIds,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let (fb, raw) = parse_feedback(&body)?;
     let a = own_action(&st, &cid, &aid)?;
     if a.status != status::CANCELING {
         return Err(gone(&a));
     }
+    check_feedback_quota(&st, &a, &fb.status.details)?;
     st.store
         .add_feedback(a.id, "cancelAction", &raw)
         .map_err(internal)?;
@@ -518,12 +591,10 @@ async fn cancel_feedback(
 
 async fn config_data(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid)): Ids,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _device: Controller,
+    Path((_, cid)): Ids,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let cd: ddi::ConfigData = serde_json::from_slice(&body).map_err(|e| {
         err(
             StatusCode::BAD_REQUEST,
@@ -548,12 +619,11 @@ async fn config_data(
 /// The action awaiting the device's consent.
 async fn confirmation_action(
     State(st): State<Arc<AppState>>,
+    _device: Controller,
     Path((tenant, cid, aid)): ActionIds,
     Query(q): Query<HistoryQuery>,
-    Extension(peer): Extension<PeerCert>,
     headers: HeaderMap,
 ) -> Result<Json<ddi::ConfirmationBaseAction>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let a = own_action(&st, &cid, &aid)?;
     let d = deployment_body(&st, &headers, &tenant, &cid, &a, q)
         .await?
@@ -569,12 +639,10 @@ async fn confirmation_action(
 /// `confirmed` starts the action; `denied` leaves it waiting (as hawkBit does).
 async fn confirmation_feedback(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid, aid)): ActionIds,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _device: Controller,
+    Path((_, cid, aid)): ActionIds,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let fb: ddi::ConfirmationFeedback = serde_json::from_slice(&body).map_err(|e| {
         err(
             StatusCode::BAD_REQUEST,
@@ -586,6 +654,7 @@ async fn confirmation_feedback(
     if a.status != status::CONFIRMING {
         return Err(gone(&a));
     }
+    check_feedback_quota(&st, &a, &fb.details)?;
     let raw = serde_json::to_value(&fb).map_err(internal)?;
     st.store
         .add_feedback(a.id, "confirmationBase", &raw)
@@ -599,13 +668,7 @@ async fn confirmation_feedback(
 }
 
 /// Auto-confirm is off on this server: actions assigned with `confirm` wait for the device.
-async fn confirmation_base(
-    State(st): State<Arc<AppState>>,
-    Path((tenant, cid)): Ids,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-) -> Result<Json<ddi::ConfirmationBase>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
+async fn confirmation_base(_device: Controller) -> Result<Json<ddi::ConfirmationBase>, DdiError> {
     Ok(Json(ddi::ConfirmationBase {
         auto_confirm: ddi::AutoConfirm {
             active: false,
@@ -640,13 +703,12 @@ fn device_module(st: &AppState, cid: &str, mid: &str) -> Result<Module, DdiError
 
 async fn artifacts(
     State(st): State<Arc<AppState>>,
+    _device: Controller,
     Path((tenant, cid, mid)): ActionIds,
-    Extension(peer): Extension<PeerCert>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<ddi::Artifact>>, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let m = device_module(&st, &cid, &mid)?;
-    let base = base_url(&headers, &tenant, &cid);
+    let base = base_url(&st, &headers, &tenant, &cid);
     Ok(Json(vec![artifact_of(&m, &base)]))
 }
 
@@ -693,11 +755,10 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
 
 async fn artifact_file(
     State(st): State<Arc<AppState>>,
-    Path((tenant, cid, mid, file)): Path<(String, String, String, String)>,
-    Extension(peer): Extension<PeerCert>,
+    _device: Controller,
+    Path((_, cid, mid, file)): Path<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, DdiError> {
-    authenticate(&st, &tenant, &cid, &headers, &peer)?;
     let m = device_module(&st, &cid, &mid)?;
     if file == format!("{}.MD5SUM", m.filename) {
         return Ok((
@@ -771,14 +832,24 @@ async fn artifact_file(
 
 // ----------------------------------------------------------------------------- management
 
-fn admin(st: &AppState, headers: &HeaderMap) -> Result<(), DdiError> {
-    match authorization(headers, "Bearer") {
-        Some(t) if ct_eq(t, &st.admin_token) => Ok(()),
-        _ => Err(err(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the OTA management API needs the admin token (Authorization: Bearer)",
-        )),
+/// The admin token, checked before any body (an upload, an assignment) is read.
+pub struct OtaAdmin;
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for OtaAdmin {
+    type Rejection = DdiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        if crate::auth::is_admin(st, &parts.headers) {
+            Ok(OtaAdmin)
+        } else {
+            Err(err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the OTA management API needs the admin token (Authorization: Bearer)",
+            ))
+        }
     }
 }
 
@@ -870,11 +941,10 @@ fn is_safe_filename(f: &str) -> bool {
 
 async fn upload_module(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Query(q): Query<UploadQuery>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Module>, DdiError> {
-    admin(&st, &headers)?;
     let filename = q
         .filename
         .unwrap_or_else(|| format!("{}-{}.raucb", q.name, q.version));
@@ -911,9 +981,8 @@ async fn upload_module(
 
 async fn list_modules(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: OtaAdmin,
 ) -> Result<Json<Vec<Module>>, DdiError> {
-    admin(&st, &headers)?;
     Ok(Json(st.store.modules().map_err(internal)?))
 }
 
@@ -994,10 +1063,9 @@ pub fn assign_to(st: &crate::store::Store, req: &AssignRequest) -> Result<Vec<Ac
 
 async fn assign(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: OtaAdmin,
     body: Bytes,
 ) -> Result<Json<Vec<Action>>, DdiError> {
-    admin(&st, &headers)?;
     let req: AssignRequest = serde_json::from_slice(&body)
         .map_err(|e| err(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
     let actions =
@@ -1015,10 +1083,9 @@ struct ActionsQuery {
 
 async fn list_actions(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Query(q): Query<ActionsQuery>,
-    headers: HeaderMap,
 ) -> Result<Json<Vec<Action>>, DdiError> {
-    admin(&st, &headers)?;
     Ok(Json(
         st.store.actions(q.device.as_deref()).map_err(internal)?,
     ))
@@ -1032,10 +1099,9 @@ pub struct ActionDetail {
 
 async fn show_action(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Path(id): Path<i64>,
-    headers: HeaderMap,
 ) -> Result<Json<ActionDetail>, DdiError> {
-    admin(&st, &headers)?;
     let action = st.store.action(id).map_err(internal)?.ok_or_else(|| {
         err(
             StatusCode::NOT_FOUND,
@@ -1049,10 +1115,9 @@ async fn show_action(
 
 async fn cancel(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Path(id): Path<i64>,
-    headers: HeaderMap,
 ) -> Result<Json<Action>, DdiError> {
-    admin(&st, &headers)?;
     if !st
         .store
         .set_action_status(
@@ -1094,19 +1159,17 @@ pub fn device_ota(st: &crate::store::Store, id: &str) -> anyhow::Result<DeviceOt
 
 async fn show_device(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<DeviceOta>, DdiError> {
-    admin(&st, &headers)?;
     Ok(Json(device_ota(&st.store, &id).map_err(internal)?))
 }
 
 async fn new_target_token(
     State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, DdiError> {
-    admin(&st, &headers)?;
     if st.store.get(&id).map_err(internal)?.is_none() {
         return Err(err(
             StatusCode::NOT_FOUND,

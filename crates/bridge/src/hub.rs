@@ -7,8 +7,8 @@
 //! and revocation through the API, and every `RECONCILE_EVERY` (so `revoke` from the CLI of
 //! another process takes effect within seconds).
 
-use crate::api::AppState;
 use crate::config::{HubMode, WireguardSection};
+use crate::state::AppState;
 use crate::store::Store;
 use anyhow::Context;
 use ipnet::Ipv4Net;

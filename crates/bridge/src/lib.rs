@@ -4,13 +4,17 @@
 //! holds a device's private keys.
 
 pub mod api;
+pub mod auth;
 pub mod authz;
 pub mod ca;
 pub mod config;
 pub mod ddi_server;
+pub mod error;
 pub mod hub;
 pub mod operator_auth;
 pub mod ota_store;
+pub mod quota;
+pub mod state;
 pub mod store;
 pub mod terminal_proxy;
 pub mod ticket_key;

@@ -84,9 +84,17 @@ enum Cmd {
     },
     /// List enrolled devices as JSON.
     Devices,
-    /// Revoke a device: forget it (address back to the pool, renewal refused); a running
-    /// bridge drops its tunnel peer within seconds. Same as `DELETE /devices/{id}`.
+    /// Revoke a device: forget it (address back to the pool, renewal refused), list its
+    /// certificate in the CRL (`<data_dir>/crl.pem`), refuse its id at enrollment until
+    /// `admit`; a running bridge drops its tunnel peer within seconds. Same as
+    /// `DELETE /devices/{id}`.
     Revoke {
+        #[arg(long)]
+        device: String,
+    },
+    /// Let a revoked id enroll again (with a bootstrap token, like a new device). Same as
+    /// `POST /devices/{id}/admit`.
+    Admit {
         #[arg(long)]
         device: String,
     },
@@ -263,6 +271,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .fmt_fields(thingsly_core::log_fields::EscapedFields)
         .with_ansi(false);
     if journald {
         builder.without_time().init();
@@ -367,7 +376,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Revoke { device } => {
             let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
             anyhow::ensure!(store.delete(&device)?, "no device {device:?}");
+            let ca = Ca::load(&cfg.data_dir)?;
+            thingsly_bridge::api::write_crl(&store, &ca, &cfg.data_dir.join("crl.pem"))?;
             println!("revoked {device}");
+            Ok(())
+        }
+        Cmd::Admit { device } => {
+            let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            anyhow::ensure!(store.admit(&device)?, "{device:?} is not revoked");
+            println!("admitted {device}");
             Ok(())
         }
         Cmd::Ota(cmd) => ota(&cfg, cmd),
@@ -444,7 +461,49 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         } else {
             None
         },
+        fleet_rate: thingsly_bridge::quota::RateWindow::new(
+            cfg.enrollment.fleet_enrollments_per_minute as usize,
+            Duration::from_secs(60),
+        ),
+        enrollment: cfg.enrollment.clone(),
+        external_url: cfg.external_url.clone(),
+        crl_path: cfg.data_dir.join("crl.pem"),
     });
+    // The broker's crlfile must exist before it starts, and be fresh: write it now and daily.
+    thingsly_bridge::api::publish_crl(&state);
+    {
+        let st = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                thingsly_bridge::api::publish_crl(&st);
+            }
+        });
+    }
+    let nofile = tls_server::nofile_limit().unwrap_or(1024);
+    let listeners = if cfg
+        .terminal
+        .as_ref()
+        .and_then(|t| t.listen.as_ref())
+        .is_some()
+    {
+        2
+    } else {
+        1
+    };
+    let mut limits: tls_server::Limits = (&cfg.limits).into();
+    limits.max_connections =
+        tls_server::effective_cap(cfg.limits.max_connections, nofile, listeners, 256);
+    if limits.max_connections < cfg.limits.max_connections {
+        tracing::warn!(
+            configured = cfg.limits.max_connections,
+            nofile,
+            effective = limits.max_connections,
+            "limits.max_connections lowered to fit the nofile limit (LimitNOFILE= in the unit)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -496,15 +555,17 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
             tracing::info!(listen = %l.local_addr()?, "terminal proxy serving (operator port)");
             let tls = tls_server::server_config(&paths.server_crt(), &paths.server_key(), None)?;
             Some(tokio::spawn(tls_server::serve(
+                "operator",
                 l,
                 tls,
                 app.clone(),
+                limits.clone(),
                 shutdown.clone(),
             )))
         }
         None => None,
     };
-    tls_server::serve(listener, tls, app, shutdown).await?;
+    tls_server::serve("device", listener, tls, app, limits, shutdown).await?;
     if let Some(task) = operator_port {
         task.await??;
     }

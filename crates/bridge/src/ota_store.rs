@@ -369,6 +369,38 @@ impl Store {
         Ok(())
     }
 
+    /// How many feedback statuses action `action_id` holds (hawkBit's quota counts these).
+    pub fn feedback_count(&self, action_id: i64) -> anyhow::Result<usize> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM ota_feedback WHERE action_id = ?1",
+            params![action_id],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// The newest `limit` feedback entries, newest last (as [`Store::feedback`]).
+    pub fn feedback_newest(
+        &self,
+        action_id: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<FeedbackEntry>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT at, endpoint, body FROM (SELECT rowid AS r, at, endpoint, body FROM ota_feedback
+              WHERE action_id = ?1 ORDER BY rowid DESC LIMIT ?2) ORDER BY r",
+        )?;
+        let rows = stmt.query_map(params![action_id, limit as i64], |r| {
+            let body: String = r.get(2)?;
+            Ok(FeedbackEntry {
+                at: r.get(0)?,
+                endpoint: r.get(1)?,
+                body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn feedback(&self, action_id: i64) -> anyhow::Result<Vec<FeedbackEntry>> {
         let c = self.conn();
         let mut stmt = c.prepare(

@@ -27,6 +27,10 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -54,8 +58,34 @@ impl Store {
                 device_id TEXT NOT NULL,
                 expires_at INTEGER NOT NULL,
                 used_at INTEGER
+             );
+             -- An id an operator revoked stays refused until re-admitted.
+             CREATE TABLE IF NOT EXISTS revoked_ids (
+                device_id TEXT PRIMARY KEY,
+                revoked_at TEXT NOT NULL
+             );
+             -- Every certificate that must no longer be accepted (revoked, or superseded by
+             -- a renewal or re-enrollment), until it expires: the CRL's content.
+             CREATE TABLE IF NOT EXISTS revoked_certs (
+                cert_serial TEXT PRIMARY KEY,
+                device_id TEXT NOT NULL,
+                revoked_at INTEGER NOT NULL,
+                not_after TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS crl_state (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                crl_number INTEGER NOT NULL
              );",
         )?;
+        // Added after the first release: which credential created the device.
+        let has_via: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = 'enrolled_via'")?
+            .exists([])?;
+        if !has_via {
+            conn.execute_batch(
+                "ALTER TABLE devices ADD COLUMN enrolled_via TEXT NOT NULL DEFAULT 'fleet'",
+            )?;
+        }
         conn.execute_batch(crate::ota_store::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -118,6 +148,32 @@ impl Store {
         pool: ipnet::Ipv4Net,
         metadata: &serde_json::Map<String, serde_json::Value>,
     ) -> anyhow::Result<Option<String>> {
+        self.record_via(
+            device_id,
+            public_key_hex,
+            serial_hex,
+            not_after,
+            wg_public_key,
+            pool,
+            metadata,
+            "fleet",
+        )
+    }
+
+    /// [`Store::record`], noting the credential (`fleet` or `device-token`) that created it.
+    /// The certificate it replaces goes on the revocation list.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_via(
+        &self,
+        device_id: &str,
+        public_key_hex: &str,
+        serial_hex: &str,
+        not_after: &str,
+        wg_public_key: Option<&str>,
+        pool: ipnet::Ipv4Net,
+        metadata: &serde_json::Map<String, serde_json::Value>,
+        via: &str,
+    ) -> anyhow::Result<Option<String>> {
         let now = now_rfc3339();
         let meta = serde_json::to_string(metadata)?;
         let mut c = self.conn();
@@ -127,29 +183,131 @@ impl Store {
         };
         let wg_address = format!("{addr}/32");
         tx.execute(
+            "INSERT OR IGNORE INTO revoked_certs (cert_serial, device_id, revoked_at, not_after)
+             SELECT cert_serial, device_id, ?2, cert_not_after FROM devices
+              WHERE device_id = ?1 AND cert_serial != ?3",
+            params![device_id, unix_now(), serial_hex],
+        )?;
+        tx.execute(
             "INSERT INTO devices (device_id, public_key, cert_serial, cert_not_after, wg_public_key,
-                                  wg_address, metadata, enrolled_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                                  wg_address, metadata, enrolled_at, updated_at, enrolled_via)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
              ON CONFLICT(device_id) DO UPDATE SET
                 public_key = excluded.public_key, cert_serial = excluded.cert_serial,
                 cert_not_after = excluded.cert_not_after,
                 wg_public_key = COALESCE(excluded.wg_public_key, devices.wg_public_key),
                 metadata = CASE WHEN excluded.metadata = '{}' THEN devices.metadata ELSE excluded.metadata END,
                 updated_at = excluded.updated_at",
-            params![device_id, public_key_hex, serial_hex, not_after, wg_public_key, wg_address, meta, now],
+            params![device_id, public_key_hex, serial_hex, not_after, wg_public_key, wg_address, meta, now, via],
         )?;
         tx.commit()?;
         Ok(Some(wg_address))
     }
 
-    /// Forget a device (revocation): its tunnel peer goes at the hub's next reconcile, its
-    /// address returns to the pool, renewal is refused. True if it existed.
+    /// Revoke a device: its row goes (tunnel peer removed at the next reconcile, address back
+    /// to the pool, renewal refused), its certificate goes on the revocation list, and its id
+    /// is refused by enrollment until [`Store::admit`]. True if it existed.
     pub fn delete(&self, device_id: &str) -> anyhow::Result<bool> {
-        let n = self.conn().execute(
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_certs (cert_serial, device_id, revoked_at, not_after)
+             SELECT cert_serial, device_id, ?2, cert_not_after FROM devices WHERE device_id = ?1",
+            params![device_id, unix_now()],
+        )?;
+        let n = tx.execute(
             "DELETE FROM devices WHERE device_id = ?1",
             params![device_id],
         )?;
+        if n > 0 {
+            tx.execute(
+                "INSERT OR REPLACE INTO revoked_ids (device_id, revoked_at) VALUES (?1, ?2)",
+                params![device_id, now_rfc3339()],
+            )?;
+        }
+        tx.commit()?;
         Ok(n > 0)
+    }
+
+    /// When `device_id` was revoked, if it is still refused.
+    pub fn revoked_at(&self, device_id: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT revoked_at FROM revoked_ids WHERE device_id = ?1",
+                params![device_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// An operator lets a revoked id enroll again (its old certificates stay revoked).
+    /// True if it was revoked.
+    pub fn admit(&self, device_id: &str) -> anyhow::Result<bool> {
+        let n = self.conn().execute(
+            "DELETE FROM revoked_ids WHERE device_id = ?1",
+            params![device_id],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// The certificates to list in the CRL (serial hex, revocation time), expired ones
+    /// dropped, and the next CRL number.
+    pub fn crl_entries(&self) -> anyhow::Result<(Vec<(String, time::OffsetDateTime)>, u64)> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "DELETE FROM revoked_certs WHERE not_after < ?1",
+            params![now_rfc3339()],
+        )?;
+        let rows = {
+            let mut stmt = tx
+                .prepare("SELECT cert_serial, revoked_at FROM revoked_certs ORDER BY revoked_at")?;
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.execute(
+            "INSERT INTO crl_state (id, crl_number) VALUES (1, 1)
+             ON CONFLICT(id) DO UPDATE SET crl_number = crl_number + 1",
+            [],
+        )?;
+        let n: i64 = tx.query_row("SELECT crl_number FROM crl_state WHERE id = 1", [], |r| {
+            r.get(0)
+        })?;
+        tx.commit()?;
+        let entries = rows
+            .into_iter()
+            .map(|(s, t)| {
+                Ok((
+                    s,
+                    time::OffsetDateTime::from_unix_timestamp(t)
+                        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((entries, u64::try_from(n).unwrap_or(0)))
+    }
+
+    /// Devices the fleet token created that are still enrolled (its share of the pool).
+    pub fn fleet_devices(&self) -> anyhow::Result<usize> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM devices WHERE enrolled_via = 'fleet'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// The device (other than `except`) that holds WireGuard key `key`, if any.
+    pub fn wg_key_holder(&self, key: &str, except: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT device_id FROM devices WHERE wg_public_key = ?1 AND device_id != ?2",
+                params![key, except],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Store a one-time enrollment token for one device; only its hash is kept.
@@ -178,11 +336,23 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub fn consume_device_token(&self, token: &str) -> anyhow::Result<()> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    /// Mark `token` used if it still is unused and unexpired; true for exactly one of any
+    /// number of concurrent callers (one conditional UPDATE, atomic in SQLite).
+    pub fn claim_device_token(&self, device_id: &str, token: &str) -> anyhow::Result<bool> {
+        let now = unix_now();
+        let n = self.conn().execute(
+            "UPDATE device_tokens SET used_at = ?3 WHERE token_sha256 = ?1 AND device_id = ?2
+               AND used_at IS NULL AND expires_at > ?3",
+            params![token_hash(token), device_id, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Give a claimed token back when the enrollment it was claimed for failed on our side.
+    pub fn release_device_token(&self, token: &str) -> anyhow::Result<()> {
         self.conn().execute(
-            "UPDATE device_tokens SET used_at = ?2 WHERE token_sha256 = ?1",
-            params![token_hash(token), now],
+            "UPDATE device_tokens SET used_at = NULL WHERE token_sha256 = ?1",
+            params![token_hash(token)],
         )?;
         Ok(())
     }
@@ -299,7 +469,48 @@ mod tests {
         s.add_device_token("d1", "secret", i64::MAX).unwrap();
         assert!(s.device_token_valid("d1", "secret").unwrap());
         assert!(!s.device_token_valid("d2", "secret").unwrap());
-        s.consume_device_token("secret").unwrap();
+        assert!(
+            !s.claim_device_token("d2", "secret").unwrap(),
+            "bound to d1"
+        );
+        assert!(s.claim_device_token("d1", "secret").unwrap());
+        assert!(!s.claim_device_token("d1", "secret").unwrap(), "once");
         assert!(!s.device_token_valid("d1", "secret").unwrap());
+        s.release_device_token("secret").unwrap();
+        assert!(s.claim_device_token("d1", "secret").unwrap(), "given back");
+    }
+
+    #[test]
+    fn revocation_sticks_and_lists_revoked_and_superseded_certificates() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db.sqlite")).unwrap();
+        let pool: ipnet::Ipv4Net = "10.8.0.0/24".parse().unwrap();
+        let far = "2999-01-01T00:00:00Z";
+        let rec = |serial: &str| {
+            s.record("d", "k", serial, far, None, pool, &Default::default())
+                .unwrap()
+                .unwrap()
+        };
+        rec("0a");
+        rec("0a"); // the same certificate again (a repeated answer): nothing superseded
+        assert!(s.crl_entries().unwrap().0.is_empty());
+        rec("0b"); // renewed: 0a superseded
+        let (list, n1) = s.crl_entries().unwrap();
+        assert_eq!(
+            list.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            ["0a"]
+        );
+        assert!(s.delete("d").unwrap());
+        assert!(s.revoked_at("d").unwrap().is_some());
+        let (list, n2) = s.crl_entries().unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(n2 > n1, "CRL numbers grow");
+        assert!(s.admit("d").unwrap());
+        assert!(s.revoked_at("d").unwrap().is_none());
+        assert_eq!(
+            s.crl_entries().unwrap().0.len(),
+            2,
+            "admitting revokes nothing back"
+        );
     }
 }

@@ -10,10 +10,11 @@
 //! once the other side took the previous one, so a slow browser slows the device down (whose
 //! own backpressure pauses the PTY) instead of filling the bridge's memory.
 
-use crate::api::{AppState, fail};
 use crate::authz::{Authz, TerminalGrant};
 use crate::config::TerminalSection;
+use crate::error::fail;
 use crate::operator_auth::{AuthError, Operator, OperatorAuth, OperatorAuthConfig};
+use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -109,7 +110,7 @@ pub async fn handle(State(app): State<Arc<AppState>>, req: Request) -> Response 
     let token = query
         .token
         .clone()
-        .or_else(|| bearer(headers))
+        .or_else(|| crate::auth::bearer(headers).map(String::from))
         .unwrap_or_default();
     let operator = match proxy.operators.verify(&token).await {
         Ok(op) => op,
@@ -258,14 +259,6 @@ struct TerminalQuery {
 /// Unknown parameters are ignored (ttyd's page adds its own); a malformed query counts as empty.
 fn parse_query(q: &str) -> TerminalQuery {
     serde_urlencoded::from_str(q).unwrap_or_default()
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
 }
 
 /// The client's `Sec-WebSocket-Key` if this is a well-formed version 13 upgrade request.
@@ -525,14 +518,9 @@ mod tests {
     }
 
     #[test]
-    fn query_and_bearer() {
+    fn query() {
         let q = parse_query("deviceId=dev-1&token=a%2Bb&x=1");
         assert_eq!(q.device_id.as_deref(), Some("dev-1"));
         assert_eq!(q.token.as_deref(), Some("a+b"));
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert_eq!(bearer(&h).as_deref(), Some("abc"));
-        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert_eq!(bearer(&h), None);
     }
 }

@@ -2,17 +2,24 @@
 //! against our root, and the handlers see it as [`PeerCert`]. Enrollment needs none; renewal
 //! requires one.
 
-use crate::api::PeerCert;
+use crate::state::PeerCert;
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
 use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -50,63 +57,332 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// Accept until `shutdown`; each connection gets its own task.
+/// What one listener allows a connection (`[limits]` in bridge.toml).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl From<&crate::config::LimitsSection> for Limits {
+    fn from(l: &crate::config::LimitsSection) -> Self {
+        Self {
+            max_connections: l.max_connections,
+            handshake_timeout: l.handshake_timeout,
+            header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
+        }
+    }
+}
+
+/// The soft `nofile` limit in force, from `/proc/self/limits` (read, not raised: the unit's
+/// seccomp filter denies `setrlimit`, and `LimitNOFILE=` is the operator's to set).
+pub fn nofile_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_nofile(&text)
+}
+
+fn parse_nofile(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
+}
+
+/// The connection cap each of `listeners` listeners can really hold under a `nofile` limit:
+/// the configured one, or less, leaving room for the database, artifacts, the hub, the
+/// outgoing connections of the terminal proxy (one per session) and the JWKS fetch.
+pub fn effective_cap(configured: usize, nofile: u64, listeners: usize, reserve: u64) -> usize {
+    let per_listener = nofile.saturating_sub(reserve) / listeners.max(1) as u64;
+    configured
+        .min(usize::try_from(per_listener).unwrap_or(usize::MAX))
+        .max(1)
+}
+
+/// Logs a condition once when it starts and once when it ends, never per occurrence (an
+/// attacker holding the listener at its cap must not also fill the disk with log lines).
+#[derive(Default)]
+struct Episode {
+    active: bool,
+}
+
+impl Episode {
+    /// True the first time after `clear`.
+    fn begin(&mut self) -> bool {
+        !std::mem::replace(&mut self.active, true)
+    }
+    /// True when an episode was running.
+    fn end(&mut self) -> bool {
+        std::mem::replace(&mut self.active, false)
+    }
+}
+
+/// Accept until `shutdown`; each connection gets its own task, bounded by `limits`.
 pub async fn serve(
+    name: &'static str,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     app: axum::Router,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut at_cap = Episode::default();
+    let mut accept_failing = Episode::default();
     loop {
         let (tcp, remote) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // EMFILE and friends: the cap below should keep us from here; if not,
+                    // say so once and back off instead of spinning.
+                    if accept_failing.begin() {
+                        tracing::error!(listener = name, error = %e, "accept failing (nofile limit?); retrying every 50 ms, logged once");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        if accept_failing.end() {
+            tracing::info!(listener = name, "accepting connections again");
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if at_cap.begin() {
+                tracing::warn!(
+                    listener = name,
+                    max_connections = limits.max_connections,
+                    "connection cap reached (limits.max_connections); closing new connections until some end"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        if at_cap.end() {
+            tracing::info!(listener = name, "below the connection cap again");
+        }
+        // Interactive traffic (the terminal) must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let limits = limits.clone();
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await;
-            let tls = match handshake {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let peer = PeerCert(
-                tls.get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.clone().into_owned()),
-            );
-            let svc =
-                app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    req
-                });
-            let svc = TowerToHyperService::new(svc);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .with_upgrades() // the terminal proxy's WebSocket
-                .await
-            {
-                tracing::debug!(%remote, error = %e, "connection ended with error");
+            serve_connection(tcp, remote, acceptor, app, &limits).await;
+            drop(permit);
+            // After a burst closes, give the freed heap back to the system (glibc keeps it).
+            if open.fetch_sub(1, Ordering::Relaxed) == 1 {
+                release_freed_memory();
             }
         });
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    limits: &Limits,
+) {
+    let activity = Activity::new();
+    let tcp = Watched::new(tcp, activity.clone());
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peer = PeerCert(
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned()),
+    );
+    let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        req
+    });
+    let svc = TowerToHyperService::new(svc);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        // Covers the first request and the wait for each keep-alive one.
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(tls), svc)
+        .with_upgrades(); // the terminal proxy's WebSocket
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(%remote, error = %e, "connection ended with error");
+            }
+        }
+        () = activity.idle_for(limits.idle_timeout) => {
+            tracing::debug!(%remote, "connection idle (limits.idle_timeout); closed");
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // one FFI call, no arguments that could be wrong
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointers are passed.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
+
+/// When a connection last moved a byte, for the idle timeout.
+#[derive(Clone)]
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte moved for `limit`; sleeps until the earliest moment that can be.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A stream that records its progress in an [`Activity`].
+struct Watched<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> Watched<T> {
+    fn new(inner: T, activity: Activity) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_from_proc_limits() {
+        let t = "Limit                     Soft Limit           Hard Limit           Units\nMax cpu time              unlimited            unlimited            seconds\nMax open files            1024                 524288               files\n";
+        assert_eq!(parse_nofile(t), Some(1024));
+        assert_eq!(
+            parse_nofile("Max open files unlimited unlimited files"),
+            Some(u64::MAX)
+        );
+        assert_eq!(parse_nofile("nothing"), None);
+        assert!(nofile_limit().is_some(), "this machine has /proc");
+    }
+
+    #[test]
+    fn the_cap_fits_the_nofile_limit() {
+        assert_eq!(effective_cap(16_384, 65_536, 2, 256), 16_384);
+        assert_eq!(effective_cap(16_384, 1_024, 2, 256), 384);
+        assert_eq!(effective_cap(100, 1_024, 2, 256), 100);
+        assert_eq!(effective_cap(100, 10, 2, 256), 1, "never zero");
+    }
+
+    #[test]
+    fn an_episode_is_logged_at_its_start_and_end_only() {
+        let mut e = Episode::default();
+        assert!(e.begin());
+        assert!(!e.begin());
+        assert!(!e.begin());
+        assert!(e.end());
+        assert!(!e.end());
+        assert!(e.begin());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_byte_for_the_whole_limit() {
+        let a = Activity::new();
+        let limit = Duration::from_secs(30);
+        let t0 = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        a.touch();
+        a.idle_for(limit).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(50));
     }
 }

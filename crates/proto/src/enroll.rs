@@ -86,6 +86,16 @@ pub mod error_code {
     pub const DEVICE_UNREACHABLE: &str = "device_unreachable";
     /// 503: the proxy's session limit is reached.
     pub const BUSY: &str = "busy";
+    /// 403: the device id was revoked; an operator must re-admit it before it enrolls again.
+    pub const REVOKED: &str = "revoked";
+    /// 403: the fleet token may not claim this id (reserved, or outside the allowed patterns).
+    pub const ID_NOT_ALLOWED: &str = "id_not_allowed";
+    /// 429: the fleet token's enrollment rate or device quota is used up.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// 400/409: the WireGuard public key is malformed, low-order, the hub's, or another device's.
+    pub const BAD_WIREGUARD_KEY: &str = "bad_wireguard_key";
+    /// 413: the body is larger than this endpoint accepts.
+    pub const TOO_LARGE: &str = "too_large";
     /// 426: a plain HTTP request where a WebSocket upgrade is needed.
     pub const UPGRADE_REQUIRED: &str = "upgrade_required";
 }
