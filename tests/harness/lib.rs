@@ -150,6 +150,8 @@ pub struct Bridge {
     pub netns: Option<String>,
     /// The address it listens on and puts in its certificate.
     pub host: String,
+    /// A command `serve` runs under (e.g. `prlimit --nofile=1024:1024`).
+    pub prefix: Vec<String>,
 }
 
 impl Bridge {
@@ -206,6 +208,7 @@ impl Bridge {
             proc: None,
             netns: None,
             host: host.to_string(),
+            prefix: Vec::new(),
         };
         let mut init = vec!["init"];
         init.extend_from_slice(init_args);
@@ -233,6 +236,11 @@ impl Bridge {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(bin("thingsly-bridge"));
+                c
+            }
+            None if !self.prefix.is_empty() => {
+                let mut c = Command::new(&self.prefix[0]);
+                c.args(&self.prefix[1..]).arg(bin("thingsly-bridge"));
                 c
             }
             None => Command::new(bin("thingsly-bridge")),

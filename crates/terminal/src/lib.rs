@@ -1,6 +1,7 @@
 //! The device side of the remote terminal: a ttyd-compatible WebSocket server that runs one
 //! PTY per session, only for sessions that present a bridge-signed single-use ticket.
 
+mod input;
 pub mod protocol;
 mod server;
 mod session;

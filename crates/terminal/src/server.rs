@@ -21,8 +21,19 @@ use tokio_util::sync::CancellationToken;
 const MAX_HEAD: usize = 8192;
 /// Time a client gets to send its head and then its first (auth) message.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// WebSocket messages larger than this are refused (input is typed or pasted text).
-const MAX_MESSAGE: usize = 64 * 1024;
+/// WebSocket messages larger than this are refused with 1009 (input is typed or pasted
+/// text; the bridge's proxy allows the same 1 MiB, and the input queue holds one whole).
+const MAX_MESSAGE: usize = crate::input::MAX_BACKLOG;
+/// Bytes a client may send before its ticket is accepted (the head and the hello take
+/// about 2 KiB): caps what an unauthenticated client can make us parse (a stream of empty
+/// continuation frames cost 7 CPU-s in 12 s without it).
+const PRE_AUTH_BUDGET: usize = 64 * 1024;
+/// Connections between accept and an accepted ticket, all clients together; over it new
+/// ones are closed at once.
+const MAX_PRE_AUTH: usize = 16;
+/// A refused ticket or a full device is answered after this pause, so a page that
+/// reconnects on every close (ttyd's does) retries at most about once a second.
+const REFUSAL_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct TerminalConfig {
@@ -34,6 +45,7 @@ struct Shared {
     cfg: TerminalConfig,
     tickets: Mutex<TicketVerifier>,
     slots: Arc<Semaphore>,
+    pre_auth: Arc<Semaphore>,
 }
 
 /// Serve on `listener` (bound by the caller to the tunnel address) until `shutdown`.
@@ -46,6 +58,7 @@ pub async fn serve(
     tracing::info!(listen = %listener.local_addr()?, "terminal listening");
     let shared = Arc::new(Shared {
         slots: Arc::new(Semaphore::new(cfg.max_sessions)),
+        pre_auth: Arc::new(Semaphore::new(MAX_PRE_AUTH)),
         cfg,
         tickets: Mutex::new(tickets),
     });
@@ -62,9 +75,16 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Ok(unauthenticated) = shared.pre_auth.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "terminal: too many connections without a ticket; closed");
+                    continue;
+                };
+                // Keystrokes are single bytes: never wait for Nagle.
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let stop = shutdown.clone();
                 sessions.spawn(async move {
+                    let stream = Budgeted::new(stream, PRE_AUTH_BUDGET, unauthenticated);
                     if let Err(e) = connection(stream, peer, shared, stop).await {
                         tracing::debug!(%peer, error = %e, "terminal connection ended");
                     }
@@ -78,12 +98,12 @@ pub async fn serve(
 }
 
 async fn connection(
-    mut stream: TcpStream,
+    mut stream: Budgeted<TcpStream>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_head(&stream))
+    let head = tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_head(stream.get_ref()))
         .await
         .map_err(|_| "request head timeout".to_string())??;
     match head {
@@ -140,29 +160,44 @@ async fn connection(
             return Err(e.to_string());
         }
     };
-    let claims = shared
-        .tickets
-        .lock()
-        .map_err(|_| "ticket verifier poisoned".to_string())?
-        .verify(&hello.auth_token);
-    let claims = match claims {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(%peer, reason = %e, "terminal session refused");
-            close(&mut ws, CloseCode::Policy, &format!("refused: {e}")).await;
-            return Err(e.to_string());
+    // Checked, then a slot taken, then the ticket used, under one lock: a ticket refused
+    // because the device is full stays good for the operator's next try.
+    let admitted = {
+        let mut tickets = shared
+            .tickets
+            .lock()
+            .map_err(|_| "ticket verifier poisoned".to_string())?;
+        match tickets.check(&hello.auth_token) {
+            Err(e) => Err((
+                CloseCode::Policy,
+                format!("refused: {e}"),
+                e.to_string(),
+                None,
+            )),
+            Ok(claims) => match shared.slots.clone().try_acquire_owned() {
+                Err(_) => Err((
+                    CloseCode::Again,
+                    format!("refused: {} sessions already open", shared.cfg.max_sessions),
+                    "session limit".to_string(),
+                    Some(claims.sub),
+                )),
+                Ok(slot) => {
+                    tickets.consume(&claims);
+                    Ok((claims, slot))
+                }
+            },
         }
     };
-    let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
-        tracing::warn!(%peer, operator = %claims.sub, "terminal session refused: session limit");
-        close(
-            &mut ws,
-            CloseCode::Again,
-            &format!("refused: {} sessions already open", shared.cfg.max_sessions),
-        )
-        .await;
-        return Err("session limit".into());
+    let (claims, slot) = match admitted {
+        Ok(x) => x,
+        Err((code, reason, why, operator)) => {
+            tracing::warn!(%peer, operator = ?operator, reason = %why, "terminal session refused");
+            tokio::time::sleep(REFUSAL_DELAY).await;
+            close(&mut ws, code, &reason).await;
+            return Err(why);
+        }
     };
+    ws.get_mut().authenticated();
     let result = session::run(ws, &shared.cfg.session, &hello, &claims, peer, shutdown).await;
     drop(slot);
     result
@@ -236,7 +271,7 @@ async fn peek_head(stream: &TcpStream) -> Result<Head, String> {
 }
 
 async fn reply(
-    stream: &mut TcpStream,
+    stream: &mut Budgeted<TcpStream>,
     code: u16,
     reason: &str,
     content_type: &str,
@@ -252,6 +287,77 @@ async fn reply(
         .map_err(|e| e.to_string())?;
     let _ = stream.shutdown().await;
     Ok(())
+}
+
+/// A stream that allows a client only `budget` bytes until it is authenticated, and holds
+/// its place among the unauthenticated connections until then.
+struct Budgeted<S> {
+    inner: S,
+    budget: usize,
+    unauthenticated: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<S> Budgeted<S> {
+    fn new(inner: S, budget: usize, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            inner,
+            budget,
+            unauthenticated: Some(permit),
+        }
+    }
+
+    fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The ticket was accepted: no budget from now on, and the place is freed.
+    fn authenticated(&mut self) {
+        self.budget = usize::MAX;
+        self.unauthenticated = None;
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Budgeted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.budget == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "sent too much before a ticket was accepted",
+            )));
+        }
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if self.budget != usize::MAX {
+            self.budget = self.budget.saturating_sub(n);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Budgeted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Send a close frame (reason cut to the protocol's 123 bytes) and wait briefly for the peer's.

@@ -6,10 +6,11 @@
 //! (1000, the exit status in the reason). When the client goes away the session's process group
 //! gets SIGHUP, then SIGKILL after a grace period, so no shell is left behind.
 
+use crate::input::InputQueue;
 use crate::protocol::{self, ClientMessage, Hello};
 use crate::server::close;
 use crate::ticket::Claims;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Bytes read from the PTY per output frame.
 const CHUNK: usize = 16 * 1024;
+/// A client that answers nothing (a dead tunnel) for this many ping intervals is gone, and
+/// its session slot is freed.
+const PINGS_UNANSWERED: u32 = 3;
 /// After the child exits, how long to wait for the PTY to drain (a background job may keep
 /// it open forever).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
@@ -37,6 +41,9 @@ pub struct SessionConfig {
     pub hangup_grace: Duration,
     /// Shown as the window title.
     pub title: String,
+    /// A WebSocket ping this often; nothing from the client for three of them ends the
+    /// session (a dead tunnel frees its slot in a minute, not at the idle timeout).
+    pub ping_interval: Duration,
 }
 
 impl Default for SessionConfig {
@@ -49,6 +56,7 @@ impl Default for SessionConfig {
             read_only: false,
             hangup_grace: Duration::from_secs(2),
             title: "thingsly".into(),
+            ping_interval: Duration::from_secs(20),
         }
     }
 }
@@ -80,9 +88,100 @@ fn account(name: &str) -> Result<Account, String> {
 
 enum End {
     Exited(String),
-    ClientGone,
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The connection broke; with the close code and reason when it broke the protocol.
+    ClientGone(Option<(CloseCode, String)>),
+    /// Nothing from the client (not even a pong) for `PINGS_UNANSWERED` ping intervals.
+    Unresponsive,
+    InputOverflow(crate::input::Overflow),
     Idle,
     Shutdown,
+}
+
+/// What the terminal driver does when it reads INTR, QUIT or SUSP with ISIG set, for when
+/// it cannot read it because the program left its input queue full: discard that queue
+/// (unless NOFLSH) and signal the foreground process group. False when `c` is not one of
+/// those characters in the current settings (a raw-mode program gets the byte instead).
+fn interrupt_foreground(master: &std::os::fd::OwnedFd, c: u8) -> bool {
+    use rustix::process::{Signal, kill_process_group};
+    use rustix::termios::{
+        LocalModes, QueueSelector, SpecialCodeIndex as I, tcflush, tcgetattr, tcgetpgrp,
+    };
+    let Ok(t) = tcgetattr(master) else {
+        return false;
+    };
+    if !t.local_modes.contains(LocalModes::ISIG) {
+        return false;
+    }
+    let sig = if c == t.special_codes[I::VINTR] {
+        Signal::INT
+    } else if c == t.special_codes[I::VQUIT] {
+        Signal::QUIT
+    } else if c == t.special_codes[I::VSUSP] {
+        Signal::TSTP
+    } else {
+        return false;
+    };
+    if !t.local_modes.contains(LocalModes::NOFLSH)
+        && let Ok(name) = rustix::pty::ptsname(master, Vec::new())
+        && let Ok(slave) = rustix::fs::open(
+            name.as_c_str(),
+            rustix::fs::OFlags::RDWR
+                | rustix::fs::OFlags::NOCTTY
+                | rustix::fs::OFlags::NONBLOCK
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    {
+        // The pasted lines the program never read must not run as commands once it is gone.
+        let _ = tcflush(&slave, QueueSelector::IFlush);
+    }
+    match tcgetpgrp(master) {
+        Ok(pgrp) => kill_process_group(pgrp, sig).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Move the pending frame into the sink and flush it, without ever holding it in a future
+/// (so the select loop can drop this at any point and lose nothing). Ready once flushed.
+fn drive_send<S: Sink<Message> + Unpin>(
+    tx: &mut S,
+    pending: &mut Option<Message>,
+    flushing: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Result<(), S::Error>> {
+    use std::task::Poll;
+    if pending.is_some() {
+        match tx.poll_ready_unpin(cx) {
+            Poll::Ready(Ok(())) => {
+                if let Some(m) = pending.take() {
+                    tx.start_send_unpin(m)?;
+                }
+                *flushing = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    match tx.poll_flush_unpin(cx) {
+        Poll::Ready(r) => {
+            *flushing = false;
+            Poll::Ready(r)
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// The close a protocol error from the client deserves (RFC 6455 §7.4.1), if any.
+fn refusal_for(e: &tokio_tungstenite::tungstenite::Error) -> Option<(CloseCode, String)> {
+    use tokio_tungstenite::tungstenite::Error as E;
+    match e {
+        E::Capacity(c) => Some((CloseCode::Size, format!("message too big: {c}"))),
+        E::Utf8(_) => Some((CloseCode::Invalid, "text frame is not UTF-8".into())),
+        E::Protocol(p) => Some((CloseCode::Protocol, p.to_string())),
+        _ => None,
+    }
 }
 
 pub async fn run<S>(
@@ -117,6 +216,10 @@ where
     let started = Instant::now();
     tracing::info!(target: "audit", operator = %claims.sub, ticket = %claims.jti, %peer, pid = ?child.id(), read_only, "terminal session started");
 
+    // A second handle on the master, for the terminal driver's settings and foreground group.
+    let master = std::os::fd::AsFd::as_fd(&pty)
+        .try_clone_to_owned()
+        .map_err(|e| format!("PTY: {e}"))?;
     let (mut pty_r, mut pty_w) = pty.into_split();
     let (mut tx, mut rx) = ws.split();
     let title = protocol::server_frame(protocol::SET_WINDOW_TITLE, cfg.title.as_bytes());
@@ -133,19 +236,35 @@ where
     let mut exit: Option<String> = None;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut last_activity = tokio::time::Instant::now();
+    // Anything from the client (a pong included) proves the path to it is alive.
+    let mut last_heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut input = InputQueue::default();
+    // One output frame at a time: the PTY is read again only once it is flushed, so a slow
+    // client slows the program instead of growing memory; but the loop never waits inside a
+    // send, so input, close, pings and timeouts are handled meanwhile.
+    let mut out_pending: Option<Message> = None;
+    let mut flushing = false;
     let mut buf = vec![0u8; CHUNK];
     let end = loop {
         if exit.is_some()
             && (!pty_open || drain_deadline.is_some_and(|d| d <= tokio::time::Instant::now()))
+            && out_pending.is_none()
         {
             break End::Exited(exit.take().unwrap_or_default());
         }
         let idle_at = last_activity + cfg.idle_timeout;
         let drain_at = drain_deadline.unwrap_or(idle_at);
+        let deaf_at = last_heard + cfg.ping_interval * PINGS_UNANSWERED;
         tokio::select! {
             _ = shutdown.cancelled() => break End::Shutdown,
             _ = tokio::time::sleep_until(idle_at) => break End::Idle,
+            _ = tokio::time::sleep_until(deaf_at) => break End::Unresponsive,
             _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => continue,
+            _ = ping.tick(), if out_pending.is_none() => {
+                out_pending = Some(Message::Ping(Vec::new().into()));
+            }
             status = child.wait(), if exit.is_none() => {
                 exit = Some(match status {
                     Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
@@ -157,7 +276,13 @@ where
                 });
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
             }
-            n = pty_r.read(&mut buf), if pty_open && !paused => {
+            r = std::future::poll_fn(|cx| drive_send(&mut tx, &mut out_pending, &mut flushing, cx)),
+                if out_pending.is_some() || flushing => {
+                if r.is_err() {
+                    break End::ClientGone(None);
+                }
+            }
+            n = pty_r.read(&mut buf), if pty_open && !paused && out_pending.is_none() && !flushing => {
                 match n {
                     // EIO: every slave fd is closed (the child and its children are gone).
                     Ok(0) | Err(_) => pty_open = false,
@@ -165,25 +290,42 @@ where
                         bytes_out += n as u64;
                         last_activity = tokio::time::Instant::now();
                         let frame = protocol::server_frame(protocol::OUTPUT, &buf[..n]);
-                        if tx.send(Message::Binary(frame.into())).await.is_err() {
-                            break End::ClientGone;
-                        }
+                        out_pending = Some(Message::Binary(frame.into()));
                     }
                 }
             }
+            // A write only ever takes what the PTY accepts now: never blocks the loop.
+            w = pty_w.write(input.front()), if pty_open && !input.is_empty() => {
+                match w {
+                    Ok(0) | Err(_) => pty_open = false,
+                    Ok(n) => input.consume(n),
+                }
+            }
             msg = rx.next() => {
+                last_heard = tokio::time::Instant::now();
                 let data = match msg {
                     Some(Ok(Message::Binary(b))) => b.to_vec(),
                     Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break End::ClientGone,
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                    None => break End::ClientGone(None),
+                    Some(Err(e)) => break End::ClientGone(refusal_for(&e)),
                 };
                 last_activity = tokio::time::Instant::now();
                 match protocol::parse_client(&data) {
                     Ok(ClientMessage::Input(bytes)) if !read_only => {
                         bytes_in += bytes.len() as u64;
-                        if pty_w.write_all(&bytes).await.is_err() {
-                            pty_open = false;
+                        // Input still waiting means the program is not reading: the driver's
+                        // queue is full and would not take a ^C either.
+                        let stuck = !input.is_empty();
+                        if let Err(o) = input.push(&bytes) {
+                            break End::InputOverflow(o);
+                        }
+                        if stuck
+                            && let Some(&c) = input.front().first()
+                            && interrupt_foreground(&master, c)
+                        {
+                            input.consume(1);
                         }
                     }
                     Ok(ClientMessage::Input(_)) => {}
@@ -201,7 +343,23 @@ where
 
     let (code, reason) = match &end {
         End::Exited(s) => (CloseCode::Normal, s.clone()),
-        End::ClientGone => (CloseCode::Normal, "client closed".into()),
+        End::ClientClosed => (CloseCode::Normal, "client closed".into()),
+        End::ClientGone(None) => (CloseCode::Normal, "client gone".into()),
+        End::ClientGone(Some((code, why))) => (*code, why.clone()),
+        End::Unresponsive => (
+            CloseCode::Away,
+            format!(
+                "no answer to pings for {}s",
+                (cfg.ping_interval * PINGS_UNANSWERED).as_secs()
+            ),
+        ),
+        End::InputOverflow(o) => (
+            CloseCode::Size,
+            format!(
+                "input not read by the program: {} bytes waiting, {} more offered",
+                o.queued, o.offered
+            ),
+        ),
         End::Idle => (
             CloseCode::Normal,
             format!("idle for {}s", cfg.idle_timeout.as_secs()),
@@ -211,10 +369,20 @@ where
     if !matches!(end, End::Exited(_)) {
         hang_up(&mut child, pgid, cfg.hangup_grace).await;
     }
-    if !matches!(end, End::ClientGone)
-        && let Ok(mut ws) = tx.reunite(rx)
-    {
-        close(&mut ws, code, &reason).await;
+    match &end {
+        // tungstenite queued the reply to the client's close: send it, so the client sees
+        // a clean 1000 instead of 1006.
+        End::ClientClosed => {
+            if let Ok(mut ws) = tx.reunite(rx) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), ws.flush()).await;
+            }
+        }
+        End::ClientGone(None) => {}
+        _ => {
+            if let Ok(mut ws) = tx.reunite(rx) {
+                close(&mut ws, code, &reason).await;
+            }
+        }
     }
     tracing::info!(target: "audit", operator = %claims.sub, ticket = %claims.jti, %peer, bytes_in, bytes_out,
         seconds = started.elapsed().as_secs(), end = %reason, "terminal session ended");

@@ -47,6 +47,8 @@ pub enum TicketError {
     Malformed(String),
     #[error("too many tickets in flight")]
     Busy,
+    #[error("ticket issued before this agent started; ask for a new one")]
+    BeforeStart,
 }
 
 pub struct TicketVerifier {
@@ -54,6 +56,9 @@ pub struct TicketVerifier {
     device_id: String,
     /// jti → exp, for single use.
     seen: HashMap<String, u64>,
+    /// When this verifier (the agent) started: tickets issued earlier are refused, because
+    /// those used before a restart are not in `seen` any more.
+    started: u64,
 }
 
 impl TicketVerifier {
@@ -65,7 +70,14 @@ impl TicketVerifier {
             key,
             device_id: device_id.to_string(),
             seen: HashMap::new(),
+            started: unix_now(),
         })
+    }
+
+    /// Tickets issued before `t` (unix seconds) are refused (tests: a restart at `t`).
+    pub fn started_at(mut self, t: u64) -> Self {
+        self.started = t;
+        self
     }
 
     /// Verify and consume a ticket.
@@ -74,6 +86,22 @@ impl TicketVerifier {
     }
 
     pub fn verify_at(&mut self, token: &str, now: u64) -> Result<Claims, TicketError> {
+        let c = self.check_at(token, now)?;
+        self.consume(&c);
+        Ok(c)
+    }
+
+    /// Everything [`TicketVerifier::verify`] checks, without using the ticket up.
+    pub fn check(&mut self, token: &str) -> Result<Claims, TicketError> {
+        self.check_at(token, unix_now())
+    }
+
+    /// Use up a ticket that [`TicketVerifier::check`] accepted.
+    pub fn consume(&mut self, c: &Claims) {
+        self.seen.insert(c.jti.clone(), c.exp);
+    }
+
+    pub fn check_at(&mut self, token: &str, now: u64) -> Result<Claims, TicketError> {
         if token.is_empty() {
             return Err(TicketError::Missing);
         }
@@ -101,6 +129,9 @@ impl TicketVerifier {
         if c.device != self.device_id {
             return Err(TicketError::WrongDevice(c.device));
         }
+        if c.iat < self.started {
+            return Err(TicketError::BeforeStart);
+        }
         self.seen.retain(|_, exp| *exp + LEEWAY_SECS >= now);
         if self.seen.contains_key(&c.jti) {
             return Err(TicketError::Replayed);
@@ -108,7 +139,6 @@ impl TicketVerifier {
         if self.seen.len() >= MAX_REMEMBERED {
             return Err(TicketError::Busy);
         }
-        self.seen.insert(c.jti.clone(), c.exp);
         Ok(c)
     }
 }
@@ -187,7 +217,9 @@ mod tests {
     #[test]
     fn accepts_once_and_refuses_the_rest() {
         let (s, public) = keys();
-        let mut v = TicketVerifier::new(public.as_bytes(), "dev-1").unwrap();
+        let mut v = TicketVerifier::new(public.as_bytes(), "dev-1")
+            .unwrap()
+            .started_at(0);
         let now = 1_800_000_000;
         let t = ticket(&s, "dev-1", "a", now, now + 60);
         assert_eq!(v.verify_at(&t, now).unwrap().sub, "alice@example.com");
@@ -212,5 +244,41 @@ mod tests {
             v.verify_at("garbage", now),
             Err(TicketError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn tickets_from_before_a_restart_are_refused() {
+        let (s, public) = keys();
+        let now = 1_800_000_000;
+        // Used once before the restart ...
+        let t = ticket(&s, "dev-1", "a", now - 30, now + 30);
+        let mut before = TicketVerifier::new(public.as_bytes(), "dev-1")
+            .unwrap()
+            .started_at(now - 60);
+        assert!(before.verify_at(&t, now - 20).is_ok());
+        // ... and replayed to the restarted agent, whose replay set is empty.
+        let mut after = TicketVerifier::new(public.as_bytes(), "dev-1")
+            .unwrap()
+            .started_at(now - 10);
+        assert_eq!(after.verify_at(&t, now), Err(TicketError::BeforeStart));
+        let fresh = ticket(&s, "dev-1", "b", now, now + 30);
+        assert!(after.verify_at(&fresh, now).is_ok());
+    }
+
+    #[test]
+    fn a_checked_ticket_is_used_only_when_consumed() {
+        let (s, public) = keys();
+        let now = 1_800_000_000;
+        let mut v = TicketVerifier::new(public.as_bytes(), "dev-1")
+            .unwrap()
+            .started_at(0);
+        let t = ticket(&s, "dev-1", "a", now, now + 30);
+        let c = v.check_at(&t, now).unwrap();
+        assert!(
+            v.check_at(&t, now).is_ok(),
+            "still good: the device was full"
+        );
+        v.consume(&c);
+        assert_eq!(v.check_at(&t, now), Err(TicketError::Replayed));
     }
 }
