@@ -15,9 +15,14 @@
 //! `thingsly-bench tunnel SECONDS` (root): iperf3 TCP and ping across the WireGuard tunnel vs
 //! the bare veth, hub and agent CPU per 100 Mbit/s, agent RSS with the tunnel up vs off.
 //!
+//! `thingsly-bench connections N`: bridge RSS with N idle TLS connections held and a
+//! legitimate enrollment's latency meanwhile, against the same bridge before; then 200
+//! unauthenticated connections stalled in a 2 MiB body.
+//!
 //! `thingsly-bench ota MIB` (root: RAUC sandbox): the agent's download + verify throughput vs
 //! curl from the same bridge, its peak RSS after 64 MiB and after MIB, bridge DDI polls/s.
 
+mod connections;
 mod metrics;
 mod ota;
 mod terminal;
@@ -42,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match a.get(1).map(String::as_str) {
         Some("tunnel") => rt.block_on(tunnel::run(n(10) as u64)),
         Some("terminal") => rt.block_on(terminal::run(n(64))),
+        Some("connections") => rt.block_on(connections::run(n(10_000))),
         _ => rt.block_on(enroll(a)),
     }
 }

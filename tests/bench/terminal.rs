@@ -277,6 +277,200 @@ where
     Ok((got, lat))
 }
 
+/// Enter → prompt and a 1 MiB paste over one byte stream (a socket or a WebSocket).
+trait Link {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
+    /// Reads until `needle` has arrived.
+    async fn until(&mut self, needle: &[u8]) -> anyhow::Result<()>;
+}
+
+/// The shell these rows run: no echo, a prompt of its own, and a command that swallows a
+/// 1 MiB paste then says so.
+const INTERACTIVE: &str = "stty -echo; PS1='bench> ' exec /bin/sh -i";
+const PROMPT: &[u8] = b"bench> ";
+const PASTE: usize = 1024 * 1024;
+const PROMPTS: usize = 200;
+
+/// `PROMPTS` Enter → prompt latencies, then the time from the first byte of a 1 MiB paste
+/// (to `head -c`, in raw mode) until the command's answer.
+async fn prompt_and_paste(link: &mut impl Link) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    link.until(PROMPT).await?;
+    let mut lat = Vec::new();
+    for _ in 0..PROMPTS {
+        let t = Instant::now();
+        link.send(b"\r").await?;
+        link.until(PROMPT).await?;
+        lat.push(t.elapsed());
+    }
+    link.send(format!("stty raw; head -c {PASTE} >/dev/null; stty -raw; echo pasted-ok\r").as_bytes())
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await; // raw mode is on
+    let data: Vec<u8> = (0..PASTE).map(|i| b'a' + (i % 26) as u8).collect();
+    let t = Instant::now();
+    link.send(&data).await?;
+    link.until(b"pasted-ok").await?;
+    Ok((lat, t.elapsed()))
+}
+
+struct TcpLink {
+    s: tokio::net::TcpStream,
+    seen: Vec<u8>,
+}
+
+impl Link for TcpLink {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(self.s.write_all(bytes).await?)
+    }
+    async fn until(&mut self, needle: &[u8]) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(i) = find(&self.seen, needle) {
+                self.seen.drain(..i + needle.len());
+                return Ok(());
+            }
+            let n = self.s.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "closed");
+            self.seen.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+struct WsLink<S> {
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    seen: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Link for WsLink<S> {
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut m = vec![b'0'];
+        m.extend_from_slice(bytes);
+        Ok(self.ws.send(Message::Binary(m.into())).await?)
+    }
+    async fn until(&mut self, needle: &[u8]) -> anyhow::Result<()> {
+        loop {
+            if let Some(i) = find(&self.seen, needle) {
+                self.seen.drain(..i + needle.len());
+                return Ok(());
+            }
+            match self.ws.next().await {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&b'0') => {
+                    self.seen.extend_from_slice(&b[1..])
+                }
+                Some(Ok(Message::Close(f))) => anyhow::bail!("closed: {f:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("closed"),
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The floor: the same shell on a bare PTY copied to a loopback socket.
+async fn bare_interactive() -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let (pty, pts) = pty_process::open()?;
+    pty.resize(pty_process::Size::new(24, 80))?;
+    let mut child = pty_process::Command::new("/bin/sh")
+        .args(["-c", INTERACTIVE])
+        .spawn(pts)?;
+    let (mut pr, mut pw) = pty.into_split();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await?;
+        sock.set_nodelay(true)?;
+        let (mut sr, mut sw) = sock.into_split();
+        let up = tokio::spawn(async move { tokio::io::copy(&mut sr, &mut pw).await });
+        let _ = tokio::io::copy(&mut pr, &mut sw).await;
+        up.abort();
+        anyhow::Ok(())
+    });
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let r = prompt_and_paste(&mut TcpLink { s, seen: Vec::new() }).await;
+    let _ = child.kill().await;
+    server.abort();
+    r
+}
+
+/// The same shell through the device's PTY bridge, reached `via`.
+async fn session_interactive(via: Via<'_>) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let cfg = TerminalConfig {
+        session: SessionConfig {
+            command: sh(INTERACTIVE),
+            ..SessionConfig::default()
+        },
+        max_sessions: 1,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (listen, public_pem, device_id, token) = match &via {
+        Via::Direct => {
+            let sk = p256::SecretKey::random(&mut rand_core::OsRng);
+            use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+            let public = sk.public_key().to_public_key_pem(LineEnding::LF)?;
+            let private = sk.to_pkcs8_pem(LineEnding::LF)?;
+            let claims = Claims::new("bench", "bench", Duration::from_secs(60), "i1");
+            let t = TicketSigner::from_pem(private.as_bytes())
+                .and_then(|s| s.sign(&claims))
+                .map_err(anyhow::Error::msg)?;
+            ("127.0.0.1:0".parse()?, public.into_bytes(), "bench", t)
+        }
+        Via::Proxy(rig) => (
+            rig.device_addr,
+            rig.ticket_public_pem.clone(),
+            PROXY_DEVICE,
+            String::new(),
+        ),
+    };
+    let verifier = TicketVerifier::new(&public_pem, device_id)
+        .map_err(anyhow::Error::msg)?
+        .started_at(0);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let device = tokio::spawn(serve(listener, cfg, verifier, stop.clone()));
+    let hello = serde_json::json!({"AuthToken": token, "columns": 80, "rows": 24}).to_string();
+    let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(4 << 20))
+        .max_frame_size(Some(4 << 20));
+    let r = match via {
+        Via::Direct => {
+            let mut req = format!("ws://{addr}/ws").into_client_request()?;
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "tty".parse()?);
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let (mut ws, _) =
+                tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_cfg)).await?;
+            ws.send(Message::Text(hello.into())).await?;
+            prompt_and_paste(&mut WsLink { ws, seen: Vec::new() }).await
+        }
+        Via::Proxy(rig) => {
+            let mut req = format!(
+                "wss://127.0.0.1:{}/terminal?deviceId={PROXY_DEVICE}&token={}",
+                rig.operator_port, rig.jwt
+            )
+            .into_client_request()?;
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "tty".parse()?);
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", rig.operator_port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(rig.tls.clone())
+                .connect("127.0.0.1".try_into()?, tcp)
+                .await?;
+            let (mut ws, _) =
+                tokio_tungstenite::client_async_with_config(req, tls, Some(ws_cfg)).await?;
+            ws.send(Message::Text(hello.into())).await?;
+            prompt_and_paste(&mut WsLink { ws, seen: Vec::new() }).await
+        }
+    };
+    stop.cancel();
+    let _ = device.await;
+    r
+}
+
 fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -339,6 +533,23 @@ pub async fn run(mb: usize) -> anyhow::Result<()> {
                 proxy_cpu * 1e3 / (bytes as f64 / 1e6)
             );
         }
+    }
+    let rows: [(&str, Option<Via>); 3] = [
+        ("bare PTY → TCP socket (floor)", None),
+        ("device PTY bridge, WebSocket direct", Some(Via::Direct)),
+        ("through the bridge's terminal proxy", Some(Via::Proxy(&rig))),
+    ];
+    for (name, via) in rows {
+        let (lat, paste) = match via {
+            Some(v) => session_interactive(v).await?,
+            None => bare_interactive().await?,
+        };
+        println!(
+            "| terminal: {name}: Enter → prompt median / p99 ({PROMPTS}), 1 MiB paste into `head -c` | {:.0} µs / {:.0} µs, {:.0} ms |",
+            pct(lat.clone(), 0.5),
+            pct(lat, 0.99),
+            paste.as_secs_f64() * 1e3
+        );
     }
     Ok(())
 }

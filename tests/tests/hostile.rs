@@ -840,3 +840,57 @@ async fn ddi_links_use_the_configured_external_url() {
     );
     assert!(!text.contains("attacker"), "{text}");
 }
+
+/// Issue 17: the root CA key sat online next to the issuing key. Now a bridge can be made
+/// from an imported issuing CA and the root certificate alone; it serves and enrolls with
+/// no root key on the machine, and `init` refuses an imported root without a key unless the
+/// issuing CA comes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_key_can_stay_offline() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = Bridge::init(&t.path().join("pki")).unwrap(); // the offline machine
+    let ca = pki.data().join("ca");
+    let dir = t.path().join("online");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.join("bridge.toml"),
+        format!(
+            "data_dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n[wireguard]\nmode = \"off\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let init = |args: &[&std::path::Path]| {
+        let mut c = std::process::Command::new(bin("thingsly-bridge"));
+        c.arg("--config").arg(dir.join("bridge.toml")).arg("init");
+        let names = [
+            "--import-root-cert",
+            "--import-issuing-cert",
+            "--import-issuing-key",
+        ];
+        for (n, a) in names.iter().zip(args) {
+            c.arg(n).arg(a);
+        }
+        c.output().unwrap()
+    };
+    let only_root = init(&[&ca.join("root.crt")]);
+    assert!(!only_root.status.success());
+    assert!(String::from_utf8_lossy(&only_root.stderr).contains("offline root"));
+    let out = init(&[&ca.join("root.crt"), &ca.join("issuing.crt"), &ca.join("issuing.key")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("data/ca/root.key").exists());
+    let mut online = Bridge {
+        dir: dir.clone(),
+        config: dir.join("bridge.toml"),
+        port,
+        proc: None,
+        netns: None,
+        host: "127.0.0.1".into(),
+        prefix: Vec::new(),
+    };
+    online.start().unwrap();
+    let http = online.http().unwrap();
+    let (st, v) = enroll_new(&http, &online, "offline-root-1").await;
+    assert_eq!(st, 200, "{v}");
+}

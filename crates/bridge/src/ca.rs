@@ -89,7 +89,9 @@ fn ca_params(cn: &str, years: i64, path_len: Option<u8>) -> CertificateParams {
 /// Options of `thingsly-bridge init`.
 #[derive(Default)]
 pub struct InitOptions {
-    pub import_root: Option<(PathBuf, PathBuf)>,
+    /// Root certificate, and its key unless the root stays offline (then the issuing CA
+    /// must be imported too).
+    pub import_root: Option<(PathBuf, Option<PathBuf>)>,
     pub import_issuing: Option<(PathBuf, PathBuf)>,
     pub force: bool,
 }
@@ -108,7 +110,14 @@ pub fn init(data_dir: &Path, server_names: &[String], opts: &InitOptions) -> any
     fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700))?;
 
     let (root_pem, root_issuer) = match &opts.import_root {
-        Some((crt, key)) => {
+        Some((crt, None)) => {
+            if opts.import_issuing.is_none() {
+                bail!("--import-root-cert without --import-root-key needs --import-issuing-cert/--import-issuing-key (an offline root signs nothing here)");
+            }
+            let crt_pem = fs::read_to_string(crt).with_context(|| format!("{}", crt.display()))?;
+            (crt_pem, None)
+        }
+        Some((crt, Some(key))) => {
             let crt_pem = fs::read_to_string(crt).with_context(|| format!("{}", crt.display()))?;
             let key_pem = fs::read_to_string(key).with_context(|| format!("{}", key.display()))?;
             let kp = KeyPair::from_pem(&key_pem).context("root key")?;

@@ -38,9 +38,11 @@ enum Cmd {
     /// Create the root and issuing CA (or import PEMs), the server certificate, the WireGuard
     /// hub key and the fleet and admin tokens.
     Init {
-        #[arg(long, requires = "import_root_key")]
-        import_root_cert: Option<PathBuf>,
+        /// The root CA certificate to import. With `--import-issuing-*` the root key may stay
+        /// offline (omit `--import-root-key`): the bridge signs with the issuing key only.
         #[arg(long)]
+        import_root_cert: Option<PathBuf>,
+        #[arg(long, requires = "import_root_cert")]
         import_root_key: Option<PathBuf>,
         #[arg(long, requires = "import_issuing_key")]
         import_issuing_cert: Option<PathBuf>,
@@ -288,7 +290,7 @@ fn main() -> anyhow::Result<()> {
             force,
         } => {
             let opts = InitOptions {
-                import_root: import_root_cert.zip(import_root_key),
+                import_root: import_root_cert.map(|c| (c, import_root_key)),
                 import_issuing: import_issuing_cert.zip(import_issuing_key),
                 force,
             };
@@ -307,6 +309,12 @@ fn main() -> anyhow::Result<()> {
             Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
             let paths = CaPaths::new(&cfg.data_dir);
             println!("PKI ready in {}", paths.dir.display());
+            if paths.root_key().exists() {
+                println!(
+                    "  root CA key: {} (serve does not need it: move it off this machine)",
+                    paths.root_key().display()
+                );
+            }
             println!("  CA bundle for devices: {}", paths.chain().display());
             println!(
                 "  fleet token:           {}",

@@ -38,7 +38,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// accept, which happened just before the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(8);
 /// Output frames from the device are ≤ 16 KiB; input is typed or pasted text.
-const MAX_MESSAGE: usize = 1024 * 1024;
+const MAX_MESSAGE: usize = thingsly_terminal::MAX_INPUT_MESSAGE;
 
 pub struct TerminalProxy {
     operators: OperatorAuth,

@@ -7,5 +7,5 @@ mod server;
 mod session;
 pub mod ticket;
 
-pub use server::{TerminalConfig, close, offers_tty, serve};
+pub use server::{MAX_INPUT_MESSAGE, TerminalConfig, close, offers_tty, serve};
 pub use session::SessionConfig;

@@ -23,7 +23,11 @@ const MAX_HEAD: usize = 8192;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket messages larger than this are refused with 1009 (input is typed or pasted
 /// text; the bridge's proxy allows the same 1 MiB, and the input queue holds one whole).
-const MAX_MESSAGE: usize = crate::input::MAX_BACKLOG;
+const MAX_MESSAGE: usize = MAX_INPUT_MESSAGE;
+
+/// The largest WebSocket message a terminal accepts: 1 MiB of input plus ttyd's command
+/// byte. The bridge's proxy uses the same limit.
+pub const MAX_INPUT_MESSAGE: usize = crate::input::MAX_BACKLOG + 1;
 /// Bytes a client may send before its ticket is accepted (the head and the hello take
 /// about 2 KiB): caps what an unauthenticated client can make us parse (a stream of empty
 /// continuation frames cost 7 CPU-s in 12 s without it).
