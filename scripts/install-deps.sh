@@ -22,3 +22,8 @@ if ! command -v npm >/dev/null || ! node -e 'process.exit(+process.versions.node
   echo "install-deps: Node.js >= 20 with npm is required (found: $(node --version 2>/dev/null || echo none))" >&2
   exit 1
 fi
+# The terminal's sessions run as this user (terminal.user's default), never as the agent's.
+if ! getent passwd thingsly-terminal >/dev/null; then
+  SUDO=; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  $SUDO useradd --system --user-group --create-home --home-dir /home/thingsly-terminal --shell /bin/sh thingsly-terminal
+fi

@@ -44,6 +44,21 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
     let Some((listener, key)) = ctx.wait_ready(MODULE, RETRY, step, log).await else {
         return Ok(());
     };
+    if !t.user.is_empty() && !t.allow_agent_user {
+        match thingsly_terminal::is_own_user(&t.user) {
+            Ok(true) => {
+                let why = format!(
+                    "terminal.user {:?} is the agent's own user (it could read the device key); name another or set terminal.allow_agent_user = true",
+                    t.user
+                );
+                ctx.state.set_module(MODULE, "failed", why.clone());
+                anyhow::bail!(why);
+            }
+            Ok(false) => {}
+            // Sessions will say so; the module keeps listening (the user may come later).
+            Err(e) => tracing::warn!(error = %e, "terminal sessions cannot start"),
+        }
+    }
     let verifier = TicketVerifier::new(&key, &ctx.cfg.device.id).map_err(anyhow::Error::msg)?;
     let cfg = TerminalConfig {
         session: SessionConfig {

@@ -302,8 +302,10 @@ async fn prompt_and_paste(link: &mut impl Link) -> anyhow::Result<(Vec<Duration>
         link.until(PROMPT).await?;
         lat.push(t.elapsed());
     }
-    link.send(format!("stty raw; head -c {PASTE} >/dev/null; stty -raw; echo pasted-ok\r").as_bytes())
-        .await?;
+    link.send(
+        format!("stty raw; head -c {PASTE} >/dev/null; stty -raw; echo pasted-ok\r").as_bytes(),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(300)).await; // raw mode is on
     let data: Vec<u8> = (0..PASTE).map(|i| b'a' + (i % 26) as u8).collect();
     let t = Instant::now();
@@ -390,7 +392,11 @@ async fn bare_interactive() -> anyhow::Result<(Vec<Duration>, Duration)> {
     });
     let s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    let r = prompt_and_paste(&mut TcpLink { s, seen: Vec::new() }).await;
+    let r = prompt_and_paste(&mut TcpLink {
+        s,
+        seen: Vec::new(),
+    })
+    .await;
     let _ = child.kill().await;
     server.abort();
     r
@@ -445,7 +451,11 @@ async fn session_interactive(via: Via<'_>) -> anyhow::Result<(Vec<Duration>, Dur
             let (mut ws, _) =
                 tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_cfg)).await?;
             ws.send(Message::Text(hello.into())).await?;
-            prompt_and_paste(&mut WsLink { ws, seen: Vec::new() }).await
+            prompt_and_paste(&mut WsLink {
+                ws,
+                seen: Vec::new(),
+            })
+            .await
         }
         Via::Proxy(rig) => {
             let mut req = format!(
@@ -463,7 +473,11 @@ async fn session_interactive(via: Via<'_>) -> anyhow::Result<(Vec<Duration>, Dur
             let (mut ws, _) =
                 tokio_tungstenite::client_async_with_config(req, tls, Some(ws_cfg)).await?;
             ws.send(Message::Text(hello.into())).await?;
-            prompt_and_paste(&mut WsLink { ws, seen: Vec::new() }).await
+            prompt_and_paste(&mut WsLink {
+                ws,
+                seen: Vec::new(),
+            })
+            .await
         }
     };
     stop.cancel();
@@ -537,7 +551,10 @@ pub async fn run(mb: usize) -> anyhow::Result<()> {
     let rows: [(&str, Option<Via>); 3] = [
         ("bare PTY → TCP socket (floor)", None),
         ("device PTY bridge, WebSocket direct", Some(Via::Direct)),
-        ("through the bridge's terminal proxy", Some(Via::Proxy(&rig))),
+        (
+            "through the bridge's terminal proxy",
+            Some(Via::Proxy(&rig)),
+        ),
     ];
     for (name, via) in rows {
         let (lat, paste) = match via {

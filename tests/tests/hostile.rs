@@ -877,8 +877,16 @@ async fn the_root_key_can_stay_offline() {
     let only_root = init(&[&ca.join("root.crt")]);
     assert!(!only_root.status.success());
     assert!(String::from_utf8_lossy(&only_root.stderr).contains("offline root"));
-    let out = init(&[&ca.join("root.crt"), &ca.join("issuing.crt"), &ca.join("issuing.key")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = init(&[
+        &ca.join("root.crt"),
+        &ca.join("issuing.crt"),
+        &ca.join("issuing.key"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!dir.join("data/ca/root.key").exists());
     let mut online = Bridge {
         dir: dir.clone(),

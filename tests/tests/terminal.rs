@@ -93,10 +93,12 @@ async fn bridge_signed_tickets_open_a_shell_on_the_enrolled_device() {
     let (out, reason) = session(
         port,
         &ticket(&key, "dev-shell", "j1"),
-        "echo sum=$((40+2)); exit 7",
+        "echo sum=$((40+2)) user=$(id -un); exit 7",
     )
     .await;
     assert!(out.contains("sum=42"), "{out}");
+    // Issue 17: not the agent's own user (root here), which can read the device key.
+    assert!(out.contains("user=thingsly-terminal"), "{out}");
     assert_eq!(reason, "exit status 7");
 
     // Another device's ticket, a replay, a key that is not the bridge's: refused, no shell.

@@ -63,7 +63,7 @@ async fn setup(net: u8) -> Setup {
             token: bridge.fleet_token(),
             ca_bundle: bridge.ca_chain(),
             extra: format!(
-                "\n[terminal]\nlisten = \"{device_ip}\"\nport = {device_port}\nmax_sessions = 4\n"
+                "\n[terminal]\nlisten = \"{device_ip}\"\nport = {device_port}\nmax_sessions = 4\n# the tests write into their own (root's) temporary directories\nuser = \"\"\nallow_agent_user = true\n"
             ),
             ..Default::default()
         },
@@ -207,6 +207,12 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
             403,
             "may not open a terminal",
         ),
+        // Issue 17: a user whose name is a role's subject got that role's grants.
+        (
+            s.es.token("role:operator", &["guest"]),
+            403,
+            "may not open a terminal",
+        ),
         (String::new(), 401, "no token"),
     ];
     for (token, status, why) in cases {
@@ -325,7 +331,8 @@ async fn operators_reach_the_device_shell_only_as_their_policy_allows() {
 async fn flow_control_holds_across_the_proxy() {
     let s = setup(2).await;
     let mut ws = s.session(&s.es.token("olga", &["operator"])).await;
-    input(&mut ws, "stty -echo; echo READY").await;
+    // RE""ADY: the typed line's echo must not count as the shell having run `stty -echo`.
+    input(&mut ws, "stty -echo; echo RE\"\"ADY").await;
     read_until(&mut ws, "READY").await.unwrap();
     // 20 MB of deterministic output, then its checksum from the device's point of view.
     input(
@@ -372,7 +379,7 @@ async fn flow_control_holds_across_the_proxy() {
         .lines()
         .find_map(|l| l.strip_suffix(" SUM"))
         .and_then(|l| l.split_whitespace().last())
-        .unwrap()
+        .unwrap_or_else(|| panic!("no SUM line in {:?}", &text[..text.len().min(400)]))
         .to_string();
     let start = text.find(" SUM\n").unwrap() + 5;
     let end = text.rfind("\nDONE").unwrap();

@@ -51,6 +51,15 @@ impl Authz {
     }
 
     pub async fn terminal(&self, operator: &str, roles: &[String], device: &str) -> TerminalGrant {
+        // User names and `role:`/`group:` subjects share one namespace in the policy: a user
+        // called `role:admin` would get the admin role's grants. Such names are refused.
+        if operator.contains(':') {
+            tracing::warn!(
+                operator,
+                "operator name with ':' refused (it could name a role or group)"
+            );
+            return TerminalGrant::Denied;
+        }
         let e = self.enforcer.read().await;
         let subjects = std::iter::once(operator.to_string())
             .chain(roles.iter().map(|r| format!("role:{r}")))
@@ -74,10 +83,42 @@ impl Authz {
     }
 }
 
+/// Policy lines that would not mean what they say. keyMatch compares only what comes before
+/// the first `*` (`dev-9*-lab` also matches `dev-9-prod`), so `*` must be an object's last
+/// character; subjects must be a user name without `:`, or `role:`/`group:` names.
+fn check_policy(text: &str) -> std::result::Result<(), String> {
+    for (n, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        if fields.first() != Some(&"p") {
+            continue;
+        }
+        if let Some(obj) = fields.get(2)
+            && obj.find('*').is_some_and(|i| i + 1 != obj.len())
+        {
+            return Err(format!(
+                "line {}: object {obj:?}: keyMatch ignores what follows `*` (it would match more than it says); put `*` last",
+                n + 1
+            ));
+        }
+        if let Some(sub) = fields.get(1)
+            && let Some((ns, _)) = sub.split_once(':')
+            && ns != "role"
+        {
+            return Err(format!(
+                "line {}: subject {sub:?}: only `role:` subjects may contain ':'",
+                n + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn build(model: Option<&Path>, policy: &Path) -> anyhow::Result<Enforcer> {
     // Casbin's file adapter treats a missing file as an empty policy; a typo in the path
     // should not silently deny everyone, so check first.
-    std::fs::metadata(policy)
+    let text = std::fs::read_to_string(policy)
+        .map_err(|e| anyhow::anyhow!("terminal.policy {}: {e}", policy.display()))?;
+    check_policy(&text)
         .map_err(|e| anyhow::anyhow!("terminal.policy {}: {e}", policy.display()))?;
     let m = match model {
         Some(p) => DefaultModel::from_file(p)
@@ -111,6 +152,28 @@ g2, dev-0042, group:line-3
         std::fs::write(&p, policy).unwrap();
         let a = Authz::load(None, &p).await.unwrap();
         (d, a)
+    }
+
+    #[test]
+    fn policies_that_would_not_mean_what_they_say_are_refused() {
+        assert!(check_policy(POLICY).is_ok());
+        let e = check_policy("p, carol, dev-9*-lab, terminal\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("put `*` last"), "{e}");
+        let e = check_policy("g2, a, group:x\np, user:bob, *, terminal\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_user_named_like_a_role_gets_nothing() {
+        let (_d, a) = authz("p, role:admin, *, terminal\n").await;
+        assert_eq!(
+            a.terminal("role:admin", &[], "dev-1").await,
+            TerminalGrant::Denied
+        );
+        assert_eq!(
+            a.terminal("alice", &roles(&["admin"]), "dev-1").await,
+            TerminalGrant::Full
+        );
     }
 
     fn roles(r: &[&str]) -> Vec<String> {

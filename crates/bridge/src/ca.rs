@@ -112,7 +112,9 @@ pub fn init(data_dir: &Path, server_names: &[String], opts: &InitOptions) -> any
     let (root_pem, root_issuer) = match &opts.import_root {
         Some((crt, None)) => {
             if opts.import_issuing.is_none() {
-                bail!("--import-root-cert without --import-root-key needs --import-issuing-cert/--import-issuing-key (an offline root signs nothing here)");
+                bail!(
+                    "--import-root-cert without --import-root-key needs --import-issuing-cert/--import-issuing-key (an offline root signs nothing here)"
+                );
             }
             let crt_pem = fs::read_to_string(crt).with_context(|| format!("{}", crt.display()))?;
             (crt_pem, None)

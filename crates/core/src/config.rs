@@ -378,9 +378,14 @@ pub struct TerminalSection {
     /// argv of each session (default: a login shell).
     #[serde(default = "default_terminal_command")]
     pub command: Vec<String>,
-    /// Run sessions as this user (from /etc/passwd); the agent's own user when empty.
-    #[serde(default)]
+    /// Run sessions as this unprivileged user (from /etc/passwd), never as the agent's own
+    /// user (which can read the device's private key and bootstrap token) unless
+    /// `allow_agent_user`. Empty: the agent's own user (needs `allow_agent_user`).
+    #[serde(default = "default_terminal_user")]
     pub user: String,
+    /// Let sessions run as the agent's own user (development machines, tests).
+    #[serde(default)]
+    pub allow_agent_user: bool,
     #[serde(default = "default_term")]
     pub term: String,
     #[serde(default = "default_max_sessions")]
@@ -398,7 +403,8 @@ impl Default for TerminalSection {
             listen: default_terminal_listen(),
             port: default_terminal_port(),
             command: default_terminal_command(),
-            user: String::new(),
+            user: default_terminal_user(),
+            allow_agent_user: false,
             term: default_term(),
             max_sessions: default_max_sessions(),
             idle_timeout: default_idle_timeout(),
@@ -656,6 +662,9 @@ fn default_terminal_port() -> u16 {
 fn default_terminal_command() -> Vec<String> {
     vec!["/bin/sh".into(), "-l".into()]
 }
+fn default_terminal_user() -> String {
+    "thingsly-terminal".into()
+}
 fn default_term() -> String {
     "xterm-256color".into()
 }
@@ -844,6 +853,12 @@ impl AgentConfig {
 
     fn validate_terminal(&self) -> Result<(), (&'static str, String)> {
         let t = &self.terminal;
+        if t.enabled && t.user.is_empty() && !t.allow_agent_user {
+            return Err((
+                "terminal.user",
+                "empty runs sessions as the agent's own user, which can read its private key and bootstrap token; name an unprivileged user (default thingsly-terminal) or set terminal.allow_agent_user = true".into(),
+            ));
+        }
         if t.listen != "tunnel" {
             match t.listen.parse::<std::net::IpAddr>() {
                 Ok(ip) if ip.is_unspecified() => {
@@ -1072,6 +1087,20 @@ mod tests {
         let e = parse("[device]\nid = \"d\"\n[terminal]\nlisten = \"0.0.0.0\"\n").unwrap_err();
         assert_eq!((e.key.as_str(), e.line), ("terminal.listen", Some(4)));
         assert!(parse("[device]\nid = \"d\"\n[terminal]\nlisten = \"127.0.0.1\"\n").is_ok());
+    }
+
+    #[test]
+    fn terminal_sessions_never_run_as_the_agent_unless_allowed() {
+        let c = parse("[device]\nid = \"d\"\n").unwrap();
+        assert_eq!(c.terminal.user, "thingsly-terminal");
+        let e = parse("[device]\nid = \"d\"\n[terminal]\nport = 7000\nuser = \"\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("terminal.user", Some(5)));
+        assert!(e.message.contains("allow_agent_user"), "{}", e.message);
+        assert!(
+            parse("[device]\nid = \"d\"\n[terminal]\nuser = \"\"\nallow_agent_user = true\n")
+                .is_ok()
+        );
+        assert!(parse("[device]\nid = \"d\"\n[terminal]\nenabled = false\nuser = \"\"\n").is_ok());
     }
 
     #[test]

@@ -8,4 +8,4 @@ mod session;
 pub mod ticket;
 
 pub use server::{MAX_INPUT_MESSAGE, TerminalConfig, close, offers_tty, serve};
-pub use session::SessionConfig;
+pub use session::{SessionConfig, is_own_user};

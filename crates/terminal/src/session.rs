@@ -68,6 +68,11 @@ struct Account {
     shell: String,
 }
 
+/// Whether `name` (from /etc/passwd) is the user this process runs as.
+pub fn is_own_user(name: &str) -> Result<bool, String> {
+    account(name).map(|a| a.uid == rustix::process::geteuid().as_raw())
+}
+
 /// `/etc/passwd` lookup (the format is fixed; no NSS on these boards).
 fn account(name: &str) -> Result<Account, String> {
     let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
@@ -400,10 +405,20 @@ fn spawn(
         .command
         .split_first()
         .ok_or("terminal.command is empty")?;
+    // A clean environment: nothing of the agent's (its systemd sockets, credentials paths)
+    // reaches the operator's shell.
     let mut cmd = pty_process::Command::new(program)
         .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("TERM", &cfg.term)
         .kill_on_drop(true);
+    if let Some(lang) = std::env::var_os("LANG") {
+        cmd = cmd.env("LANG", lang);
+    }
     if let Some(name) = &cfg.user {
         let a = account(name)?;
         cmd = cmd

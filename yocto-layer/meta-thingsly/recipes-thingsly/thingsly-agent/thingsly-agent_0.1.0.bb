@@ -29,8 +29,12 @@ PACKAGECONFIG[ota] = "--features=ota"
 CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
 
 USERADD_PACKAGES = "${PN}"
+# thingsly-terminal: the operators' remote sessions (terminal.user), apart from the agent's
+# user, which can read the device key.
 USERADD_PARAM:${PN} = "--system --user-group --home-dir ${localstatedir}/lib/thingsly-agent \
-                       --no-create-home --shell /sbin/nologin thingsly"
+                       --no-create-home --shell /sbin/nologin thingsly; \
+                       --system --user-group --home-dir ${localstatedir}/lib/thingsly-terminal \
+                       --create-home --shell /bin/sh thingsly-terminal"
 
 # The path unit reboots on the agent's request (it runs unprivileged; commands.reboot).
 SYSTEMD_SERVICE:${PN} = "thingsly-agent.service thingsly-agent-reboot.path"
