@@ -902,3 +902,85 @@ async fn the_root_key_can_stay_offline() {
     let (st, v) = enroll_new(&http, &online, "offline-root-1").await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// Issue 17: a squatter claiming `group: line-3` in its enrollment metadata was assigned
+/// line-3's firmware. Groups are now set by operators only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_choose_its_ota_group() {
+    let t = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init_with(&t.path().join("b"), "").unwrap();
+    bridge.start().unwrap();
+    let http = bridge.http().unwrap();
+    let fleet = format!("Bearer {}", bridge.fleet_token());
+    for id in ["line3-a", "squatter"] {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let mut b = body(&csr(id, &kp), &wg_public_key());
+        b["metadata"] = serde_json::json!({"group": "line-3"});
+        assert_eq!(enroll(&http, &bridge, id, &fleet, &b).await.0, 200);
+    }
+    // The operator puts line3-a in line-3 (API; the CLI does the same).
+    let r = http
+        .put(format!("{}/devices/line3-a/group", bridge.url()))
+        .bearer_auth(bridge.admin_token())
+        .json(&serde_json::json!({"group": "line-3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let r = http
+        .put(format!("{}/devices/squatter/group", bridge.url()))
+        .bearer_auth(bridge.fleet_token())
+        .json(&serde_json::json!({"group": "line-3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401, "the fleet token sets no groups");
+    let bundle = t.path().join("b.raucb");
+    std::fs::write(&bundle, vec![1u8; 1024]).unwrap();
+    let m: serde_json::Value = serde_json::from_str(
+        &bridge
+            .cli(&[
+                "ota",
+                "upload",
+                bundle.to_str().unwrap(),
+                "--name",
+                "rootfs",
+                "--version",
+                "3",
+            ])
+            .unwrap(),
+    )
+    .unwrap();
+    let a: serde_json::Value = serde_json::from_str(
+        &bridge
+            .cli(&[
+                "ota",
+                "assign",
+                "--module",
+                &m["id"].to_string(),
+                "--group",
+                "line-3",
+            ])
+            .unwrap(),
+    )
+    .unwrap();
+    let who: Vec<&str> = a
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(who, ["line3-a"], "{a}");
+    let dev: serde_json::Value = serde_json::from_str(&bridge.cli(&["devices"]).unwrap()).unwrap();
+    let sq = dev
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == "squatter")
+        .unwrap();
+    assert!(sq.get("group").is_none(), "{sq}");
+    assert_eq!(
+        sq["metadata"]["group"], "line-3",
+        "the claim is kept, visibly"
+    );
+}

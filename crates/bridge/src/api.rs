@@ -25,6 +25,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(DefaultBodyLimit::max(ENROLL_BODY_LIMIT))
         .route("/devices/{id}", get(get_device).delete(revoke_device))
         .route("/devices/{id}/admit", post(admit_device))
+        .route("/devices/{id}/group", axum::routing::put(set_group))
         .route("/devices", get(list_devices))
         .route("/crl.pem", get(crl))
         .route("/terminal", get(crate::terminal_proxy::handle))
@@ -475,6 +476,47 @@ async fn admit_device(
         ));
     }
     tracing::info!(target: "audit", device = %id, "revoked device re-admitted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    group: Option<String>,
+}
+
+/// `PUT /devices/{id}/group` (admin) `{"group": "line-3"}` or `{"group": null}`: the OTA group
+/// `ota assign --group` reaches. Only operators set it.
+async fn set_group(
+    State(st): State<Arc<AppState>>,
+    _: Admin,
+    Path(id): Path<String>,
+    body: Result<Json<GroupBody>, JsonRejection>,
+) -> Result<StatusCode, ApiFailure> {
+    let Json(b) = body.map_err(|e| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            error_code::BAD_REQUEST,
+            e.body_text(),
+        )
+    })?;
+    if let Some(g) = &b.group
+        && !thingsly_proto::enroll::is_valid_device_id(g)
+    {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            error_code::BAD_REQUEST,
+            "group must be 1-64 of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    if !st.store.set_group(&id, b.group.as_deref())? {
+        return Err(fail(
+            StatusCode::NOT_FOUND,
+            error_code::NOT_FOUND,
+            "unknown device",
+        ));
+    }
+    tracing::info!(target: "audit", device = %id, group = ?b.group, "device group set");
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -993,7 +993,8 @@ pub struct AssignRequest {
     pub module: i64,
     #[serde(default)]
     pub devices: Vec<String>,
-    /// Every enrolled device whose metadata has `"group": <this>`.
+    /// Every enrolled device an operator put in this group (`thingsly-bridge group`,
+    /// `PUT /devices/{id}/group`); what a device claims in its metadata counts for nothing.
     #[serde(default)]
     pub group: Option<String>,
     #[serde(rename = "type", default = "forced")]
@@ -1025,11 +1026,7 @@ pub fn assign_to(st: &crate::store::Store, req: &AssignRequest) -> Result<Vec<Ac
     }
     let mut devices = req.devices.clone();
     if let Some(g) = &req.group {
-        for d in st.list().map_err(|e| e.to_string())? {
-            if d.metadata.get("group").and_then(|v| v.as_str()) == Some(g.as_str()) {
-                devices.push(d.device_id);
-            }
-        }
+        devices.extend(st.group_members(g).map_err(|e| e.to_string())?);
     }
     devices.sort();
     devices.dedup();
@@ -1210,11 +1207,34 @@ mod tests {
             crate::store::Store::open(&dir.path().join("db")).unwrap_or_else(|e| panic!("{e}"));
         let pool: ipnet::Ipv4Net = "10.9.0.0/24".parse().unwrap_or_else(|e| panic!("{e}"));
         for (id, group) in [("a", "line-3"), ("b", "line-3"), ("c", "line-4")] {
-            let mut meta = serde_json::Map::new();
-            meta.insert("group".into(), group.into());
-            st.record(id, "00", "01", "2030-01-01T00:00:00Z", None, pool, &meta)
-                .unwrap_or_else(|e| panic!("{e}"));
+            st.record(
+                id,
+                "00",
+                "01",
+                "2030-01-01T00:00:00Z",
+                None,
+                pool,
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                st.set_group(id, Some(group))
+                    .unwrap_or_else(|e| panic!("{e}"))
+            );
         }
+        // A squatter claiming line-3 in its metadata is not a member.
+        let mut meta = serde_json::Map::new();
+        meta.insert("group".into(), "line-3".into());
+        st.record(
+            "squat",
+            "00",
+            "02",
+            "2030-01-01T00:00:00Z",
+            None,
+            pool,
+            &meta,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let m = st
             .add_module("os", "1", "os.raucb", 1, "s", "s1", "m")
             .unwrap_or_else(|e| panic!("{e}"));

@@ -94,6 +94,16 @@ enum Cmd {
         #[arg(long)]
         device: String,
     },
+    /// Put a device in an OTA group (`ota assign --group`), or take it out with `--clear`.
+    /// Same as `PUT /devices/{id}/group`. Devices cannot choose their group.
+    Group {
+        #[arg(long)]
+        device: String,
+        #[arg(long, required_unless_present = "clear")]
+        group: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Let a revoked id enroll again (with a bootstrap token, like a new device). Same as
     /// `POST /devices/{id}/admit`.
     Admit {
@@ -387,6 +397,26 @@ fn main() -> anyhow::Result<()> {
             let ca = Ca::load(&cfg.data_dir)?;
             thingsly_bridge::api::write_crl(&store, &ca, &cfg.data_dir.join("crl.pem"))?;
             println!("revoked {device}");
+            Ok(())
+        }
+        Cmd::Group {
+            device,
+            group,
+            clear,
+        } => {
+            let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
+            let group = if clear { None } else { group };
+            if let Some(g) = &group {
+                anyhow::ensure!(
+                    thingsly_proto::enroll::is_valid_device_id(g),
+                    "--group must be 1-64 of A-Z a-z 0-9 . _ -"
+                );
+            }
+            anyhow::ensure!(
+                store.set_group(&device, group.as_deref())?,
+                "no device {device:?}"
+            );
+            println!("{device}: group {}", group.as_deref().unwrap_or("(none)"));
             Ok(())
         }
         Cmd::Admit { device } => {

@@ -72,6 +72,11 @@ impl Store {
                 revoked_at INTEGER NOT NULL,
                 not_after TEXT NOT NULL
              );
+             -- OTA groups, set by operators only (a device's metadata is its own claim).
+             CREATE TABLE IF NOT EXISTS device_groups (
+                device_id TEXT PRIMARY KEY,
+                grp TEXT NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS crl_state (
                 id INTEGER PRIMARY KEY CHECK (id = 1),
                 crl_number INTEGER NOT NULL
@@ -101,8 +106,10 @@ impl Store {
         let c = self.conn();
         let row = c
             .query_row(
-                "SELECT device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
-                        metadata, enrolled_at, updated_at FROM devices WHERE device_id = ?1",
+                "SELECT d.device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
+                        metadata, enrolled_at, updated_at, g.grp
+                   FROM devices d LEFT JOIN device_groups g ON g.device_id = d.device_id
+                  WHERE d.device_id = ?1",
                 params![device_id],
                 row_to_device,
             )
@@ -113,8 +120,10 @@ impl Store {
     pub fn list(&self) -> anyhow::Result<Vec<DeviceRecord>> {
         let c = self.conn();
         let mut stmt = c.prepare(
-            "SELECT device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
-                    metadata, enrolled_at, updated_at FROM devices ORDER BY device_id",
+            "SELECT d.device_id, public_key, cert_serial, cert_not_after, wg_public_key, wg_address,
+                    metadata, enrolled_at, updated_at, g.grp
+               FROM devices d LEFT JOIN device_groups g ON g.device_id = d.device_id
+              ORDER BY d.device_id",
         )?;
         let rows = stmt.query_map([], row_to_device)?;
         Ok(rows
@@ -219,6 +228,10 @@ impl Store {
             "DELETE FROM devices WHERE device_id = ?1",
             params![device_id],
         )?;
+        tx.execute(
+            "DELETE FROM device_groups WHERE device_id = ?1",
+            params![device_id],
+        )?;
         if n > 0 {
             tx.execute(
                 "INSERT OR REPLACE INTO revoked_ids (device_id, revoked_at) VALUES (?1, ?2)",
@@ -227,6 +240,41 @@ impl Store {
         }
         tx.commit()?;
         Ok(n > 0)
+    }
+
+    /// Put an enrolled device in OTA group `group` (None: in none). False if not enrolled.
+    pub fn set_group(&self, device_id: &str, group: Option<&str>) -> anyhow::Result<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let known: bool = tx
+            .prepare("SELECT 1 FROM devices WHERE device_id = ?1")?
+            .exists(params![device_id])?;
+        if known {
+            match group {
+                Some(g) => tx.execute(
+                    "INSERT INTO device_groups (device_id, grp) VALUES (?1, ?2)
+                     ON CONFLICT(device_id) DO UPDATE SET grp = excluded.grp",
+                    params![device_id, g],
+                )?,
+                None => tx.execute(
+                    "DELETE FROM device_groups WHERE device_id = ?1",
+                    params![device_id],
+                )?,
+            };
+        }
+        tx.commit()?;
+        Ok(known)
+    }
+
+    /// The enrolled members of OTA group `group`.
+    pub fn group_members(&self, group: &str) -> anyhow::Result<Vec<String>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT g.device_id FROM device_groups g JOIN devices d ON d.device_id = g.device_id
+              WHERE g.grp = ?1 ORDER BY g.device_id",
+        )?;
+        let rows = stmt.query_map(params![group], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// When `device_id` was revoked, if it is still refused.
@@ -395,6 +443,7 @@ fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
             metadata: serde_json::from_str(&meta).unwrap_or_default(),
             enrolled_at: r.get(7)?,
             updated_at: r.get(8)?,
+            group: r.get(9)?,
         },
     })
 }

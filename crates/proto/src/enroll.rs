@@ -115,6 +115,10 @@ pub struct DeviceRecord {
     pub enrolled_at: String,
     /// RFC 3339.
     pub updated_at: String,
+    /// The OTA group an operator put the device in (`metadata.group` is only what the
+    /// device claims, and assigns nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// True for ids the bridge accepts: 1–64 of `[A-Za-z0-9._-]`, not starting with a dot.
