@@ -196,9 +196,21 @@ async fn serve_connection(
     app: axum::Router,
     limits: &Limits,
 ) {
+    // An idle connection costs only what it holds while it waits, so each stage's state is
+    // built (and heap-allocated) when its first byte is there: the socket alone until the
+    // ClientHello, the TLS session alone until the first request.
+    let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
+    if tokio::time::timeout_at(handshake_by, tcp.readable())
+        .await
+        .is_err()
+    {
+        tracing::debug!(%remote, "no ClientHello within limits.handshake_timeout");
+        return;
+    }
     let activity = Activity::new();
     let tcp = Watched::new(tcp, activity.clone());
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+    let mut tls = match tokio::time::timeout_at(handshake_by, Box::pin(acceptor.accept(tcp))).await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -209,6 +221,17 @@ async fn serve_connection(
             return;
         }
     };
+    // Plaintext may already be buffered (a request sent with the client's Finished); only
+    // with none is it right to wait for the socket.
+    let buffered = tls.get_ref().1.wants_write() || has_plaintext(&mut tls);
+    if !buffered
+        && tokio::time::timeout(limits.header_timeout, tls.get_ref().0.inner.readable())
+            .await
+            .is_err()
+    {
+        tracing::debug!(%remote, "no request within limits.header_timeout");
+        return;
+    }
     let peer = PeerCert(
         tls.get_ref()
             .1
@@ -221,13 +244,15 @@ async fn serve_connection(
         req
     });
     let svc = TowerToHyperService::new(svc);
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        // Covers the first request and the wait for each keep-alive one.
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(tls), svc)
-        .with_upgrades(); // the terminal proxy's WebSocket
+    let conn = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Covers the first request and the wait for each keep-alive one.
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(tls), svc)
+            .with_upgrades(), // the terminal proxy's WebSocket
+    );
     tokio::select! {
         r = conn => {
             if let Err(e) = r {
@@ -238,6 +263,13 @@ async fn serve_connection(
             tracing::debug!(%remote, "connection idle (limits.idle_timeout); closed");
         }
     }
+}
+
+/// Whether rustls holds bytes nobody has read yet (or cannot tell: then do not wait).
+fn has_plaintext<S>(tls: &mut tokio_rustls::server::TlsStream<S>) -> bool {
+    tls.get_mut().1.process_new_packets().map_or(true, |io| {
+        io.plaintext_bytes_to_read() > 0 || io.peer_has_closed()
+    })
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
