@@ -473,3 +473,27 @@ fn npm_ci(dir: &std::path::Path) {
         .expect("npm (Node.js >= 20) is needed for the browser test");
     assert!(st.success(), "npm ci in {} failed", dir.display());
 }
+
+/// Issue 17: a paste over 64 KiB dropped the session. A full 1 MiB paste (ttyd's page sends
+/// it as one message) crosses the proxy and reaches the device's program byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mebibyte_paste_crosses_the_proxy_whole() {
+    let s = setup(3).await;
+    let mut ws = s.session(&s.es.token("olga", &["operator"])).await;
+    input(&mut ws, "stty -echo; echo RE\"\"ADY").await;
+    read_until(&mut ws, "READY").await.unwrap();
+    input(
+        &mut ws,
+        "stty raw; head -c 1048576 | sha256sum | sed 's/ .*/ PASTED/'; stty -raw",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // raw mode is on
+    let data: Vec<u8> = (0..1_048_576u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut m = vec![b'0'];
+    m.extend_from_slice(&data);
+    ws.send(Message::Binary(m.into())).await.unwrap();
+    let out = read_until(&mut ws, " PASTED").await.unwrap();
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(&data));
+    assert!(out.contains(&format!("{want} PASTED")), "{out}");
+}

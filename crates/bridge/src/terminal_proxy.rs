@@ -302,7 +302,8 @@ fn ws_config() -> WebSocketConfig {
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .write_buffer_size(0)
-        .max_write_buffer_size(256 * 1024)
+        // One whole message (a 1 MiB paste) must fit; it is only held while being written.
+        .max_write_buffer_size(MAX_MESSAGE + 64 * 1024)
 }
 
 type DeviceWs = WebSocketStream<TcpStream>;
