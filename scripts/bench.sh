@@ -40,5 +40,6 @@ cargo build -p thingsly-e2e --release --bin thingsly-bench -q
 target/release/thingsly-bench metrics 2000
 target/release/thingsly-bench enroll "https://127.0.0.1:$BP" "$W/ca.pem" "$(cat "$W/bridge/fleet-token")" "$(cat "$W/bridge/admin-token")" 200 8
 target/release/thingsly-bench terminal 64
+target/release/thingsly-bench connections 10000
 target/release/thingsly-bench tunnel 10
 target/release/thingsly-bench ota 1024

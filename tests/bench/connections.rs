@@ -47,6 +47,18 @@ async fn enroll_latency(bridge: &Bridge, tag: &str, n: usize) -> anyhow::Result<
 }
 
 pub async fn run(n: usize) -> anyhow::Result<()> {
+    // This process holds the N connections: raise its own soft nofile limit to the hard one.
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut l = getrlimit(Resource::Nofile);
+        l.current = l.maximum;
+        setrlimit(Resource::Nofile, l)?;
+        let have = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        anyhow::ensure!(
+            have > n as u64 + 256,
+            "nofile limit {have} is too small for {n} connections"
+        );
+    }
     let dir = tempfile::tempdir()?;
     // Long timeouts, so the bridge holds what we open for the whole measurement; the cap
     // above N. The shipped unit's LimitNOFILE.

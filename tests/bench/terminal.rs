@@ -284,9 +284,10 @@ trait Link {
     async fn until(&mut self, needle: &[u8]) -> anyhow::Result<()>;
 }
 
-/// The shell these rows run: no echo, a prompt of its own, and a command that swallows a
-/// 1 MiB paste then says so.
-const INTERACTIVE: &str = "stty -echo; PS1='bench> ' exec /bin/sh -i";
+/// The shell these rows run: echo on (Enter's echo and the prompt are two writes, which is
+/// what Nagle's algorithm delays without TCP_NODELAY), a prompt of its own, and a command
+/// that swallows a 1 MiB paste then says so.
+const INTERACTIVE: &str = "PS1='bench> ' exec /bin/sh -i";
 const PROMPT: &[u8] = b"bench> ";
 const PASTE: usize = 1024 * 1024;
 const PROMPTS: usize = 200;
@@ -302,10 +303,14 @@ async fn prompt_and_paste(link: &mut impl Link) -> anyhow::Result<(Vec<Duration>
         link.until(PROMPT).await?;
         lat.push(t.elapsed());
     }
+    // `pasted-""ok`: the typed line's echo must not look like the answer; drain that echo
+    // before the clock starts.
     link.send(
-        format!("stty raw; head -c {PASTE} >/dev/null; stty -raw; echo pasted-ok\r").as_bytes(),
+        format!("stty raw -echo; head -c {PASTE} >/dev/null; stty -raw echo; echo pasted-\"\"ok\r")
+            .as_bytes(),
     )
     .await?;
+    link.until(b"pasted-\"\"ok").await?;
     tokio::time::sleep(Duration::from_millis(300)).await; // raw mode is on
     let data: Vec<u8> = (0..PASTE).map(|i| b'a' + (i % 26) as u8).collect();
     let t = Instant::now();
