@@ -374,12 +374,15 @@ where
     while reason.len() > 123 {
         reason.pop();
     }
-    let _ = ws
-        .send(Message::Close(Some(CloseFrame {
+    // A client that reads nothing (its buffers full) must not hold the session forever.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        ws.send(Message::Close(Some(CloseFrame {
             code,
             reason: reason.into(),
-        })))
-        .await;
+        }))),
+    )
+    .await;
     // Wait briefly for the client's close so the TCP connection ends cleanly.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(m)) = ws.next().await {

@@ -266,7 +266,10 @@ where
             _ = shutdown.cancelled() => break End::Shutdown,
             _ = tokio::time::sleep_until(idle_at) => break End::Idle,
             _ = tokio::time::sleep_until(deaf_at) => break End::Unresponsive,
-            _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => continue,
+            // Wakes the loop once at the drain deadline (then the check above ends the session,
+            // or, with output still waiting for a slow client, the other arms do): never again,
+            // or a deadline in the past would spin.
+            _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some_and(|d| d > tokio::time::Instant::now()) => continue,
             _ = ping.tick(), if out_pending.is_none() => {
                 out_pending = Some(Message::Ping(Vec::new().into()));
             }

@@ -314,3 +314,47 @@ async fn a_flood_before_the_ticket_is_cut_off() {
     assert!(cut.is_ok(), "still accepting after {sent} bytes");
     assert!(sent < 4 << 20, "accepted {sent} bytes before the ticket");
 }
+
+/// CPU seconds this process has used (user + system).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Issue 17: after the shell died with output still waiting for a client that does not
+/// read, the agent spun at ~50 % CPU. Now the session waits without work until the client
+/// goes (or answers no pings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_shell_with_output_waiting_costs_no_cpu_and_frees_its_slot() {
+    let cfg = SessionConfig {
+        ping_interval: Duration::from_secs(2),
+        // The shell exits at once; its background job keeps the PTY full of output.
+        ..sh("trap '' HUP; (head -c 200000000 /dev/zero | tr '\\0' x) & sleep 0.5; exit 3")
+    };
+    let s = server(cfg, 1).await;
+    let mut ws = connect(s.addr, &s.ticket()).await;
+    until(&mut ws, "xxxx", Duration::from_secs(10)).await;
+    // Stop reading: the socket buffers fill, output waits, the program exits.
+    tokio::time::sleep(Duration::from_secs(2)).await; // exit + the 1 s drain have passed
+    let (c0, t0) = (cpu_seconds(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds() - c0;
+    let wall = t0.elapsed().as_secs_f64();
+    assert!(
+        used < 0.3 * wall,
+        "{used:.2} CPU-s in {wall:.1} s while waiting"
+    );
+    // And the session ends (its slot is free) although this client is still connected and
+    // still reads nothing.
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut other = connect(s.addr, &s.ticket()).await;
+        match tokio::time::timeout(Duration::from_secs(5), other.next()).await {
+            Ok(Some(Ok(Message::Close(Some(f))))) if f.code == CloseCode::Again => {}
+            _ => break,
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "slot still held");
+    }
+    drop(ws);
+}
