@@ -478,7 +478,7 @@ fn npm_ci(dir: &std::path::Path) {
 /// it as one message) crosses the proxy and reaches the device's program byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mebibyte_paste_crosses_the_proxy_whole() {
-    let s = setup(3).await;
+    let s = setup(5).await;
     let mut ws = s.session(&s.es.token("olga", &["operator"])).await;
     input(&mut ws, "stty -echo; echo RE\"\"ADY").await;
     read_until(&mut ws, "READY").await.unwrap();
@@ -496,4 +496,41 @@ async fn a_one_mebibyte_paste_crosses_the_proxy_whole() {
     use sha2::Digest;
     let want = hex::encode(sha2::Sha256::digest(&data));
     assert!(out.contains(&format!("{want} PASTED")), "{out}");
+}
+
+/// Issue 17: the operator port kept idle connections forever, like the device port. It is
+/// served by the same code: a TLS connection that sends nothing and one with half a request
+/// are closed at the header timeout (10 s by default), and the port keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_port_closes_idle_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(4).await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.operator_port))
+            .await
+            .unwrap();
+        tokio_rustls::TlsConnector::from(s.tls.clone())
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .unwrap()
+    };
+    let mut silent = connect().await;
+    let mut half = connect().await;
+    half.write_all(b"GET /terminal?deviceId=dev-proxy HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    for s in [&mut silent, &mut half] {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("operator port kept an idle connection for 20 s"),
+            }
+        }
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(8), "{:?}", t0.elapsed());
+    let (code, _) = s.refused(s.open("deviceId=dev-proxy", None).await);
+    assert_eq!(code, 401, "still serving");
 }
