@@ -20,6 +20,11 @@ pub const MAX_BACKLOG: usize = 1024 * 1024;
 /// VINTR, VQUIT, VSUSP at their defaults.
 const INTERRUPTS: [u8; 3] = [0x03, 0x1c, 0x1a];
 
+/// One of the characters that discard the queue before them.
+pub fn is_interrupt(b: u8) -> bool {
+    INTERRUPTS.contains(&b)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflow {
     pub queued: usize,

@@ -104,31 +104,40 @@ enum End {
     Shutdown,
 }
 
-/// What the terminal driver does when it reads INTR, QUIT or SUSP with ISIG set, for when
-/// it cannot read it because the program left its input queue full: discard that queue
-/// (unless NOFLSH) and signal the foreground process group. False when `c` is not one of
-/// those characters in the current settings (a raw-mode program gets the byte instead).
+/// What the terminal driver does when it reads INTR, QUIT or SUSP with ISIG set: discard
+/// its input queue (unless NOFLSH) and signal the foreground process group. False when `c`
+/// is not one of those characters in the current settings (a raw-mode program gets the
+/// byte instead).
 fn interrupt_foreground(master: &std::os::fd::OwnedFd, c: u8) -> bool {
     use rustix::process::{Signal, kill_process_group};
     use rustix::termios::{
         LocalModes, QueueSelector, SpecialCodeIndex as I, tcflush, tcgetattr, tcgetpgrp,
     };
-    let Ok(t) = tcgetattr(master) else {
-        return false;
+    // (qemu-user lacks TCGETS2, which rustix uses: there, assume the defaults a fresh PTY
+    // has, ISIG on with ^C ^\\ ^Z.)
+    let (isig, noflsh, intr, quit, susp) = match tcgetattr(master) {
+        Ok(t) => (
+            t.local_modes.contains(LocalModes::ISIG),
+            t.local_modes.contains(LocalModes::NOFLSH),
+            t.special_codes[I::VINTR],
+            t.special_codes[I::VQUIT],
+            t.special_codes[I::VSUSP],
+        ),
+        Err(_) => (true, false, 0x03, 0x1c, 0x1a),
     };
-    if !t.local_modes.contains(LocalModes::ISIG) {
+    if !isig {
         return false;
     }
-    let sig = if c == t.special_codes[I::VINTR] {
+    let sig = if c == intr {
         Signal::INT
-    } else if c == t.special_codes[I::VQUIT] {
+    } else if c == quit {
         Signal::QUIT
-    } else if c == t.special_codes[I::VSUSP] {
+    } else if c == susp {
         Signal::TSTP
     } else {
         return false;
     };
-    if !t.local_modes.contains(LocalModes::NOFLSH)
+    if !noflsh
         && let Ok(name) = rustix::pty::ptsname(master, Vec::new())
         && let Ok(slave) = rustix::fs::open(
             name.as_c_str(),
@@ -139,7 +148,7 @@ fn interrupt_foreground(master: &std::os::fd::OwnedFd, c: u8) -> bool {
             rustix::fs::Mode::empty(),
         )
     {
-        // The pasted lines the program never read must not run as commands once it is gone.
+        // What the program never read is not meant for whatever reads next.
         let _ = tcflush(&slave, QueueSelector::IFlush);
     }
     match tcgetpgrp(master) {
@@ -323,14 +332,14 @@ where
                 match protocol::parse_client(&data) {
                     Ok(ClientMessage::Input(bytes)) if !read_only => {
                         bytes_in += bytes.len() as u64;
-                        // Input still waiting means the program is not reading: the driver's
-                        // queue is full and would not take a ^C either.
-                        let stuck = !input.is_empty();
                         if let Err(o) = input.push(&bytes) {
                             break End::InputOverflow(o);
                         }
-                        if stuck
-                            && let Some(&c) = input.front().first()
+                        // With ISIG the agent does the driver's job for ^C (^\\, ^Z) itself:
+                        // the driver would only see it after every byte queued before it, and a
+                        // program that reads nothing leaves that queue full for good.
+                        if let Some(&c) = input.front().first()
+                            && crate::input::is_interrupt(c)
                             && interrupt_foreground(&master, c)
                         {
                             input.consume(1);
