@@ -152,6 +152,28 @@ async fn bridge_signed_tickets_open_a_shell_on_the_enrolled_device() {
     );
     drop(ws);
 
+    // Issue 17: the replay set lives in memory, so a ticket used before a restart could be
+    // used again after it. Tickets issued before the agent started are refused now.
+    let used = ticket(&key, "dev-shell", "j5");
+    let (out, reason) = session(port, &used, "echo first-use; exit 0").await;
+    assert!(out.contains("first-use"), "{out} {reason}");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the restart is a later second
+
     let (code, took) = agent.proc.as_mut().unwrap().terminate();
     assert!(code.is_some_and(|c| c.success()) && took < Duration::from_secs(5));
+
+    agent.start().unwrap();
+    wait_for("terminal listening again", Duration::from_secs(30), || {
+        agent.status()["state"]["modules"]["terminal"]["state"] == "running"
+    });
+    let (out, reason) = session(port, &used, "echo replayed-$((1+1))").await;
+    assert!(!out.contains("replayed-2"), "{out}");
+    assert!(reason.contains("before this agent started"), "{reason}");
+    let (out, _) = session(
+        port,
+        &ticket(&key, "dev-shell", "j6"),
+        "echo fresh-$((2+2)); exit 0",
+    )
+    .await;
+    assert!(out.contains("fresh-4"), "{out}");
 }
