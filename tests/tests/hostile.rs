@@ -97,8 +97,7 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
-const SHORT_LIMITS: &str =
-    "[limits]\nhandshake_timeout = \"2s\"\nheader_timeout = \"2s\"\nidle_timeout = \"3s\"\n";
+const SHORT_LIMITS: &str = "[limits]\nhandshake_timeout = \"2s\"\nheader_timeout = \"2s\"\nidle_timeout = \"3s\"\nbody_timeout = \"3s\"\n";
 
 /// Issue 17: 1,009 idle connections under `nofile` 1,024 stopped all service. Now each
 /// listener's cap fits the limit, the cap is logged once, idle, half-sent and stalled
@@ -162,10 +161,14 @@ async fn idle_and_half_sent_connections_are_closed_and_capped() {
         closed_within(s, Duration::from_secs(5)).await;
     }
     let log = bridge.log_text();
-    assert_eq!(
-        log.matches("connection cap reached").count(),
-        1,
-        "logged once per episode\n{log}"
+    // Once per episode (an episode ends when connections close; under load the 1,100
+    // connects can outlast the first handshake timeouts and start a second one), never per
+    // refused connection (hundreds here).
+    let episodes = log.matches("connection cap reached").count();
+    let ended = log.matches("below the connection cap again").count();
+    assert!(
+        episodes >= 1 && episodes <= ended + 1 && episodes <= 3,
+        "{episodes} cap lines, {ended} ends\n{log}"
     );
     assert!(!log.contains("Too many open files"), "{log}");
 
@@ -179,6 +182,7 @@ async fn idle_and_half_sent_connections_are_closed_and_capped() {
     s.write_all(b"POST /devices/x/enroll HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
+    s.flush().await.unwrap();
     closed_within(&mut s, Duration::from_secs(6)).await;
     // Slowloris: a header byte every second never completes them within the timeout.
     let mut s = tls(&bridge, &c).await;
@@ -202,13 +206,51 @@ async fn idle_and_half_sent_connections_are_closed_and_capped() {
         bridge.fleet_token()
     );
     s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
     let d = closed_within(&mut s, Duration::from_secs(8)).await;
     assert!(d >= Duration::from_millis(2500), "{d:?}");
+    // Authenticated, and dripping a byte every 2 s (the idle timeout never fires): cut off
+    // once the body is late (3 s grace + a second per 500 bytes).
+    let mut s = tls(&bridge, &c).await;
+    s.write_all(head.replace("stall-1", "drip-1").as_bytes())
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut tick = tokio::time::interval_at(t0 + Duration::from_secs(2), Duration::from_secs(2));
+    let mut buf = [0u8; 4096];
+    let cut = loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break true,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+            _ = tick.tick() => {
+                if t0.elapsed() > Duration::from_secs(15) {
+                    break false;
+                }
+                // The drip; a write error means the bridge is gone.
+                if s.write_all(b"A").await.is_err() || s.flush().await.is_err() {
+                    break true;
+                }
+            }
+        }
+    };
+    assert!(
+        String::from_utf8_lossy(&answer).is_empty()
+            || String::from_utf8_lossy(&answer).contains("too slow"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(cut, "a dripping body was never cut off");
+    assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
     // Keep-alive, then silence: closed at the header timeout too.
     let mut s = tls(&bridge, &c).await;
     s.write_all(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    s.flush().await.unwrap();
     closed_within(&mut s, Duration::from_secs(6)).await;
     // And the service is fine afterwards.
     assert_eq!(enroll_new(&http, &bridge, "legit-2").await.0, 200);

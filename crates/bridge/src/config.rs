@@ -131,6 +131,13 @@ pub struct LimitsSection {
     /// a download nobody reads). Upgraded connections (the terminal) have their own.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A request body must arrive within `body_timeout` plus one second per
+    /// `body_min_rate` bytes received (Apache's mod_reqtimeout rule): a client dripping a
+    /// byte now and then (which the idle timeout never sees) is cut off; a large upload at
+    /// any real speed is not.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    pub body_min_rate: u64,
 }
 
 impl Default for LimitsSection {
@@ -140,6 +147,8 @@ impl Default for LimitsSection {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(20),
+            body_min_rate: 500,
         }
     }
 }
@@ -393,10 +402,17 @@ impl BridgeConfig {
             ("handshake_timeout", lim.handshake_timeout),
             ("header_timeout", lim.header_timeout),
             ("idle_timeout", lim.idle_timeout),
+            ("body_timeout", lim.body_timeout),
         ] {
             if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&v) {
                 anyhow::bail!("{}: must be between 1s and 1h", key(k));
             }
+        }
+        if lim.body_min_rate == 0 {
+            anyhow::bail!(
+                "{}: must be at least 1 (bytes per second)",
+                key("body_min_rate")
+            );
         }
         if let Some(u) = &cfg.external_url
             && (!u.starts_with("https://") || u.ends_with('/'))

@@ -64,6 +64,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub body_min_rate: u64,
 }
 
 impl From<&crate::config::LimitsSection> for Limits {
@@ -73,6 +75,8 @@ impl From<&crate::config::LimitsSection> for Limits {
             handshake_timeout: l.handshake_timeout,
             header_timeout: l.header_timeout,
             idle_timeout: l.idle_timeout,
+            body_timeout: l.body_timeout,
+            body_min_rate: l.body_min_rate,
         }
     }
 }
@@ -239,12 +243,18 @@ async fn serve_connection(
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned()),
     );
+    let (grace, min_rate) = (limits.body_timeout, limits.body_min_rate);
+    // A body that came too slowly ends the connection, not only its request: the client
+    // would otherwise go on dripping the rest of it.
+    let late = CancellationToken::new();
+    let late_body = late.clone();
     let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        req
+        let late = late_body.clone();
+        req.map(|b| axum::body::Body::new(MinRateBody::new(b, grace, min_rate, late)))
     });
     let svc = TowerToHyperService::new(svc);
-    let conn = Box::pin(
+    let mut conn = Box::pin(
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             // Covers the first request and the wait for each keep-alive one.
@@ -254,13 +264,19 @@ async fn serve_connection(
             .with_upgrades(), // the terminal proxy's WebSocket
     );
     tokio::select! {
-        r = conn => {
+        r = &mut conn => {
             if let Err(e) = r {
                 tracing::debug!(%remote, error = %e, "connection ended with error");
             }
         }
         () = activity.idle_for(limits.idle_timeout) => {
             tracing::debug!(%remote, "connection idle (limits.idle_timeout); closed");
+        }
+        () = late.cancelled() => {
+            tracing::debug!(%remote, "request body too slow; connection closed after the answer");
+            // Let the 400 out (no keep-alive, nothing more read), but not for long.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut conn).await;
         }
     }
 }
@@ -283,6 +299,93 @@ fn release_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_freed_memory() {}
+
+/// Whether a body that has delivered `bytes` after `elapsed` is still on time: the grace
+/// period plus one second per `min_rate` bytes (Apache's mod_reqtimeout `body=…,MinRate=…`).
+fn body_on_time(elapsed: Duration, bytes: u64, grace: Duration, min_rate: u64) -> bool {
+    elapsed <= grace + Duration::from_secs_f64(bytes as f64 / min_rate.max(1) as f64)
+}
+
+/// A request body held to [`body_on_time`]; checked whenever it is read, and woken at the
+/// moment it would be late, so a stalled body fails without waiting for another byte.
+struct MinRateBody<B> {
+    inner: B,
+    /// Cancelled when the body is late: the connection goes too.
+    late: CancellationToken,
+    start: tokio::time::Instant,
+    bytes: u64,
+    grace: Duration,
+    min_rate: u64,
+    alarm: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> MinRateBody<B> {
+    fn new(inner: B, grace: Duration, min_rate: u64, late: CancellationToken) -> Self {
+        let start = tokio::time::Instant::now();
+        Self {
+            inner,
+            late,
+            start,
+            bytes: 0,
+            grace,
+            min_rate,
+            alarm: Box::pin(tokio::time::sleep_until(start + grace)),
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.start + self.grace + Duration::from_secs_f64(self.bytes as f64 / self.min_rate as f64)
+    }
+}
+
+impl<B> http_body::Body for MinRateBody<B>
+where
+    B: http_body::Body<Data = hyper::body::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = hyper::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let late =
+                    !body_on_time(this.start.elapsed(), this.bytes, this.grace, this.min_rate) || {
+                        let deadline = this.deadline();
+                        this.alarm.as_mut().reset(deadline);
+                        this.alarm.as_mut().poll(cx).is_ready()
+                    };
+                if late {
+                    this.late.cancel();
+                    return Poll::Ready(Some(Err(
+                        "request body too slow (limits.body_timeout, limits.body_min_rate)".into(),
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// When a connection last moved a byte, for the idle timeout.
 #[derive(Clone)]
@@ -394,6 +497,18 @@ mod tests {
         assert_eq!(effective_cap(16_384, 1_024, 2, 256), 384);
         assert_eq!(effective_cap(100, 1_024, 2, 256), 100);
         assert_eq!(effective_cap(100, 10, 2, 256), 1, "never zero");
+    }
+
+    #[test]
+    fn a_body_gets_its_grace_plus_a_second_per_min_rate_bytes() {
+        let g = Duration::from_secs(20);
+        assert!(body_on_time(Duration::from_secs(20), 0, g, 500));
+        assert!(!body_on_time(Duration::from_secs(21), 0, g, 500));
+        assert!(body_on_time(Duration::from_secs(21), 500, g, 500));
+        // a byte every 25 s: late after the grace
+        assert!(!body_on_time(Duration::from_secs(50), 2, g, 500));
+        // 100 MB at 1 MB/s: on time all along
+        assert!(body_on_time(Duration::from_secs(100), 100_000_000, g, 500));
     }
 
     #[test]
