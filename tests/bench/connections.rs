@@ -88,6 +88,23 @@ pub async fn run(n: usize) -> anyhow::Result<()> {
     let rss0 = rss_mib(pid);
     let lat0 = enroll_latency(&bridge, "before", 20).await?;
 
+    // N plain TCP connections that never start TLS (the cheapest attack: no handshake CPU).
+    let mut plain = Vec::with_capacity(n);
+    for _ in 0..n {
+        plain.push(TcpStream::connect(("127.0.0.1", bridge.port)).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_plain = rss_mib(pid);
+    let lat_plain = enroll_latency(&bridge, "plain", 20).await?;
+    drop(plain);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "| bridge: {n} idle TCP connections that never start TLS: RSS, enroll latency | {rss0:.1} MiB before, {rss_plain:.1} MiB while held (+{:.1} MiB, {:.1} KiB each); enroll {lat_plain:.1} ms (baseline {lat0:.1} ms) |",
+        rss_plain - rss0,
+        (rss_plain - rss0) * 1024.0 / n as f64
+    );
+    let rss0 = rss_mib(pid);
+
     let cfg = thingsly_enroll::client_config(&std::fs::read(bridge.ca_chain())?, None)
         .map_err(anyhow::Error::msg)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));

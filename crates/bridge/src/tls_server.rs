@@ -204,7 +204,8 @@ async fn serve_connection(
     // built (and heap-allocated) when its first byte is there: the socket alone until the
     // ClientHello, the TLS session alone until the first request.
     let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
-    if tokio::time::timeout_at(handshake_by, tcp.readable())
+    // `peek`, not `readable`: a new socket counts as readable before any byte has come.
+    if tokio::time::timeout_at(handshake_by, tcp.peek(&mut [0u8; 1]))
         .await
         .is_err()
     {
@@ -229,9 +230,12 @@ async fn serve_connection(
     // with none is it right to wait for the socket.
     let buffered = tls.get_ref().1.wants_write() || has_plaintext(&mut tls);
     if !buffered
-        && tokio::time::timeout(limits.header_timeout, tls.get_ref().0.inner.readable())
-            .await
-            .is_err()
+        && tokio::time::timeout(
+            limits.header_timeout,
+            tls.get_ref().0.inner.peek(&mut [0u8; 1]),
+        )
+        .await
+        .is_err()
     {
         tracing::debug!(%remote, "no request within limits.header_timeout");
         return;
