@@ -70,7 +70,7 @@ impl Default for EnrollmentSection {
                 .to_vec(),
             fleet_id_patterns: Vec::new(),
             fleet_max_devices: 0,
-            fleet_enrollments_per_minute: 60,
+            fleet_enrollments_per_minute: 300,
         }
     }
 }
