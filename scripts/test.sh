@@ -30,6 +30,8 @@ done
 # so put the full agent back for anyone running `cargo test` after this script.
 cargo build -q --locked --bins
 scripts/lint-layer.sh
+# The recipes build the tree at SRCREV: it must have their features, units and Cargo.lock.
+scripts/check-srcrev.sh
 scripts/check-units.sh
 scripts/test-cross.sh
 # QEMU hardware-in-the-loop: A/B update and rollback with the release agent, the arm64 board.
