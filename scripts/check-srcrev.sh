@@ -2,7 +2,8 @@
 # The Yocto recipes build the tree at SRCREV (thingsly-source.inc), not this checkout: check
 # that tree has what the recipes use. Every PACKAGECONFIG feature must be a feature of the agent
 # at SRCREV, every ${S}/ file do_install names must exist there, and its Cargo.lock must be the
-# one crates.inc was generated from (gen-crates-inc.py --check compares with this checkout's).
+# one crates.inc was generated from (gen-crates-inc.py --check compares with this checkout's), and
+# its rust-version must be the Rust the recipes demand at parse time (THINGSLY_RUST_MIN).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 layer=yocto-layer/meta-thingsly/recipes-thingsly
@@ -23,6 +24,9 @@ for bb in "$layer"/*/*.bb; do
     git cat-file -e "$rev:$p" 2>/dev/null || { echo "SRCREV $rev: $(basename "$bb") installs $p, which is not there" >&2; fail=1; }
   done
 done
+need=$(sed -n 's/^THINGSLY_RUST_MIN = "\(.*\)"/\1/p' "$layer/include/thingsly-rust.inc")
+has=$(git show "$rev:Cargo.toml" | sed -n 's/^rust-version = "\(.*\)"/\1/p')
+[[ $need == "$has" ]] || { echo "SRCREV $rev: rust-version is $has, thingsly-rust.inc's THINGSLY_RUST_MIN is $need" >&2; fail=1; }
 cmp -s <(git show "$rev:Cargo.lock") Cargo.lock || { echo "SRCREV $rev: Cargo.lock differs from this checkout's, so crates.inc does not match it; bump with scripts/release-srcrev.sh" >&2; fail=1; }
-((fail == 0)) && echo "SRCREV $rev: features, installed files and Cargo.lock match the recipes"
+((fail == 0)) && echo "SRCREV $rev: features, installed files, rust-version and Cargo.lock match the recipes"
 exit $fail

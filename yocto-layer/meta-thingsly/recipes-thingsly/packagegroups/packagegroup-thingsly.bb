@@ -6,6 +6,9 @@ BUGTRACKER = "https://github.com/thingsly/thingsly-edge/issues"
 SECTION = "net"
 LICENSE = "MIT"
 
-inherit packagegroup
+inherit features_check packagegroup
+
+# As the agent's recipe: its units need systemd, so the group is skipped with the same reason.
+REQUIRED_DISTRO_FEATURES = "systemd"
 
 RDEPENDS:${PN} = "thingsly-agent"

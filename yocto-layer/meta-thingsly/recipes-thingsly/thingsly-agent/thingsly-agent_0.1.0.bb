@@ -6,13 +6,18 @@ HOMEPAGE = "https://github.com/thingsly/thingsly-edge"
 BUGTRACKER = "https://github.com/thingsly/thingsly-edge/issues"
 SECTION = "net"
 CVE_PRODUCT = "thingsly-edge"
-LICENSE = "Apache-2.0"
-LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 require recipes-thingsly/include/thingsly-source.inc
+require recipes-thingsly/include/thingsly-rust.inc
 require ${BPN}-crates.inc
+# LICENSE and LIC_FILES_CHKSUM: ours and every crate the binary links (generated).
+require ${BPN}-licenses.inc
 
-inherit cargo systemd useradd
+inherit cargo features_check systemd useradd
+
+# The units are the only way the daemon is started; with sysvinit systemd.bbclass would drop
+# them and ship a daemon nothing starts. Skipped (with this reason) unless the distro has systemd.
+REQUIRED_DISTRO_FEATURES = "systemd"
 
 # Build the agent package of the workspace.
 CARGO_SRC_DIR = "agent"

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Builds the Yocto recipes' binaries the way bitbake would, without bitbake (CI has no poky).
+
+For each recipe of meta-thingsly (agent, bridge), from the tree at SRCREV (thingsly-source.inc),
+what OE's fetcher and cargo class do (bitbake lib/bb/fetch2/crate.py, oe-core
+classes-recipe/cargo_common.bbclass and cargo.bbclass):
+
+  do_fetch     every crate its crates.inc lists, from static.crates.io, checked against the
+               SRC_URI[...sha256sum] given there (a cache under target/ plays DL_DIR)
+  do_unpack    `git archive SRCREV` as S; each crate into cargo_home/bitbake/NAME-VERSION with the
+               .cargo-checksum.json the crate fetcher writes
+  do_configure cargo_home/config.toml as cargo_common_do_configure writes it: crates.io replaced
+               by the vendored directory, so nothing that crates.inc lacks can be had
+  do_compile   cargo build -v --frozen --target <board> --release --manifest-path
+               S/CARGO_SRC_DIR/Cargo.toml plus the recipe's CARGO_BUILD_FLAGS and its default
+               PACKAGECONFIG's --features, with Rust THINGSLY_RUST_MIN (thingsly-rust.inc), run
+               from B so the source tree's .cargo/config.toml is not read (as in bitbake)
+  do_install   the executables cargo_do_install would pick up exist and are aarch64 ELF files;
+               every ${S}/ file and unit do_install:append names exists in S
+  licenses     the recipe's licenses.inc is what gen-crates-inc.py derives from S and the
+               vendored crates (the files LIC_FILES_CHKSUM names, with their md5)
+
+Differences from bitbake, on purpose: the target is rustup's aarch64-unknown-linux-gnu with
+Debian's cross gcc (bitbake uses its own target spec and toolchain); the two recipes share one
+target directory, which only saves CI minutes (each still builds with its own flags).
+Usage: scripts/recipe-build.py [--srcrev COMMIT] [--debug-build]   (DEBUG_BUILD = "1": no --release)
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LAYER = ROOT / "yocto-layer" / "meta-thingsly" / "recipes-thingsly"
+WORK = ROOT / "target" / "recipe-build"
+DL_DIR = WORK / "downloads"
+RECIPES = ["thingsly-agent", "thingsly-bridge"]
+TARGET = "aarch64-unknown-linux-gnu"
+LINKER = "aarch64-linux-gnu-gcc"
+sys.path.insert(0, str(ROOT / "scripts"))
+gen = __import__("gen-crates-inc")
+
+
+def fail(msg: str) -> None:
+    print(f"recipe-build: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def layer_var(path: pathlib.Path, name: str) -> str:
+    m = re.search(rf'^{name} = "([^"]*)"', path.read_text(), re.M)
+    if not m:
+        fail(f"{path.relative_to(ROOT)}: no {name}")
+    return m.group(1)
+
+
+def crates_of(recipe: str) -> list[tuple[str, str, str]]:
+    """(name, version, sha256) of every crate:// in the recipe's crates.inc."""
+    text = (LAYER / recipe / f"{recipe}-crates.inc").read_text()
+    sums = dict(re.findall(r'^SRC_URI\[([^\]]+)\.sha256sum\] = "([0-9a-f]{64})"', text, re.M))
+    out = []
+    for name, version in re.findall(r"crate://crates\.io/([^/\s]+)/([^\s\\\"]+)", text):
+        key = f"{name}-{version}"
+        if key not in sums:
+            fail(f"{recipe}-crates.inc: crate://crates.io/{name}/{version} has no SRC_URI[{key}.sha256sum]")
+        out.append((name, version, sums[key]))
+    return out
+
+
+def fetch(crate: tuple[str, str, str]) -> pathlib.Path:
+    """do_fetch of one crate: the file in DL_DIR, whose sha256 must be the recipe's."""
+    name, version, sha = crate
+    path = DL_DIR / f"{name}-{version}.crate"
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        url = f"https://static.crates.io/crates/{name}/{version}/download"
+        for attempt in range(4):
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r:
+                    data = r.read()
+                break
+            except OSError as e:
+                if attempt == 3:
+                    fail(f"fetching {url}: {e}")
+                time.sleep(2 ** attempt)
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha:
+            fail(f"{name}-{version}: checksum mismatch: crates.io has {got}, SRC_URI[{name}-{version}.sha256sum] says {sha}")
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def unpack(crates: list, files: list[pathlib.Path], vendor: pathlib.Path) -> None:
+    vendor.mkdir(parents=True)
+    for (name, version, sha), path in zip(crates, files):
+        with tarfile.open(path) as tar:
+            tar.extractall(vendor, filter="data")
+        (vendor / f"{name}-{version}" / ".cargo-checksum.json").write_text(
+            json.dumps({"files": {}, "package": sha}))
+
+
+def configure(cargo_home: pathlib.Path, vendor: pathlib.Path, target_dir: pathlib.Path) -> None:
+    (cargo_home / "config.toml").write_text(f"""# EXTRA_OECARGO_PATHS
+paths = [
+]
+
+# Local mirror vendored by bitbake
+[source.bitbake]
+directory = "{vendor}"
+
+[source.crates-io]
+replace-with = "bitbake"
+local-registry = "/nonexistent"
+
+[http]
+multiplexing = false
+
+# HOST_SYS
+[target.{TARGET}]
+linker = "{LINKER}"
+
+[build]
+target-dir = "{target_dir}"
+""")
+
+
+def build_recipe(recipe: str, src: pathlib.Path, rust: str, release: bool, target_dir: pathlib.Path) -> None:
+    started = time.monotonic()
+    rdir = WORK / recipe
+    shutil.rmtree(rdir, ignore_errors=True)
+    crates = crates_of(recipe)
+    DL_DIR.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        files = list(pool.map(fetch, crates))
+    cargo_home = rdir / "cargo_home"
+    vendor = cargo_home / "bitbake"
+    unpack(crates, files, vendor)
+    configure(cargo_home, vendor, target_dir)
+    build = rdir / "build"
+    build.mkdir()
+
+    src_dir, feature_args = gen.recipe_cargo_args(recipe)
+    manifest = src / src_dir / "Cargo.toml"
+    if not manifest.exists():
+        fail(f"{recipe}: CARGO_SRC_DIR {src_dir} has no Cargo.toml at SRCREV")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARGO", "RUST"))}
+    env.update(
+        CARGO_HOME=str(cargo_home),
+        RUSTUP_TOOLCHAIN=rust,
+        RUST_BACKTRACE="1",
+        RUSTFLAGS="",
+        CC_aarch64_unknown_linux_gnu=LINKER,
+        AR_aarch64_unknown_linux_gnu="aarch64-linux-gnu-ar",
+    )
+    cmd = ["cargo", "build", "-v", "--frozen", "--target", TARGET, *(["--release"] if release else []),
+           f"--manifest-path={manifest}", *feature_args]
+    log = rdir / "compile.log"
+    with log.open("w") as out:
+        print("$ " + " ".join(cmd), file=out, flush=True)
+        rc = subprocess.run(cmd, cwd=build, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text().splitlines()[-25:]
+        fail(f"{recipe}: do_compile failed (Rust {rust}); {log.relative_to(ROOT)} ends:\n" + "\n".join(tail))
+
+    # cargo_do_install: every executable file directly in the target's build dir goes to bindir.
+    outdir = target_dir / TARGET / ("release" if release else "debug")
+    package = gen.tomllib.loads(manifest.read_text())["package"]["name"]
+    binary = outdir / package
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        fail(f"{recipe}: no executable {package} in {outdir}")
+    kind = subprocess.run(["file", "-b", str(binary)], capture_output=True, text=True).stdout
+    if "ARM aarch64" not in kind:
+        fail(f"{recipe}: {binary.name} is not an aarch64 executable: {kind.strip()}")
+    bb = (LAYER / recipe / f"{recipe}_0.1.0.bb").read_text()
+    paths = set(re.findall(r"\$\{S\}/([A-Za-z0-9_./-]+)", bb))
+    for units in re.findall(r"^ *for u in (.*); do$", bb, re.M):
+        paths |= {f"systemd/{u}" for u in units.split()}
+    for p in sorted(paths):
+        if not p.endswith("/") and not (src / p).exists():
+            fail(f"{recipe}: do_install installs ${{S}}/{p}, which SRCREV does not have")
+
+    # The licenses the recipe declares are those of what it links, from the vendored crates.
+    lic_env = dict(env, CARGO_HOME=str(cargo_home))
+    got = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-crates-inc.py"), "--print-licenses",
+                          recipe, "--manifest-path", str(src / "Cargo.toml")],
+                         env=lic_env, capture_output=True, text=True)
+    if got.returncode != 0:
+        fail(f"{recipe}: deriving licenses: {got.stderr.strip()}")
+    want = (LAYER / recipe / f"{recipe}-licenses.inc").read_text()
+    if got.stdout != want:
+        fail(f"{recipe}-licenses.inc does not match the crates at SRCREV (run scripts/gen-crates-inc.py)")
+    size = binary.stat().st_size / 1e6
+    print(f"{recipe}: fetched and checked {len(crates)} crates, built {package} ({size:.1f} MB, "
+          f"{' '.join(feature_args) or 'default features'}) with Rust {rust} in "
+          f"{time.monotonic() - started:.0f} s; licenses match")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    srcrev = layer_var(LAYER / "include" / "thingsly-source.inc", "SRCREV")
+    if "--srcrev" in argv:
+        srcrev = argv[argv.index("--srcrev") + 1]
+    release = "--debug-build" not in argv
+    rust = layer_var(LAYER / "include" / "thingsly-rust.inc", "THINGSLY_RUST_MIN")
+    if subprocess.run(["git", "cat-file", "-e", f"{srcrev}^{{commit}}"], cwd=ROOT).returncode != 0:
+        fail(f"SRCREV {srcrev} is not a commit of this repository")
+    src = WORK / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", srcrev], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    for recipe in RECIPES:
+        build_recipe(recipe, src, rust, release, WORK / "target")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
