@@ -32,7 +32,7 @@ scripts/lint-layer.sh
 scripts/check-srcrev.sh
 # What bitbake would do with the recipes: crates from crates.io checked against crates.inc,
 # vendored, built --frozen --offline for aarch64 with the layer's Rust (the MSRV), licenses.
-scripts/recipe-build.py
+scripts/recipe-build.py --debug-build
 scripts/check-units.sh
 scripts/test-cross.sh
 # QEMU hardware-in-the-loop: A/B update and rollback with the release agent, the arm64 board.
