@@ -140,8 +140,11 @@ def license_terms(expr: str) -> set[str]:
 
 
 def linked_crates(manifest: pathlib.Path, package: str, args: list[str]) -> list[dict]:
-    """The registry crates linked into PACKAGE's binaries, with their metadata."""
-    common = ["--locked", "--offline", "--manifest-path", str(manifest)]
+    """The registry crates linked into PACKAGE's binaries, with their metadata.
+
+    cargo may download crates it has not seen (a checkout that built only for x86_64 has none of
+    the crates that are only for other targets); with vendored crates it finds them there."""
+    common = ["--locked", "--manifest-path", str(manifest)]
     tree = subprocess.run(
         ["cargo", "tree", "-q", *common, "-p", package, *args, "--target", LICENSE_TARGET,
          "-e", "normal,no-proc-macro", "--prefix", "none", "-f", "{p}"],
