@@ -145,7 +145,7 @@ fn issue(
         .map_err(internal)?;
     let address = st
         .store
-        .record_via(
+        .record(
             id,
             &hex::encode(&csr.spki_der),
             &issued.serial_hex,
@@ -500,14 +500,9 @@ async fn set_group(
             e.body_text(),
         )
     })?;
-    if let Some(g) = &b.group
-        && !thingsly_proto::enroll::is_valid_device_id(g)
-    {
-        return Err(fail(
-            StatusCode::BAD_REQUEST,
-            error_code::BAD_REQUEST,
-            "group must be 1-64 of A-Z a-z 0-9 . _ -",
-        ));
+    if let Some(g) = &b.group {
+        crate::store::Store::check_group_name(g)
+            .map_err(|m| fail(StatusCode::BAD_REQUEST, error_code::BAD_REQUEST, m))?;
     }
     if !st.store.set_group(&id, b.group.as_deref())? {
         return Err(fail(

@@ -1215,6 +1215,7 @@ mod tests {
                 None,
                 pool,
                 &Default::default(),
+                "fleet",
             )
             .unwrap_or_else(|e| panic!("{e}"));
             assert!(
@@ -1233,6 +1234,7 @@ mod tests {
             None,
             pool,
             &meta,
+            "fleet",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let m = st

@@ -407,10 +407,7 @@ fn main() -> anyhow::Result<()> {
             let store = Store::open(&cfg.data_dir.join("bridge.sqlite"))?;
             let group = if clear { None } else { group };
             if let Some(g) = &group {
-                anyhow::ensure!(
-                    thingsly_proto::enroll::is_valid_device_id(g),
-                    "--group must be 1-64 of A-Z a-z 0-9 . _ -"
-                );
+                Store::check_group_name(g).map_err(|m| anyhow::anyhow!("--{m}"))?;
             }
             anyhow::ensure!(
                 store.set_group(&device, group.as_deref())?,

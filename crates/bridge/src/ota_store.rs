@@ -390,14 +390,7 @@ impl Store {
             "SELECT at, endpoint, body FROM (SELECT rowid AS r, at, endpoint, body FROM ota_feedback
               WHERE action_id = ?1 ORDER BY rowid DESC LIMIT ?2) ORDER BY r",
         )?;
-        let rows = stmt.query_map(params![action_id, limit as i64], |r| {
-            let body: String = r.get(2)?;
-            Ok(FeedbackEntry {
-                at: r.get(0)?,
-                endpoint: r.get(1)?,
-                body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-            })
-        })?;
+        let rows = stmt.query_map(params![action_id, limit as i64], feedback_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -406,14 +399,7 @@ impl Store {
         let mut stmt = c.prepare(
             "SELECT at, endpoint, body FROM ota_feedback WHERE action_id = ?1 ORDER BY rowid",
         )?;
-        let rows = stmt.query_map(params![action_id], |r| {
-            let body: String = r.get(2)?;
-            Ok(FeedbackEntry {
-                at: r.get(0)?,
-                endpoint: r.get(1)?,
-                body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-            })
-        })?;
+        let rows = stmt.query_map(params![action_id], feedback_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -466,6 +452,16 @@ impl Store {
             None => None,
         })
     }
+}
+
+/// One `ota_feedback` row (`at, endpoint, body`); a body that is no longer JSON reads as null.
+fn feedback_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FeedbackEntry> {
+    let body: String = r.get(2)?;
+    Ok(FeedbackEntry {
+        at: r.get(0)?,
+        endpoint: r.get(1)?,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    })
 }
 
 #[cfg(test)]

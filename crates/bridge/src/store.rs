@@ -146,33 +146,10 @@ impl Store {
     /// Record a device after a successful enroll/renew and return its address: the one it
     /// had, or the lowest free one, chosen under the same lock as the write so that
     /// concurrent enrollments never pick the same address. `None`: the pool is exhausted.
+    /// `via` is the credential that created it (`fleet` or `device-token`); the certificate it
+    /// replaces goes on the revocation list.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
-        &self,
-        device_id: &str,
-        public_key_hex: &str,
-        serial_hex: &str,
-        not_after: &str,
-        wg_public_key: Option<&str>,
-        pool: ipnet::Ipv4Net,
-        metadata: &serde_json::Map<String, serde_json::Value>,
-    ) -> anyhow::Result<Option<String>> {
-        self.record_via(
-            device_id,
-            public_key_hex,
-            serial_hex,
-            not_after,
-            wg_public_key,
-            pool,
-            metadata,
-            "fleet",
-        )
-    }
-
-    /// [`Store::record`], noting the credential (`fleet` or `device-token`) that created it.
-    /// The certificate it replaces goes on the revocation list.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_via(
         &self,
         device_id: &str,
         public_key_hex: &str,
@@ -264,6 +241,16 @@ impl Store {
         }
         tx.commit()?;
         Ok(known)
+    }
+
+    /// Whether `group` may name an OTA group (the device-id rule: it appears in URLs and logs).
+    /// The API and the CLI both refuse with this message.
+    pub fn check_group_name(group: &str) -> Result<(), String> {
+        if thingsly_proto::enroll::is_valid_device_id(group) {
+            Ok(())
+        } else {
+            Err("group must be 1-64 of A-Z a-z 0-9 . _ -".into())
+        }
     }
 
     /// The enrolled members of OTA group `group`.
@@ -458,7 +445,7 @@ mod tests {
         let s = Store::open(&t.path().join("db.sqlite")).unwrap();
         let pool: ipnet::Ipv4Net = "10.8.0.0/29".parse().unwrap();
         let rec = |id: &str| {
-            s.record(id, "k", "01", "t", None, pool, &Default::default())
+            s.record(id, "k", "01", "t", None, pool, &Default::default(), "fleet")
                 .unwrap()
         };
         assert_eq!(rec("a").as_deref(), Some("10.8.0.2/32"));
@@ -494,6 +481,7 @@ mod tests {
                                 None,
                                 pool,
                                 &Default::default(),
+                                "fleet",
                             )
                             .unwrap()
                             .unwrap()
@@ -536,9 +524,18 @@ mod tests {
         let pool: ipnet::Ipv4Net = "10.8.0.0/24".parse().unwrap();
         let far = "2999-01-01T00:00:00Z";
         let rec = |serial: &str| {
-            s.record("d", "k", serial, far, None, pool, &Default::default())
-                .unwrap()
-                .unwrap()
+            s.record(
+                "d",
+                "k",
+                serial,
+                far,
+                None,
+                pool,
+                &Default::default(),
+                "fleet",
+            )
+            .unwrap()
+            .unwrap()
         };
         rec("0a");
         rec("0a"); // the same certificate again (a repeated answer): nothing superseded
