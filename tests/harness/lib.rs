@@ -231,6 +231,36 @@ impl Bridge {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `ota upload BUNDLE --name NAME --version VERSION`: the module as the CLI prints it
+    /// (`id`, `filename`, ...).
+    pub fn ota_upload(
+        &self,
+        bundle: &Path,
+        name: &str,
+        version: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let bundle = bundle.to_str().context("bundle path is not UTF-8")?;
+        let out = self.cli(&[
+            "ota",
+            "upload",
+            bundle,
+            "--name",
+            name,
+            "--version",
+            version,
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `ota assign --module MODULE ARGS...` (`--device`, `--group`, `--type`, ...): the actions
+    /// it created, a JSON array.
+    pub fn ota_assign(&self, module: i64, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let m = module.to_string();
+        let mut all = vec!["ota", "assign", "--module", &m];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.cli(&all)?)?)
+    }
+
     pub fn start(&mut self) -> anyhow::Result<()> {
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -676,6 +706,15 @@ impl Observer {
 }
 
 /// A fresh WireGuard public key (base64), as a device would make.
+/// A PEM CSR with CN = `cn`, signed by `kp`, as a device would send it.
+pub fn csr_pem(cn: &str, kp: &rcgen::KeyPair) -> String {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.serialize_request(kp)
+        .and_then(|r| r.pem())
+        .unwrap_or_else(|e| panic!("CSR for {cn}: {e}"))
+}
+
 pub fn wg_public_key() -> String {
     use base64::Engine;
     let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);

@@ -7,12 +7,6 @@ use std::time::Duration;
 use thingsly_e2e::*;
 use thingsly_proto::enroll::EnrollRequest;
 
-fn csr(cn: &str, kp: &rcgen::KeyPair) -> String {
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.serialize_request(kp).unwrap().pem().unwrap()
-}
-
 /// A fresh WireGuard key every time: the bridge refuses one that another device holds.
 fn body(csr_pem: String) -> serde_json::Value {
     serde_json::json!({"csr_pem": csr_pem, "wireguard_public_key": wg_public_key()})
@@ -61,7 +55,9 @@ async fn refusals_have_distinct_status_and_code() {
     let fleet = bridge.fleet_token();
     let k1 = rcgen::KeyPair::generate().unwrap();
 
-    let (st, e) = api.enroll("dev-a", "wrong", &body(csr("dev-a", &k1))).await;
+    let (st, e) = api
+        .enroll("dev-a", "wrong", &body(csr_pem("dev-a", &k1)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (401, "bad_token"));
     let (st, e) = api
         .enroll(
@@ -75,7 +71,7 @@ async fn refusals_have_distinct_status_and_code() {
         .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (400, "bad_csr"));
     // A CSR whose signature does not verify (one byte of the signature flipped).
-    let good = csr("dev-a", &k1);
+    let good = csr_pem("dev-a", &k1);
     let (_, p) = x509_parser_pem(&good);
     let mut der = p.clone();
     let last = der.len() - 2;
@@ -83,12 +79,18 @@ async fn refusals_have_distinct_status_and_code() {
     let tampered = pem_encode("CERTIFICATE REQUEST", &der);
     let (st, e) = api.enroll("dev-a", &fleet, &body(tampered)).await;
     assert_eq!((st, e["error"].as_str().unwrap()), (400, "bad_csr"), "{e}");
-    let (st, e) = api.enroll("dev-a", &fleet, &body(csr("dev-b", &k1))).await;
+    let (st, e) = api
+        .enroll("dev-a", &fleet, &body(csr_pem("dev-b", &k1)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (403, "cn_mismatch"));
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (st, e) = api.enroll("dev-a", &fleet, &body(csr("dev-a", &ed))).await;
+    let (st, e) = api
+        .enroll("dev-a", &fleet, &body(csr_pem("dev-a", &ed)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (422, "unsupported_key"));
-    let (st, e) = api.enroll("dev a", &fleet, &body(csr("dev a", &k1))).await;
+    let (st, e) = api
+        .enroll("dev a", &fleet, &body(csr_pem("dev a", &k1)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (400, "bad_device_id"));
     let (st, e) = api
         .enroll("dev-a", &fleet, &serde_json::json!({"csr": 1}))
@@ -96,7 +98,9 @@ async fn refusals_have_distinct_status_and_code() {
     assert_eq!((st, e["error"].as_str().unwrap()), (400, "bad_request"));
 
     // Success; the issued certificate is the bridge's profile, not what was asked.
-    let (st, ok) = api.enroll("dev-a", &fleet, &body(csr("dev-a", &k1))).await;
+    let (st, ok) = api
+        .enroll("dev-a", &fleet, &body(csr_pem("dev-a", &k1)))
+        .await;
     assert_eq!(st, 200, "{ok}");
     assert_eq!(ok["wireguard"]["address"], "10.9.0.2/32");
     assert!(ok["wireguard"]["private_key"].is_null());
@@ -104,7 +108,9 @@ async fn refusals_have_distinct_status_and_code() {
     let info = thingsly_enroll::cert_info(pem.as_bytes()).unwrap();
     assert_eq!(info.subject_cn, "dev-a");
     // Repeating with the same key is idempotent and keeps the address.
-    let (st, again) = api.enroll("dev-a", &fleet, &body(csr("dev-a", &k1))).await;
+    let (st, again) = api
+        .enroll("dev-a", &fleet, &body(csr_pem("dev-a", &k1)))
+        .await;
     assert_eq!(
         (st, &again["wireguard"]["address"]),
         (200, &ok["wireguard"]["address"])
@@ -113,28 +119,38 @@ async fn refusals_have_distinct_status_and_code() {
     // Another key with the fleet token: refused; with a one-time token for the device: accepted,
     // address kept, token used up.
     let k2 = rcgen::KeyPair::generate().unwrap();
-    let (st, e) = api.enroll("dev-a", &fleet, &body(csr("dev-a", &k2))).await;
+    let (st, e) = api
+        .enroll("dev-a", &fleet, &body(csr_pem("dev-a", &k2)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (409, "key_conflict"));
     let token = bridge
         .cli(&["token", "--device", "dev-a"])
         .unwrap()
         .trim()
         .to_string();
-    let (st, e) = api.enroll("dev-b", &token, &body(csr("dev-b", &k2))).await;
+    let (st, e) = api
+        .enroll("dev-b", &token, &body(csr_pem("dev-b", &k2)))
+        .await;
     assert_eq!(
         (st, e["error"].as_str().unwrap()),
         (401, "bad_token"),
         "token is for dev-a only"
     );
-    let (st, re) = api.enroll("dev-a", &token, &body(csr("dev-a", &k2))).await;
+    let (st, re) = api
+        .enroll("dev-a", &token, &body(csr_pem("dev-a", &k2)))
+        .await;
     assert_eq!(st, 200, "{re}");
     assert_eq!(re["wireguard"]["address"], "10.9.0.2/32");
-    let (st, _) = api.enroll("dev-a", &token, &body(csr("dev-a", &k2))).await;
+    let (st, _) = api
+        .enroll("dev-a", &token, &body(csr_pem("dev-a", &k2)))
+        .await;
     assert_eq!(st, 401, "one-time token reused");
 
     // Pool exhausted.
     let k3 = rcgen::KeyPair::generate().unwrap();
-    let (st, e) = api.enroll("dev-c", &fleet, &body(csr("dev-c", &k3))).await;
+    let (st, e) = api
+        .enroll("dev-c", &fleet, &body(csr_pem("dev-c", &k3)))
+        .await;
     assert_eq!((st, e["error"].as_str().unwrap()), (503, "pool_exhausted"));
 
     // Registry endpoints need the admin token.

@@ -12,12 +12,6 @@ use thingsly_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn csr(cn: &str, kp: &rcgen::KeyPair) -> String {
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.serialize_request(kp).unwrap().pem().unwrap()
-}
-
 fn body(csr_pem: &str, wg: &str) -> serde_json::Value {
     serde_json::json!({"csr_pem": csr_pem, "wireguard_public_key": wg})
 }
@@ -48,7 +42,7 @@ async fn enroll_new(http: &reqwest::Client, bridge: &Bridge, id: &str) -> (u16, 
         bridge,
         id,
         &auth,
-        &body(&csr(id, &kp), &wg_public_key()),
+        &body(&csr_pem(id, &kp), &wg_public_key()),
     )
     .await
 }
@@ -140,7 +134,7 @@ async fn idle_and_half_sent_connections_are_closed_and_capped() {
     // (A connection closed at the cap is an error for this client; it retries like the agent.)
     let auth = format!("Bearer {}", bridge.fleet_token());
     let kp = rcgen::KeyPair::generate().unwrap();
-    let b = body(&csr("legit-1", &kp), &wg_public_key());
+    let b = body(&csr_pem("legit-1", &kp), &wg_public_key());
     let mut refused_at_cap = 0;
     loop {
         let r = http
@@ -367,7 +361,7 @@ async fn a_one_time_token_enrolls_once_under_a_race() {
                     let kp = rcgen::KeyPair::generate().unwrap();
                     http.post(url)
                         .bearer_auth(token)
-                        .json(&body(&csr(&id, &kp), &wg_public_key()))
+                        .json(&body(&csr_pem(&id, &kp), &wg_public_key()))
                         .send()
                         .await
                         .unwrap()
@@ -405,7 +399,7 @@ async fn revocation_sticks_and_the_broker_refuses_revoked_and_superseded_certifi
         &bridge,
         "dev-a",
         &fleet,
-        &body(&csr("dev-a", &ka), &wg_public_key()),
+        &body(&csr_pem("dev-a", &ka), &wg_public_key()),
     )
     .await;
     assert_eq!(st, 200, "{a1}");
@@ -437,7 +431,7 @@ async fn revocation_sticks_and_the_broker_refuses_revoked_and_superseded_certifi
     let ka2 = rcgen::KeyPair::generate().unwrap();
     let r = mtls
         .post(format!("{}/devices/dev-a/renew", bridge.url()))
-        .json(&body(&csr("dev-a", &ka2), &wg_public_key()))
+        .json(&body(&csr_pem("dev-a", &ka2), &wg_public_key()))
         .send()
         .await
         .unwrap();
@@ -456,7 +450,7 @@ async fn revocation_sticks_and_the_broker_refuses_revoked_and_superseded_certifi
         &bridge,
         "dev-b",
         &fleet,
-        &body(&csr("dev-b", &kb), &wg_public_key()),
+        &body(&csr_pem("dev-b", &kb), &wg_public_key()),
     )
     .await;
     assert_eq!(st, 200);
@@ -481,7 +475,7 @@ async fn revocation_sticks_and_the_broker_refuses_revoked_and_superseded_certifi
         &bridge,
         "dev-b",
         &fleet,
-        &body(&csr("dev-b", &kb), &wg_public_key()),
+        &body(&csr_pem("dev-b", &kb), &wg_public_key()),
     )
     .await;
     assert_eq!((st, code(&v)), (403, "revoked"), "{v}");
@@ -582,7 +576,7 @@ async fn the_fleet_token_is_held_to_ids_quota_and_rate() {
         &bridge,
         "observer",
         &format!("Bearer {}", token.trim()),
-        &body(&csr("observer", &kp), &wg_public_key()),
+        &body(&csr_pem("observer", &kp), &wg_public_key()),
     )
     .await;
     assert_eq!(st, 200, "{v}");
@@ -603,7 +597,7 @@ async fn wireguard_keys_that_are_not_the_devices_own_are_refused() {
         &bridge,
         "wg-1",
         &fleet,
-        &body(&csr("wg-1", &kp), &k1),
+        &body(&csr_pem("wg-1", &kp), &k1),
     )
     .await;
     assert_eq!(st, 200, "{v}");
@@ -618,14 +612,14 @@ async fn wireguard_keys_that_are_not_the_devices_own_are_refused() {
             &bridge,
             "wg-1",
             &fleet,
-            &body(&csr("wg-1", &kp), &k1)
+            &body(&csr_pem("wg-1", &kp), &k1)
         )
         .await
         .0,
         200
     );
     let kp2 = rcgen::KeyPair::generate().unwrap();
-    let c2 = csr("wg-2", &kp2);
+    let c2 = csr_pem("wg-2", &kp2);
     let (st, v) = enroll(&http, &bridge, "wg-2", &fleet, &body(&c2, &k1)).await;
     assert_eq!((st, code(&v)), (409, "bad_wireguard_key"), "{v}");
     let (st, v) = enroll(&http, &bridge, "wg-2", &fleet, &body(&c2, &hub)).await;
@@ -657,33 +651,10 @@ async fn feedback_is_held_to_hawkbits_quotas() {
     assert_eq!(enroll_new(&http, &bridge, "fb-1").await.0, 200);
     let bundle = t.path().join("b.raucb");
     std::fs::write(&bundle, vec![7u8; 4096]).unwrap();
-    let m: serde_json::Value = serde_json::from_str(
-        &bridge
-            .cli(&[
-                "ota",
-                "upload",
-                bundle.to_str().unwrap(),
-                "--name",
-                "rootfs",
-                "--version",
-                "2",
-            ])
-            .unwrap(),
-    )
-    .unwrap();
-    let a: serde_json::Value = serde_json::from_str(
-        &bridge
-            .cli(&[
-                "ota",
-                "assign",
-                "--module",
-                &m["id"].to_string(),
-                "--device",
-                "fb-1",
-            ])
-            .unwrap(),
-    )
-    .unwrap();
+    let m = bridge.ota_upload(&bundle, "rootfs", "2").unwrap();
+    let a = bridge
+        .ota_assign(m["id"].as_i64().unwrap(), &["--device", "fb-1"])
+        .unwrap();
     let aid = a[0]["id"].as_i64().unwrap();
     let base = format!("{}/DEFAULT/controller/v1/fb-1", bridge.url());
     let post = |details: Vec<String>| {
@@ -799,7 +770,7 @@ async fn sloppy_inputs_get_clear_refusals() {
 
     // DER + trailing bytes, re-encoded as PEM.
     let kp = rcgen::KeyPair::generate().unwrap();
-    let pem = csr("s-1", &kp);
+    let pem = csr_pem("s-1", &kp);
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let mut der = base64::engine::general_purpose::STANDARD
         .decode(b64)
@@ -967,7 +938,7 @@ async fn a_device_cannot_choose_its_ota_group() {
     let fleet = format!("Bearer {}", bridge.fleet_token());
     for id in ["line3-a", "squatter"] {
         let kp = rcgen::KeyPair::generate().unwrap();
-        let mut b = body(&csr(id, &kp), &wg_public_key());
+        let mut b = body(&csr_pem(id, &kp), &wg_public_key());
         b["metadata"] = serde_json::json!({"group": "line-3"});
         assert_eq!(enroll(&http, &bridge, id, &fleet, &b).await.0, 200);
     }
@@ -990,33 +961,10 @@ async fn a_device_cannot_choose_its_ota_group() {
     assert_eq!(r.status().as_u16(), 401, "the fleet token sets no groups");
     let bundle = t.path().join("b.raucb");
     std::fs::write(&bundle, vec![1u8; 1024]).unwrap();
-    let m: serde_json::Value = serde_json::from_str(
-        &bridge
-            .cli(&[
-                "ota",
-                "upload",
-                bundle.to_str().unwrap(),
-                "--name",
-                "rootfs",
-                "--version",
-                "3",
-            ])
-            .unwrap(),
-    )
-    .unwrap();
-    let a: serde_json::Value = serde_json::from_str(
-        &bridge
-            .cli(&[
-                "ota",
-                "assign",
-                "--module",
-                &m["id"].to_string(),
-                "--group",
-                "line-3",
-            ])
-            .unwrap(),
-    )
-    .unwrap();
+    let m = bridge.ota_upload(&bundle, "rootfs", "3").unwrap();
+    let a = bridge
+        .ota_assign(m["id"].as_i64().unwrap(), &["--group", "line-3"])
+        .unwrap();
     let who: Vec<&str> = a
         .as_array()
         .unwrap()

@@ -108,28 +108,14 @@ impl Rig {
 
     /// Upload a bundle and return the module id.
     fn upload(&self, bundle: &std::path::Path, version: &str) -> i64 {
-        let out = self
-            .bridge
-            .cli(&[
-                "ota",
-                "upload",
-                bundle.to_str().unwrap(),
-                "--name",
-                "rootfs",
-                "--version",
-                version,
-            ])
-            .unwrap();
-        let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let m = self.bridge.ota_upload(bundle, "rootfs", version).unwrap();
         m["id"].as_i64().unwrap()
     }
 
     fn assign(&self, module: i64, extra: &[&str]) -> i64 {
-        let m = module.to_string();
-        let mut args = vec!["ota", "assign", "--module", &m, "--device", "ota-dev"];
+        let mut args = vec!["--device", "ota-dev"];
         args.extend_from_slice(extra);
-        let out = self.bridge.cli(&args).unwrap();
-        let a: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let a = self.bridge.ota_assign(module, &args).unwrap();
         a[0]["id"].as_i64().unwrap()
     }
 
