@@ -320,22 +320,45 @@ fn cache_buster(a: &Action, now: i64) -> i32 {
     i32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
 
-fn deployment_of(a: &Action, m: &Module, base: &str) -> ddi::Deployment {
-    let (download, update) = match a.kind {
-        ActionKind::Forced => (ddi::HandlingType::Forced, ddi::HandlingType::Forced),
-        ActionKind::Soft => (ddi::HandlingType::Attempt, ddi::HandlingType::Attempt),
-        ActionKind::Downloadonly => (ddi::HandlingType::Forced, ddi::HandlingType::Skip),
+/// `download`, `update` and `maintenanceWindow` of a deployment, as hawkBit's
+/// `DdiRootController` computes them (`calculateDownloadType`, `calculateUpdateType`,
+/// `calculateMaintenanceWindow`): download-only or forced actions download `forced`, soft ones
+/// `attempt`; the update is `skip` for download-only and while the window is closed, else the
+/// download's type; `maintenanceWindow` only for an action that has one. Third-party clients
+/// decide on `update` alone, so a closed window must say `skip`.
+fn handling(
+    kind: ActionKind,
+    window_open: Option<bool>,
+) -> (
+    ddi::HandlingType,
+    ddi::HandlingType,
+    Option<ddi::MaintenanceWindow>,
+) {
+    use ddi::HandlingType::{Attempt, Forced, Skip};
+    let download = match kind {
+        ActionKind::Forced | ActionKind::Downloadonly => Forced,
+        ActionKind::Soft => Attempt,
     };
+    let update = match (kind, window_open) {
+        (ActionKind::Downloadonly, _) | (_, Some(false)) => Skip,
+        _ => download,
+    };
+    let window = window_open.map(|open| {
+        if open {
+            ddi::MaintenanceWindow::Available
+        } else {
+            ddi::MaintenanceWindow::Unavailable
+        }
+    });
+    (download, update, window)
+}
+
+fn deployment_of(a: &Action, m: &Module, base: &str) -> ddi::Deployment {
+    let (download, update, maintenance_window) = handling(a.kind, a.window_open(now_unix()));
     ddi::Deployment {
         download: Some(download),
         update: Some(update),
-        maintenance_window: a.window_open(now_unix()).map(|open| {
-            if open {
-                ddi::MaintenanceWindow::Available
-            } else {
-                ddi::MaintenanceWindow::Unavailable
-            }
-        }),
+        maintenance_window,
         chunks: vec![ddi::Chunk {
             part: "os".into(),
             version: m.version.clone(),
@@ -1184,6 +1207,51 @@ async fn new_target_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hawkBit's DdiRootController for every action type and window state.
+    #[test]
+    fn handling_types_are_hawkbits() {
+        use ddi::HandlingType::{Attempt, Forced, Skip};
+        use ddi::MaintenanceWindow::{Available, Unavailable};
+        let table = [
+            (ActionKind::Forced, None, (Forced, Forced, None)),
+            (
+                ActionKind::Forced,
+                Some(true),
+                (Forced, Forced, Some(Available)),
+            ),
+            (
+                ActionKind::Forced,
+                Some(false),
+                (Forced, Skip, Some(Unavailable)),
+            ),
+            (ActionKind::Soft, None, (Attempt, Attempt, None)),
+            (
+                ActionKind::Soft,
+                Some(true),
+                (Attempt, Attempt, Some(Available)),
+            ),
+            (
+                ActionKind::Soft,
+                Some(false),
+                (Attempt, Skip, Some(Unavailable)),
+            ),
+            (ActionKind::Downloadonly, None, (Forced, Skip, None)),
+            (
+                ActionKind::Downloadonly,
+                Some(true),
+                (Forced, Skip, Some(Available)),
+            ),
+            (
+                ActionKind::Downloadonly,
+                Some(false),
+                (Forced, Skip, Some(Unavailable)),
+            ),
+        ];
+        for (kind, window, want) in table {
+            assert_eq!(handling(kind, window), want, "{kind:?} window {window:?}");
+        }
+    }
 
     #[test]
     fn ranges_follow_rfc_9110() {

@@ -547,7 +547,7 @@ impl Engine {
                 sha1: artifact.hashes.sha1.clone(),
                 md5: artifact.hashes.md5.clone(),
             },
-            download_only: dep.update == Some(HandlingType::Skip),
+            download_only: is_download_only(dep),
             phase: Phase::Downloading,
             bundle_path: self.download_dir.join(format!("{name}.raucb")),
             previous_slot: s.rauc_slot.clone(),
@@ -840,6 +840,12 @@ impl Engine {
                 )
                 .await;
                 return Step::Wait;
+            }
+            // The window is open now, and the action was download-only all along (hawkBit says
+            // `skip` both for that and for a closed window).
+            Ok(b) if is_download_only(&b.deployment) => {
+                d.download_only = true;
+                return Box::pin(self.after_download(d)).await;
             }
             Ok(_) => {}
             Err(DdiError::Status(404 | 410, m)) => {
@@ -1289,9 +1295,38 @@ fn timestamp_after(ts: &str, unix: i64) -> bool {
         .unwrap_or(false)
 }
 
+/// A download-only action, told apart from an install waiting for its window: hawkBit sends
+/// `update: skip` for both (its `calculateUpdateType`), and `maintenanceWindow: unavailable`
+/// only for the second. While the window is closed the agent downloads and waits; once it
+/// opens, `skip` means download-only.
+fn is_download_only(dep: &thingsly_proto::ddi::Deployment) -> bool {
+    dep.update == Some(HandlingType::Skip)
+        && dep.maintenance_window != Some(MaintenanceWindow::Unavailable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skip_is_download_only_unless_the_window_is_closed() {
+        use HandlingType::{Attempt, Forced, Skip};
+        use MaintenanceWindow::{Available, Unavailable};
+        let dep = |update, window| thingsly_proto::ddi::Deployment {
+            download: Some(Forced),
+            update: Some(update),
+            maintenance_window: window,
+            chunks: vec![],
+        };
+        assert!(is_download_only(&dep(Skip, None)));
+        assert!(is_download_only(&dep(Skip, Some(Available))));
+        assert!(
+            !is_download_only(&dep(Skip, Some(Unavailable))),
+            "waits for the window"
+        );
+        assert!(!is_download_only(&dep(Forced, Some(Available))));
+        assert!(!is_download_only(&dep(Attempt, None)));
+    }
 
     #[test]
     fn rauc_timestamps_compare_to_the_install_start() {
