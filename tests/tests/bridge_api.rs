@@ -311,3 +311,87 @@ fn init_imports_an_existing_root() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
 }
+
+/// Issue 18: many DDI clients are configured with the device's leaf certificate only. The bridge
+/// accepts it as it accepts leaf + issuing CA (curl, a real client, both ways), and keeps refusing
+/// certificates the fleet CA did not issue: a self-signed one and another bridge's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_certificate_is_accepted_without_its_chain() {
+    let t = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init(&t.path().join("b")).unwrap();
+    bridge.start().unwrap();
+    let api = Api::new(&bridge);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (st, ok) = api
+        .enroll(
+            "leaf-1",
+            &bridge.fleet_token(),
+            &body(csr_pem("leaf-1", &key)),
+        )
+        .await;
+    assert_eq!(st, 200, "{ok}");
+    let dir = t.path();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let key_file = write("leaf.key", &key.serialize_pem());
+    let leaf = write("leaf.crt", ok["certificate_pem"].as_str().unwrap());
+    let chain = std::fs::read_to_string(bridge.ca_chain()).unwrap();
+    let leaf_and_chain = write(
+        "leaf-chain.crt",
+        &format!("{}{chain}", ok["certificate_pem"].as_str().unwrap()),
+    );
+    let self_signed = {
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "leaf-1");
+        write("self.crt", &p.self_signed(&key).unwrap().pem())
+    };
+    let other = Bridge::init(&t.path().join("other")).unwrap();
+    let (other_crt, other_key) = other.client_cert("leaf-1").unwrap();
+
+    // The root alone as curl's trust store: with the issuing CA in it, OpenSSL would complete
+    // the client's chain by itself and send the intermediate anyway.
+    let root = bridge.data().join("ca/root.crt");
+    let url = format!("{}/DEFAULT/controller/v1/leaf-1", bridge.url());
+    let curl = |crt: &std::path::Path, key: &std::path::Path| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("--cacert")
+            .arg(&root)
+            .arg("--cert")
+            .arg(crt)
+            .arg("--key")
+            .arg(key)
+            .arg(&url)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(curl(&leaf, &key_file).0, "200", "leaf only");
+    assert_eq!(curl(&leaf_and_chain, &key_file).0, "200", "leaf + chain");
+    for (what, crt, k) in [
+        ("self-signed", &self_signed, &key_file),
+        ("another CA's", &other_crt, &other_key),
+    ] {
+        let (code, err) = curl(crt, k);
+        assert_ne!(code, "200", "{what} accepted");
+        assert!(
+            code == "000" && !err.is_empty(),
+            "{what}: refused in the handshake, got HTTP {code} {err}"
+        );
+    }
+}

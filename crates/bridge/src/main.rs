@@ -434,10 +434,13 @@ fn main() -> anyhow::Result<()> {
 async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let paths = CaPaths::new(&cfg.data_dir);
+    // Client certificates chain to the issuing CA or to the root: the issuing CA is a trust
+    // anchor too, so a device that sends only its leaf (how many DDI clients are configured) is
+    // accepted like one that sends leaf + issuing CA. Nothing else is trusted more than before.
     let tls = tls_server::server_config(
         &paths.server_crt(),
         &paths.server_key(),
-        Some(ca.root_pem.as_bytes()),
+        Some(ca.chain_pem.as_bytes()),
     )?;
     let wg_private = read_token(&cfg.data_dir.join("wireguard.key"))?;
     let wg_public = {
