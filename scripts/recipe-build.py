@@ -109,7 +109,11 @@ def unpack(crates: list, files: list[pathlib.Path], vendor: pathlib.Path) -> Non
     vendor.mkdir(parents=True)
     for (name, version, sha), path in zip(crates, files):
         with tarfile.open(path) as tar:
-            tar.extractall(vendor, filter="data")
+            # The "data" filter (no absolute paths, links out, devices) where Python has it.
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(vendor, filter="data")
+            else:
+                tar.extractall(vendor)
         (vendor / f"{name}-{version}" / ".cargo-checksum.json").write_text(
             json.dumps({"files": {}, "package": sha}))
 
