@@ -11,6 +11,10 @@ pub struct RaucInfo {
     pub booted_version: Option<String>,
 }
 
+/// How long the agent waits at start for a RAUC that is on the bus but not answering yet.
+#[cfg(feature = "rauc")]
+const RAUC_STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[cfg(feature = "rauc")]
 pub async fn rauc_info() -> Result<RaucInfo, String> {
     use std::collections::HashMap;
@@ -52,9 +56,17 @@ pub async fn rauc_info() -> Result<RaucInfo, String> {
             booted_version,
         })
     };
-    tokio::time::timeout(std::time::Duration::from_secs(3), fut)
+    // A RAUC that is not there fails at once (no system bus, or ServiceUnknown); only one that
+    // is still starting is waited for. 3 s was too short on a slow board: under QEMU TCG the
+    // agent came up before RAUC on the new slot and published an empty rauc_slot (HIL update).
+    tokio::time::timeout(RAUC_STARTUP_WAIT, fut)
         .await
-        .map_err(|_| "RAUC did not answer within 3 s".to_string())?
+        .map_err(|_| {
+            format!(
+                "RAUC did not answer within {} s",
+                RAUC_STARTUP_WAIT.as_secs()
+            )
+        })?
 }
 
 #[cfg(not(feature = "rauc"))]
