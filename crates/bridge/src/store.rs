@@ -439,15 +439,33 @@ fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
 mod tests {
     use super::*;
 
+    /// `Store::record` as the tests need it: fleet enrollment, key "k", no WireGuard key.
+    fn rec_as(
+        s: &Store,
+        id: &str,
+        serial: &str,
+        not_after: &str,
+        pool: ipnet::Ipv4Net,
+    ) -> Option<String> {
+        s.record(
+            id,
+            "k",
+            serial,
+            not_after,
+            None,
+            pool,
+            &Default::default(),
+            "fleet",
+        )
+        .unwrap()
+    }
+
     #[test]
     fn addresses_are_allocated_lowest_first_and_kept() {
         let t = tempfile::tempdir().unwrap();
         let s = Store::open(&t.path().join("db.sqlite")).unwrap();
         let pool: ipnet::Ipv4Net = "10.8.0.0/29".parse().unwrap();
-        let rec = |id: &str| {
-            s.record(id, "k", "01", "t", None, pool, &Default::default(), "fleet")
-                .unwrap()
-        };
+        let rec = |id: &str| rec_as(&s, id, "01", "t", pool);
         assert_eq!(rec("a").as_deref(), Some("10.8.0.2/32"));
         assert_eq!(
             rec("a").as_deref(),
@@ -472,20 +490,7 @@ mod tests {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     (0..10)
-                        .map(|j| {
-                            s.record(
-                                &format!("d{i}-{j}"),
-                                "k",
-                                "01",
-                                "t",
-                                None,
-                                pool,
-                                &Default::default(),
-                                "fleet",
-                            )
-                            .unwrap()
-                            .unwrap()
-                        })
+                        .map(|j| rec_as(&s, &format!("d{i}-{j}"), "01", "t", pool).unwrap())
                         .collect::<Vec<_>>()
                 })
             })
@@ -523,20 +528,7 @@ mod tests {
         let s = Store::open(&t.path().join("db.sqlite")).unwrap();
         let pool: ipnet::Ipv4Net = "10.8.0.0/24".parse().unwrap();
         let far = "2999-01-01T00:00:00Z";
-        let rec = |serial: &str| {
-            s.record(
-                "d",
-                "k",
-                serial,
-                far,
-                None,
-                pool,
-                &Default::default(),
-                "fleet",
-            )
-            .unwrap()
-            .unwrap()
-        };
+        let rec = |serial: &str| rec_as(&s, "d", serial, far, pool).unwrap();
         rec("0a");
         rec("0a"); // the same certificate again (a repeated answer): nothing superseded
         assert!(s.crl_entries().unwrap().0.is_empty());

@@ -811,17 +811,23 @@ impl Engine {
         args
     }
 
+    /// A download-only action ends with the bundle downloaded: report `downloaded`, success.
+    fn conclude_download_only(&mut self, d: &mut Deployment) -> Step {
+        d.download_only = true;
+        let detail = format!("{} {} downloaded (download only)", d.name, d.version);
+        d.report = Some(Report {
+            execution: Execution::Downloaded,
+            finished: Finished::Success,
+            details: vec![detail.clone()],
+        });
+        d.phase = Phase::Reporting;
+        self.set_status("idle", detail);
+        self.persist(d)
+    }
+
     async fn after_download(&mut self, d: &mut Deployment) -> Step {
         if d.download_only {
-            let detail = format!("{} {} downloaded (download only)", d.name, d.version);
-            d.report = Some(Report {
-                execution: Execution::Downloaded,
-                finished: Finished::Success,
-                details: vec![detail.clone()],
-            });
-            d.phase = Phase::Reporting;
-            self.set_status("idle", detail);
-            return self.persist(d);
+            return self.conclude_download_only(d);
         }
         // Ask again: the window may have opened (or closed) since the action arrived.
         match self.ddi.get::<DeploymentBase>(&d.href).await {
@@ -843,10 +849,7 @@ impl Engine {
             }
             // The window is open now, and the action was download-only all along (hawkBit says
             // `skip` both for that and for a closed window).
-            Ok(b) if is_download_only(&b.deployment) => {
-                d.download_only = true;
-                return Box::pin(self.after_download(d)).await;
-            }
+            Ok(b) if is_download_only(&b.deployment) => return self.conclude_download_only(d),
             Ok(_) => {}
             Err(DdiError::Status(404 | 410, m)) => {
                 return self.conclude(
