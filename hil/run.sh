@@ -9,11 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 args=("$@"); [ ${#args[@]} -gt 0 ] || args=(all)
-cargo build --locked --release -p thingsly-agent
+# The release agents' target directory: scripts/test.sh builds them beforehand in its own
+# (target/release-agents), overlapping the end-to-end tests without waiting on target/'s lock.
+rel=${THINGSLY_RELEASE_DIR:-target}
+cargo build --locked --release --target-dir "$rel" -p thingsly-agent
 cargo build --locked --bins
 if [[ " ${args[*]} " =~ \ (arm64|ci|all)\  ]]; then
   scripts/install-toolchains.sh >/dev/null
-  cargo build --locked --release --target aarch64-unknown-linux-musl -p thingsly-agent
+  cargo build --locked --release --target-dir "$rel" --target aarch64-unknown-linux-musl -p thingsly-agent
+  export HIL_ARM64_AGENT=$rel/aarch64-unknown-linux-musl/release/thingsly-agent
 fi
-HIL_AGENT_BIN=target/release/thingsly-agent HIL_BRIDGE_BIN=target/debug/thingsly-bridge hil/build-image.sh
+HIL_AGENT_BIN=$rel/release/thingsly-agent HIL_BRIDGE_BIN=target/debug/thingsly-bridge hil/build-image.sh
 exec target/debug/thingsly-hil "${args[@]}"
