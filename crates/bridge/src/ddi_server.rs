@@ -5,7 +5,7 @@
 //! Plus the management side: upload a bundle, assign it, cancel, read an action's history.
 
 use crate::auth::{authorization, token_eq};
-use crate::ota_store::{Action, ActionKind, Module, status};
+use crate::ota_store::{Action, ActionKind, MAX_DDI_TARGETS, Module, Registered, status};
 use crate::state::{AppState, PeerCert};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -28,6 +28,22 @@ pub struct DdiSettings {
     /// Empty: GatewayToken authentication is off.
     pub gateway_token: String,
     pub artifacts_dir: PathBuf,
+}
+
+/// hawkBit's error codes (`errorCode` of its `ExceptionInfo` body), from its `SpServerError`
+/// (hawkbit-core `org.eclipse.hawkbit.exception.SpServerError`). The last three are ours:
+/// hawkBit answers those cases without a body, we keep the JSON shape clients parse.
+pub mod code {
+    pub const GENERIC: &str = "hawkbit.server.error.repo.genericError";
+    pub const NOT_FOUND: &str = "hawkbit.server.error.repo.entityNotFound";
+    pub const AUTO_CONFIRM_ACTIVE: &str = "hawkbit.server.error.repo.autoConfAlreadyActive";
+    pub const BODY_NOT_READABLE: &str = "hawkbit.server.error.rest.body.notReadable";
+    pub const INSUFFICIENT_PERMISSION: &str = "hawkbit.server.error.insufficientPermission";
+    pub const BINARY_DELETED: &str = "hawkbit.server.error.artifact.binaryDeleted";
+    pub const QUOTA_EXCEEDED: &str = "hawkbit.server.error.quota.tooManyEntries";
+    pub const UNAUTHORIZED: &str = "hawkbit.server.error.unauthorized";
+    pub const ACTION_CLOSED: &str = "hawkbit.server.error.action.closed";
+    pub const PRECONDITION_FAILED: &str = "hawkbit.server.error.preconditionFailed";
 }
 
 /// hawkBit's error body, with its HTTP status.
@@ -57,7 +73,7 @@ fn err(status: StatusCode, code: &'static str, msg: impl Into<String>) -> DdiErr
 fn internal(e: impl std::fmt::Display) -> DdiError {
     err(
         StatusCode::INTERNAL_SERVER_ERROR,
-        "hawkbit.server.error.internal",
+        code::GENERIC,
         e.to_string(),
     )
 }
@@ -71,14 +87,23 @@ pub fn router() -> Router<Arc<AppState>> {
             &format!("{base}/deploymentBase/{{aid}}/feedback"),
             post(deployment_feedback),
         )
-        .route(&format!("{base}/installedBase/{{aid}}"), get(deployment))
+        .route(&format!("{base}/installedBase/{{aid}}"), get(installed))
         .route(&format!("{base}/cancelAction/{{aid}}"), get(cancel_action))
         .route(
             &format!("{base}/cancelAction/{{aid}}/feedback"),
             post(cancel_feedback),
         )
         .route(&format!("{base}/configData"), put(config_data))
+        .route(&format!("{base}/installedBase"), put(put_installed_base))
         .route(&format!("{base}/confirmationBase"), get(confirmation_base))
+        .route(
+            &format!("{base}/confirmationBase/activateAutoConfirm"),
+            post(activate_auto_confirm),
+        )
+        .route(
+            &format!("{base}/confirmationBase/deactivateAutoConfirm"),
+            post(deactivate_auto_confirm),
+        )
         .route(
             &format!("{base}/confirmationBase/{{aid}}"),
             get(confirmation_action),
@@ -103,6 +128,52 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/ota/actions/{id}/cancel", post(cancel))
         .route("/ota/devices/{id}", get(show_device))
         .route("/ota/devices/{id}/target-token", post(new_target_token))
+        .route("/ota/targets", get(list_ddi_targets))
+        .layer(axum::middleware::map_response(as_hawkbit_error))
+}
+
+/// Errors raised by the framework before a handler runs (a path, query or body the extractors
+/// refuse, a method not allowed, a body over the limit) come as plain text; hawkBit answers
+/// every client error with its JSON `ExceptionInfo`, so clients parse the same shape here.
+async fn as_hawkbit_error(resp: Response) -> Response {
+    let st = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    // 416 carries only Content-Range, as hawkBit's; 3xx and 2xx are not errors.
+    if !st.is_client_error() || is_json || st == StatusCode::RANGE_NOT_SATISFIABLE {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let code = match st {
+        StatusCode::NOT_FOUND => code::NOT_FOUND,
+        StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE
+        | StatusCode::UNSUPPORTED_MEDIA_TYPE
+        | StatusCode::UNPROCESSABLE_ENTITY => code::BODY_NOT_READABLE,
+        _ => code::GENERIC,
+    };
+    let mut out = err(
+        // axum refuses a JSON body it cannot deserialize with 422; hawkBit says 400.
+        if st == StatusCode::UNPROCESSABLE_ENTITY {
+            StatusCode::BAD_REQUEST
+        } else {
+            st
+        },
+        code,
+        String::from_utf8_lossy(&text).trim().to_string(),
+    )
+    .into_response();
+    // Keep what the framework said besides the body (Allow on a 405).
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 // ----------------------------------------------------------------------------- authentication
@@ -110,7 +181,18 @@ pub fn router() -> Router<Arc<AppState>> {
 /// Who may act as controller `cid`: its own current certificate, its target token, or the
 /// gateway token. hawkBit answers 401 to anything else. An extractor, so that it is decided
 /// before any body is read.
-pub struct Controller;
+pub struct Controller {
+    pub via: Via,
+}
+
+/// How a controller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Certificate,
+    TargetToken,
+    /// The tenant-wide gateway token: any controller id, enrolled or not.
+    GatewayToken,
+}
 
 impl axum::extract::FromRequestParts<Arc<AppState>> for Controller {
     type Rejection = DdiError;
@@ -130,17 +212,13 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Controller {
             .get::<PeerCert>()
             .cloned()
             .unwrap_or_default();
-        authenticate(st, tenant, cid, &parts.headers, &peer)?;
-        Ok(Controller)
+        let via = authenticate(st, tenant, cid, &parts.headers, &peer)?;
+        Ok(Controller { via })
     }
 }
 
 fn not_found(msg: impl Into<String>) -> DdiError {
-    err(
-        StatusCode::NOT_FOUND,
-        "hawkbit.server.error.repo.entitiyNotFound",
-        msg,
-    )
+    err(StatusCode::NOT_FOUND, code::NOT_FOUND, msg)
 }
 
 fn authenticate(
@@ -149,7 +227,7 @@ fn authenticate(
     cid: &str,
     headers: &HeaderMap,
     peer: &PeerCert,
-) -> Result<(), DdiError> {
+) -> Result<Via, DdiError> {
     let ddi = st
         .ddi
         .as_ref()
@@ -159,10 +237,10 @@ fn authenticate(
     }
     if let Some(der) = &peer.0 {
         return match crate::api::current_device_of_cert(st, der, cid) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Via::Certificate),
             Err(why) => Err(err(
                 StatusCode::FORBIDDEN,
-                "hawkbit.server.error.insufficientpermission",
+                code::INSUFFICIENT_PERMISSION,
                 why,
             )),
         };
@@ -170,12 +248,12 @@ fn authenticate(
     if let Some(t) = authorization(headers, "GatewayToken")
         && token_eq(t, &ddi.gateway_token)
     {
-        return Ok(());
+        return Ok(Via::GatewayToken);
     }
     if let Some(t) = authorization(headers, "TargetToken")
         && st.store.target_token_valid(cid, t).map_err(internal)?
     {
-        return Ok(());
+        return Ok(Via::TargetToken);
     }
     Err(err(
         StatusCode::UNAUTHORIZED,
@@ -218,7 +296,7 @@ fn own_action(st: &AppState, cid: &str, aid: &str) -> Result<Action, DdiError> {
     let not_found = || {
         err(
             StatusCode::NOT_FOUND,
-            "hawkbit.server.error.repo.entitiyNotFound",
+            code::NOT_FOUND,
             format!("action {aid} not found for {cid}"),
         )
     };
@@ -240,11 +318,14 @@ type ActionIds = Path<(String, String, String)>;
 
 async fn root(
     State(st): State<Arc<AppState>>,
-    _device: Controller,
+    device: Controller,
     Path((tenant, cid)): Ids,
     headers: HeaderMap,
 ) -> Result<Response, DdiError> {
     let ddi = settings(&st)?;
+    if device.via == Via::GatewayToken {
+        register_unknown(&st, &cid)?;
+    }
     let base = base_url(&st, &headers, &tenant, &cid);
     let mut links = ddi::Links::new();
     if let Some(a) = st.store.open_action(&cid).map_err(internal)? {
@@ -312,6 +393,32 @@ async fn root(
         json,
     )
         .into_response())
+}
+
+/// hawkBit registers a controller it does not know on its first authenticated poll
+/// (`findOrRegisterTargetIfItDoesNotExist`); only a gateway-token poll can come from one.
+/// Enrolled devices are not registered twice.
+fn register_unknown(st: &AppState, cid: &str) -> Result<(), DdiError> {
+    if st.store.get(cid).map_err(internal)?.is_some() {
+        return Ok(());
+    }
+    if !thingsly_proto::enroll::is_valid_device_id(cid) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            code::GENERIC,
+            format!("controller id {cid:?}: 1-64 of A-Z a-z 0-9 . _ - (not starting with .)"),
+        ));
+    }
+    match st.store.register_ddi_target(cid).map_err(internal)? {
+        Registered::New => {
+            tracing::info!(device = %cid, "DDI target registered (first gateway-token poll)");
+            Ok(())
+        }
+        Registered::Known => Ok(()),
+        Registered::Full => Err(quota_exceeded(format!(
+            "{MAX_DDI_TARGETS} DDI targets registered already; remove some before new ones poll"
+        ))),
+    }
 }
 
 fn cache_buster(a: &Action, now: i64) -> i32 {
@@ -413,11 +520,7 @@ fn message_count(details: &[String]) -> usize {
 }
 
 fn quota_exceeded(msg: String) -> DdiError {
-    err(
-        StatusCode::TOO_MANY_REQUESTS,
-        "hawkbit.server.error.quota.tooManyEntries",
-        msg,
-    )
+    err(StatusCode::TOO_MANY_REQUESTS, code::QUOTA_EXCEEDED, msg)
 }
 
 /// hawkBit's quotas on one more feedback for action `a`.
@@ -505,7 +608,7 @@ async fn deployment_body(
     }))
 }
 
-/// `deploymentBase/{id}` and `installedBase/{id}`: the same body (hawkBit's too).
+/// `deploymentBase/{id}`.
 async fn deployment(
     State(st): State<Arc<AppState>>,
     _device: Controller,
@@ -517,15 +620,28 @@ async fn deployment(
     deployment_body(&st, &headers, &tenant, &cid, &a, q).await
 }
 
+/// `installedBase/{id}`: only an action that finished (hawkBit's `getControllerInstalledAction`
+/// answers 404 for one still active, canceling or canceled).
+async fn installed(
+    State(st): State<Arc<AppState>>,
+    _device: Controller,
+    Path((tenant, cid, aid)): ActionIds,
+    Query(q): Query<HistoryQuery>,
+    headers: HeaderMap,
+) -> Result<Json<ddi::DeploymentBase>, DdiError> {
+    let a = own_action(&st, &cid, &aid)?;
+    if status::is_open(&a.status) || a.status == status::CANCELED {
+        return Err(not_found(format!(
+            "action {aid} is {}, not installed",
+            a.status
+        )));
+    }
+    deployment_body(&st, &headers, &tenant, &cid, &a, q).await
+}
+
 /// A feedback body as hawkBit parses it: strict types, unknown fields tolerated.
 fn parse_feedback(body: &Bytes) -> Result<(ActionFeedback, serde_json::Value), DdiError> {
-    let bad = |e: String| {
-        err(
-            StatusCode::BAD_REQUEST,
-            "hawkbit.server.error.rest.body.notReadable",
-            e,
-        )
-    };
+    let bad = |e: String| err(StatusCode::BAD_REQUEST, code::BODY_NOT_READABLE, e);
     let fb: ActionFeedback =
         serde_json::from_slice(body).map_err(|e| bad(format!("feedback: {e}")))?;
     let raw = serde_json::to_value(&fb).map_err(internal)?;
@@ -621,7 +737,7 @@ async fn config_data(
     let cd: ddi::ConfigData = serde_json::from_slice(&body).map_err(|e| {
         err(
             StatusCode::BAD_REQUEST,
-            "hawkbit.server.error.rest.body.notReadable",
+            code::BODY_NOT_READABLE,
             format!("configData: {e}"),
         )
     })?;
@@ -669,7 +785,7 @@ async fn confirmation_feedback(
     let fb: ddi::ConfirmationFeedback = serde_json::from_slice(&body).map_err(|e| {
         err(
             StatusCode::BAD_REQUEST,
-            "hawkbit.server.error.rest.body.notReadable",
+            code::BODY_NOT_READABLE,
             format!("confirmation feedback: {e}"),
         )
     })?;
@@ -690,16 +806,158 @@ async fn confirmation_feedback(
     Ok(StatusCode::OK)
 }
 
-/// Auto-confirm is off on this server: actions assigned with `confirm` wait for the device.
-async fn confirmation_base(_device: Controller) -> Result<Json<ddi::ConfirmationBase>, DdiError> {
+/// The device's auto-confirmation state, the link that switches it, and the action waiting
+/// for consent (hawkBit's `getConfirmationBase` / `DataConversionHelper.createConfirmationBase`).
+async fn confirmation_base(
+    State(st): State<Arc<AppState>>,
+    device: Controller,
+    Path((tenant, cid)): Ids,
+    headers: HeaderMap,
+) -> Result<Json<ddi::ConfirmationBase>, DdiError> {
+    // hawkBit registers an unknown controller here too.
+    if device.via == Via::GatewayToken {
+        register_unknown(&st, &cid)?;
+    }
+    let base = base_url(&st, &headers, &tenant, &cid);
+    let auto = st.store.auto_confirm(&cid).map_err(internal)?;
+    let mut links = ddi::Links::new();
+    let (rel, path) = if auto.is_some() {
+        (
+            "deactivateAutoConfirm",
+            "confirmationBase/deactivateAutoConfirm",
+        )
+    } else {
+        (
+            "activateAutoConfirm",
+            "confirmationBase/activateAutoConfirm",
+        )
+    };
+    links.insert(rel.into(), ddi::link(format!("{base}/{path}")));
+    if let Some(a) = st.store.open_action(&cid).map_err(internal)?
+        && a.status == status::CONFIRMING
+    {
+        let c = cache_buster(&a, now_unix());
+        links.insert(
+            "confirmationBase".into(),
+            ddi::link(format!("{base}/confirmationBase/{}?c={c}", a.id)),
+        );
+    }
     Ok(Json(ddi::ConfirmationBase {
         auto_confirm: ddi::AutoConfirm {
-            active: false,
-            initiator: None,
-            remark: None,
+            active: auto.is_some(),
+            initiator: auto.as_ref().and_then(|a| a.initiator.clone()),
+            remark: auto.as_ref().and_then(|a| a.remark.clone()),
+            activated_at: auto.as_ref().map(|a| a.activated_at),
         },
-        links: ddi::Links::new(),
+        links,
     }))
+}
+
+/// hawkBit's `DdiActivateAutoConfirmation`: both fields optional, the body too.
+#[derive(serde::Deserialize, Default)]
+struct ActivateAutoConfirm {
+    initiator: Option<String>,
+    remark: Option<String>,
+}
+
+/// Initiator and remark are kept and shown: bounded like a feedback message.
+const AUTO_CONFIRM_FIELD_MAX: usize = MESSAGE_SPLIT_CHARS;
+
+async fn activate_auto_confirm(
+    State(st): State<Arc<AppState>>,
+    _device: Controller,
+    Path((_, cid)): Ids,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    let req: ActivateAutoConfirm = if body.iter().all(u8::is_ascii_whitespace) {
+        ActivateAutoConfirm::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                code::BODY_NOT_READABLE,
+                format!("activateAutoConfirm: {e}"),
+            )
+        })?
+    };
+    for f in [&req.initiator, &req.remark].into_iter().flatten() {
+        if f.chars().count() > AUTO_CONFIRM_FIELD_MAX {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                code::BODY_NOT_READABLE,
+                format!("initiator and remark: at most {AUTO_CONFIRM_FIELD_MAX} characters"),
+            ));
+        }
+    }
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let activated = st
+        .store
+        .activate_auto_confirm(
+            &cid,
+            req.initiator.as_deref(),
+            req.remark.as_deref(),
+            now_ms,
+        )
+        .map_err(internal)?;
+    if !activated {
+        return Err(err(
+            StatusCode::CONFLICT,
+            code::AUTO_CONFIRM_ACTIVE,
+            format!("auto-confirmation is already active for {cid}"),
+        ));
+    }
+    tracing::info!(device = %cid, initiator = ?req.initiator, "DDI auto-confirmation activated");
+    Ok(StatusCode::OK)
+}
+
+async fn deactivate_auto_confirm(
+    State(st): State<Arc<AppState>>,
+    _device: Controller,
+    Path((_, cid)): Ids,
+) -> Result<StatusCode, DdiError> {
+    st.store.deactivate_auto_confirm(&cid).map_err(internal)?;
+    tracing::info!(device = %cid, "DDI auto-confirmation deactivated");
+    Ok(StatusCode::OK)
+}
+
+/// hawkBit's `DdiAssignedVersion`: the distribution set's name and version, both required.
+#[derive(serde::Deserialize)]
+struct AssignedVersion {
+    name: String,
+    version: String,
+}
+
+/// `PUT installedBase`: the device says what it runs (hawkBit's `setAssignedOfflineVersion`):
+/// 201 when recorded as news, 200 when nothing changed, 404 for a set the server lacks.
+async fn put_installed_base(
+    State(st): State<Arc<AppState>>,
+    _device: Controller,
+    Path((_, cid)): Ids,
+    body: Bytes,
+) -> Result<StatusCode, DdiError> {
+    let v: AssignedVersion = serde_json::from_slice(&body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            code::BODY_NOT_READABLE,
+            format!("installedBase: {e}"),
+        )
+    })?;
+    let m = st
+        .store
+        .module_named(&v.name, &v.version)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("no software {:?} version {:?}", v.name, v.version)))?;
+    match st
+        .store
+        .record_offline_install(&cid, m.id)
+        .map_err(internal)?
+    {
+        Some(a) => {
+            tracing::info!(device = %cid, module = m.id, action = a.id, "installed version reported by the device");
+            Ok(StatusCode::CREATED)
+        }
+        None => Ok(StatusCode::OK),
+    }
 }
 
 /// The module, when the device has (or had) an action for it.
@@ -707,7 +965,7 @@ fn device_module(st: &AppState, cid: &str, mid: &str) -> Result<Module, DdiError
     let not_found = || {
         err(
             StatusCode::NOT_FOUND,
-            "hawkbit.server.error.repo.entitiyNotFound",
+            code::NOT_FOUND,
             format!("software module {mid} not found"),
         )
     };
@@ -776,24 +1034,41 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
     Ok(Some((start, end)))
 }
 
+/// `If-Match` against an artifact's ETag: absent or `*` or listing it passes (RFC 9110 13.1.1).
+fn if_match_passes(header: Option<&str>, etag: &str) -> bool {
+    header.is_none_or(|h| {
+        h.split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+    })
+}
+
 async fn artifact_file(
     State(st): State<Arc<AppState>>,
     _device: Controller,
     Path((_, cid, mid, file)): Path<(String, String, String, String)>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, DdiError> {
     let m = device_module(&st, &cid, &mid)?;
     if file == format!("{}.MD5SUM", m.filename) {
+        // hawkBit's `writeMD5FileResponse`: "<md5>  <filename>", no newline.
         return Ok((
-            [(header::CONTENT_TYPE, "text/plain")],
-            format!("{}  {}\n", m.md5, m.filename),
+            [
+                (header::CONTENT_TYPE, "text/plain".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment;filename={}.MD5SUM", m.filename),
+                ),
+            ],
+            format!("{}  {}", m.md5, m.filename),
         )
             .into_response());
     }
     if file != m.filename {
         return Err(err(
             StatusCode::NOT_FOUND,
-            "hawkbit.server.error.repo.entitiyNotFound",
+            code::NOT_FOUND,
             format!("no artifact {file:?} in module {mid}"),
         ));
     }
@@ -804,16 +1079,30 @@ async fn artifact_file(
             tracing::error!(module = m.id, path = %path.display(), "artifact file missing from the store");
             return Err(err(
                 StatusCode::NOT_FOUND,
-                "hawkbit.server.error.artifact.binaryGone",
+                code::BINARY_DELETED,
                 format!("the file of module {} is gone from the server", m.id),
             ));
         }
         Err(e) => return Err(internal(e)),
     };
     let size = m.size;
-    let etag = format!("\"{}\"", m.sha256);
+    // hawkBit's artifact ETag is the SHA-1 (`FileStreamingUtil`, `artifact.getSha1Hash()`).
+    let etag = format!("\"{}\"", m.sha1);
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    if !if_match_passes(if_match, &etag) {
+        return Err(err(
+            StatusCode::PRECONDITION_FAILED,
+            code::PRECONDITION_FAILED,
+            format!("If-Match does not match the artifact's ETag {etag}"),
+        ));
+    }
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    tracing::info!(device = %cid, module = m.id, range = range.unwrap_or("-"), "artifact download");
+    if method == axum::http::Method::HEAD {
+        // Metadata only: not a download (hawkBit logs a download on GET).
+        tracing::debug!(device = %cid, module = m.id, "artifact HEAD");
+    } else {
+        tracing::info!(device = %cid, module = m.id, range = range.unwrap_or("-"), "artifact download");
+    }
     let common = [
         (header::ACCEPT_RANGES, "bytes".to_string()),
         (header::ETAG, etag),
@@ -1057,8 +1346,10 @@ pub fn assign_to(st: &crate::store::Store, req: &AssignRequest) -> Result<Vec<Ac
         return Err("no device: give devices or a group with members".into());
     }
     for d in &devices {
-        if st.get(d).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("device {d:?} is not enrolled"));
+        if !is_ota_target(st, d).map_err(|e| e.to_string())? {
+            return Err(format!(
+                "device {d:?} is neither enrolled nor registered by a DDI poll"
+            ));
         }
     }
     if let Some(w) = req.maintenance_window
@@ -1161,17 +1452,44 @@ async fn cancel(
     Ok(Json(a))
 }
 
+/// An id the DDI server serves: an enrolled device, or a controller registered by its
+/// gateway-token poll.
+pub fn is_ota_target(st: &crate::store::Store, id: &str) -> anyhow::Result<bool> {
+    Ok(st.get(id)?.is_some() || st.ddi_target(id)?.is_some())
+}
+
+async fn list_ddi_targets(
+    State(st): State<Arc<AppState>>,
+    _admin: OtaAdmin,
+) -> Result<Json<Vec<crate::ota_store::DdiTarget>>, DdiError> {
+    Ok(Json(st.store.ddi_targets().map_err(internal)?))
+}
+
 /// What the DDI server knows of a device: its configData and its actions.
 #[derive(serde::Serialize, serde::Deserialize, Debug)]
 pub struct DeviceOta {
     pub device_id: String,
+    /// `enrolled` (certificate from this bridge), `ddi` (registered by a gateway-token poll)
+    /// or `unknown`.
+    pub registration: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_confirm: Option<crate::ota_store::AutoConfirm>,
     pub config_data: Option<std::collections::BTreeMap<String, String>>,
     pub actions: Vec<Action>,
 }
 
 pub fn device_ota(st: &crate::store::Store, id: &str) -> anyhow::Result<DeviceOta> {
+    let registration = if st.get(id)?.is_some() {
+        "enrolled"
+    } else if st.ddi_target(id)?.is_some() {
+        "ddi"
+    } else {
+        "unknown"
+    };
     Ok(DeviceOta {
         device_id: id.to_string(),
+        registration: registration.to_string(),
+        auto_confirm: st.auto_confirm(id)?,
         config_data: st.config_data(id)?,
         actions: st.actions(Some(id))?,
     })
@@ -1190,11 +1508,11 @@ async fn new_target_token(
     _admin: OtaAdmin,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, DdiError> {
-    if st.store.get(&id).map_err(internal)?.is_none() {
+    if !is_ota_target(&st.store, &id).map_err(internal)? {
         return Err(err(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no device {id}"),
+            format!("no device {id} (neither enrolled nor registered by a DDI poll)"),
         ));
     }
     let token = crate::api::random_token();

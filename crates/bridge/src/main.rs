@@ -161,6 +161,9 @@ enum OtaCmd {
         #[arg(long)]
         device: String,
     },
+    /// Controllers the DDI server registered on their first gateway-token poll (not
+    /// enrolled: no certificate, no tunnel), as JSON. Assignable like enrolled devices.
+    Targets,
 }
 
 fn parse_window_start(s: &str) -> anyhow::Result<i64> {
@@ -251,8 +254,12 @@ fn ota(cfg: &BridgeConfig, cmd: OtaCmd) -> anyhow::Result<()> {
             );
         }
         OtaCmd::Device { device } => print(&ddi_server::device_ota(&store, &device)?),
+        OtaCmd::Targets => print(&store.ddi_targets()?),
         OtaCmd::TargetToken { device } => {
-            anyhow::ensure!(store.get(&device)?.is_some(), "no device {device:?}");
+            anyhow::ensure!(
+                ddi_server::is_ota_target(&store, &device)?,
+                "no device {device:?} (neither enrolled nor registered by a DDI poll)"
+            );
             let t = random_token();
             store.set_target_token(&device, &t)?;
             println!("{t}");

@@ -44,7 +44,49 @@ pub const SCHEMA: &str = "
         device_id TEXT PRIMARY KEY,
         data TEXT NOT NULL,
         updated_at TEXT NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS ota_auto_confirm (
+        device_id TEXT PRIMARY KEY,
+        initiator TEXT,
+        remark TEXT,
+        activated_at INTEGER NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS ota_ddi_targets (
+        device_id TEXT PRIMARY KEY,
+        registered_at TEXT NOT NULL,
+        last_poll TEXT NOT NULL
      );";
+
+/// Controllers a gateway-token poll may register before the bridge refuses more (hawkBit has
+/// no such cap; a leaked gateway token must not fill the disk).
+pub const MAX_DDI_TARGETS: i64 = 10_000;
+
+/// A device's auto-confirmation (hawkBit's `AutoConfirmationStatus`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AutoConfirm {
+    pub initiator: Option<String>,
+    pub remark: Option<String>,
+    /// Unix milliseconds, as hawkBit's `activatedAt`.
+    pub activated_at: i64,
+}
+
+/// A controller the DDI server registered on its first gateway-token poll (not enrolled: no
+/// certificate, no tunnel address).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DdiTarget {
+    pub device_id: String,
+    pub registered_at: String,
+    pub last_poll: String,
+}
+
+/// What registering on a poll did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    New,
+    Known,
+    /// [`MAX_DDI_TARGETS`] reached: not registered.
+    Full,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Module {
@@ -254,6 +296,9 @@ impl Store {
               WHERE device_id = ?1 AND status IN ('running', 'canceling', 'confirming')",
             params![device_id, status::CANCELED, t],
         )?;
+        // hawkBit: while auto-confirmation is active, a new action is confirmed on creation.
+        let auto = auto_confirm_in(&tx, device_id)?;
+        let confirm = confirm && auto.is_none();
         tx.execute(
             "INSERT INTO ota_actions (device_id, module_id, kind, window_start, window_duration,
                                       status, created_at, updated_at)
@@ -273,6 +318,9 @@ impl Store {
             ],
         )?;
         let id = tx.last_insert_rowid();
+        if let Some(auto) = &auto {
+            add_server_status(&tx, id, &auto_confirmed_message(auto))?;
+        }
         let a = tx.query_row(
             &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
             params![id],
@@ -280,6 +328,169 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(a)
+    }
+
+    /// The device's auto-confirmation, if active.
+    pub fn auto_confirm(&self, device_id: &str) -> anyhow::Result<Option<AutoConfirm>> {
+        auto_confirm_in(&self.conn(), device_id)
+    }
+
+    /// Activate auto-confirmation; the action waiting for consent, if any, is confirmed now
+    /// (hawkBit's `activateAutoConfirmation`). `Ok(false)`: it was active already (hawkBit: 409).
+    pub fn activate_auto_confirm(
+        &self,
+        device_id: &str,
+        initiator: Option<&str>,
+        remark: Option<&str>,
+        now_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let n = tx.execute(
+            "INSERT INTO ota_auto_confirm (device_id, initiator, remark, activated_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT(device_id) DO NOTHING",
+            params![device_id, initiator, remark, now_ms],
+        )?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let waiting: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM ota_actions WHERE device_id = ?1 AND status = 'confirming'",
+                params![device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = waiting {
+            tx.execute(
+                "UPDATE ota_actions SET status = 'running', updated_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )?;
+            let auto = AutoConfirm {
+                initiator: initiator.map(String::from),
+                remark: remark.map(String::from),
+                activated_at: now_ms,
+            };
+            add_server_status(&tx, id, &auto_confirmed_message(&auto))?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Deactivate auto-confirmation: future actions wait for consent again, running ones stay.
+    pub fn deactivate_auto_confirm(&self, device_id: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "DELETE FROM ota_auto_confirm WHERE device_id = ?1",
+            params![device_id],
+        )?;
+        Ok(())
+    }
+
+    /// The device declares what it runs (hawkBit's `PUT installedBase`, an offline
+    /// assignment): `Ok(Some(action))` when that is news, recorded as a finished action of the
+    /// module; `Ok(None)` when nothing changes: it runs that already, or it has an open action
+    /// (hawkBit's offline assignment leaves pending targets alone).
+    pub fn record_offline_install(
+        &self,
+        device_id: &str,
+        module_id: i64,
+    ) -> anyhow::Result<Option<Action>> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let open: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM ota_actions WHERE device_id = ?1
+               AND status IN ('running', 'canceling', 'confirming')",
+            params![device_id],
+            |r| r.get(0),
+        )?;
+        let installed: Option<i64> = tx
+            .query_row(
+                "SELECT module_id FROM ota_actions WHERE device_id = ?1 AND status = 'closed'
+                  ORDER BY id DESC LIMIT 1",
+                params![device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if open > 0 || installed == Some(module_id) {
+            return Ok(None);
+        }
+        let t = now();
+        tx.execute(
+            "INSERT INTO ota_actions (device_id, module_id, kind, window_start, window_duration,
+                                      status, created_at, updated_at)
+             VALUES (?1, ?2, 'forced', NULL, NULL, 'closed', ?3, ?3)",
+            params![device_id, module_id, t],
+        )?;
+        let id = tx.last_insert_rowid();
+        add_server_status(&tx, id, "Action reported as offline deployment")?;
+        let a = tx.query_row(
+            &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
+            params![id],
+            row_to_action,
+        )?;
+        tx.commit()?;
+        Ok(Some(a))
+    }
+
+    /// The newest module called `name` at `version`.
+    pub fn module_named(&self, name: &str, version: &str) -> anyhow::Result<Option<Module>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {MODULE_COLS} FROM ota_modules WHERE name = ?1 AND version = ?2
+                      ORDER BY id DESC LIMIT 1"
+                ),
+                params![name, version],
+                row_to_module,
+            )
+            .optional()?)
+    }
+
+    /// Register a controller on a gateway-token poll (hawkBit's
+    /// `findOrRegisterTargetIfItDoesNotExist`), or note that it polled again.
+    pub fn register_ddi_target(&self, device_id: &str) -> anyhow::Result<Registered> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let t = now();
+        let n = tx.execute(
+            "UPDATE ota_ddi_targets SET last_poll = ?2 WHERE device_id = ?1",
+            params![device_id, t],
+        )?;
+        if n > 0 {
+            tx.commit()?;
+            return Ok(Registered::Known);
+        }
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM ota_ddi_targets", [], |r| r.get(0))?;
+        if count >= MAX_DDI_TARGETS {
+            return Ok(Registered::Full);
+        }
+        tx.execute(
+            "INSERT INTO ota_ddi_targets (device_id, registered_at, last_poll) VALUES (?1, ?2, ?2)",
+            params![device_id, t],
+        )?;
+        tx.commit()?;
+        Ok(Registered::New)
+    }
+
+    pub fn ddi_target(&self, device_id: &str) -> anyhow::Result<Option<DdiTarget>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT device_id, registered_at, last_poll FROM ota_ddi_targets WHERE device_id = ?1",
+                params![device_id],
+                row_to_ddi_target,
+            )
+            .optional()?)
+    }
+
+    pub fn ddi_targets(&self) -> anyhow::Result<Vec<DdiTarget>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT device_id, registered_at, last_poll FROM ota_ddi_targets ORDER BY device_id",
+        )?;
+        let rows = stmt.query_map([], row_to_ddi_target)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn action(&self, id: i64) -> anyhow::Result<Option<Action>> {
@@ -452,6 +663,60 @@ impl Store {
             None => None,
         })
     }
+}
+
+fn row_to_ddi_target(r: &rusqlite::Row<'_>) -> rusqlite::Result<DdiTarget> {
+    Ok(DdiTarget {
+        device_id: r.get(0)?,
+        registered_at: r.get(1)?,
+        last_poll: r.get(2)?,
+    })
+}
+
+fn auto_confirm_in(
+    c: &rusqlite::Connection,
+    device_id: &str,
+) -> anyhow::Result<Option<AutoConfirm>> {
+    Ok(c.query_row(
+        "SELECT initiator, remark, activated_at FROM ota_auto_confirm WHERE device_id = ?1",
+        params![device_id],
+        |r| {
+            Ok(AutoConfirm {
+                initiator: r.get(0)?,
+                remark: r.get(1)?,
+                activated_at: r.get(2)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+fn auto_confirmed_message(a: &AutoConfirm) -> String {
+    format!(
+        "Assignment confirmed automatically (auto-confirmation by {}{})",
+        a.initiator.as_deref().unwrap_or("the device"),
+        a.remark
+            .as_deref()
+            .map(|r| format!(", remark: {r}"))
+            .unwrap_or_default()
+    )
+}
+
+/// A status the server itself adds to an action's history (hawkBit prefixes these
+/// "Update Server: "), stored beside the device's feedback under endpoint `server`.
+fn add_server_status(
+    c: &rusqlite::Connection,
+    action_id: i64,
+    message: &str,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "status": { "execution": "server", "details": [format!("Update Server: {message}")] }
+    });
+    c.execute(
+        "INSERT INTO ota_feedback (action_id, at, endpoint, body) VALUES (?1, ?2, 'server', ?3)",
+        params![action_id, now(), body.to_string()],
+    )?;
+    Ok(())
 }
 
 /// One `ota_feedback` row (`at, endpoint, body`); a body that is no longer JSON reads as null.

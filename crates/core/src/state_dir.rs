@@ -185,7 +185,11 @@ impl StateDir {
 /// Temp file, fsync, rename, fsync the directory. The temp file is removed on failure so a full
 /// disk leaves only the previous, intact version.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name ("server.pem") has the parent "", which is the current directory.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     if !dir.exists() {
         fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))

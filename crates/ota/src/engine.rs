@@ -676,13 +676,14 @@ impl Engine {
             let mut last_pct = None;
             let ddi = &self.ddi;
             let href = d.href.clone();
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64)>(4);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i32)>(4);
             let fetch = download::fetch(ddi, &d.artifact, &d.bundle_path, move |done, total| {
                 if let Some(t) = total.filter(|t| *t > 0) {
                     let pct = done * 10 / t;
                     if last_pct != Some(pct) {
                         last_pct = Some(pct);
-                        let _ = tx.try_send((pct * 10, 100));
+                        // pct is 0..=10 (done <= total), so the cast cannot truncate.
+                        let _ = tx.try_send((pct.min(10) as i32 * 10, 100));
                     }
                 }
             });
@@ -914,7 +915,7 @@ impl Engine {
                         Finished::None,
                         format!("installing: {pct}% {text}"),
                     )
-                    .progress(pct.max(0) as u64, 100);
+                    .progress(pct.clamp(0, 100), 100);
                     let _ = ddi.feedback(&href, &f).await;
                 }
             }

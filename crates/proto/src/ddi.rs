@@ -115,6 +115,13 @@ pub struct AutoConfirm {
     pub initiator: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remark: Option<String>,
+    /// Unix milliseconds.
+    #[serde(
+        rename = "activatedAt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub activated_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,11 +310,13 @@ pub enum Finished {
     None,
 }
 
+/// hawkBit's `DdiProgress`: `Integer cnt` (required) and `Integer of`, so any int32, negative
+/// included, and nothing beyond it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
-    pub cnt: u64,
+    pub cnt: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub of: Option<u64>,
+    pub of: Option<i32>,
 }
 
 impl ActionFeedback {
@@ -325,7 +334,7 @@ impl ActionFeedback {
             },
         }
     }
-    pub fn progress(mut self, cnt: u64, of: u64) -> Self {
+    pub fn progress(mut self, cnt: i32, of: i32) -> Self {
         self.status.result.progress = Some(Progress { cnt, of: Some(of) });
         self
     }
@@ -343,8 +352,19 @@ pub enum ConfigDataMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigData {
     pub data: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Absent means merge; `null` is refused (a mode that says nothing is a client bug).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_mode"
+    )]
     pub mode: Option<ConfigDataMode>,
+}
+
+fn present_mode<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ConfigDataMode>, D::Error> {
+    ConfigDataMode::deserialize(d).map(Some)
 }
 
 /// hawkBit's error body (`ExceptionInfo`).
@@ -381,6 +401,36 @@ mod tests {
             serde_json::from_str::<ResultStatus>(r#"{"finished":"none","progress":{"cnt":[1]}}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn progress_is_int32_like_hawkbits_integer() {
+        let neg: ResultStatus =
+            serde_json::from_str(r#"{"finished":"none","progress":{"cnt":-5,"of":-1}}"#)
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            neg.progress,
+            Some(Progress {
+                cnt: -5,
+                of: Some(-1)
+            })
+        );
+        for big in [r#"{"cnt":2147483648}"#, r#"{"cnt":1,"of":4294967296}"#] {
+            let body = format!(r#"{{"finished":"none","progress":{big}}}"#);
+            assert!(
+                serde_json::from_str::<ResultStatus>(&body).is_err(),
+                "{big}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_data_mode_may_be_absent_but_not_null() {
+        let absent: ConfigData = serde_json::from_str(r#"{"data":{"a":"1"}}"#).unwrap();
+        assert_eq!(absent.mode, None);
+        let replace: ConfigData = serde_json::from_str(r#"{"data":{},"mode":"replace"}"#).unwrap();
+        assert_eq!(replace.mode, Some(ConfigDataMode::Replace));
+        assert!(serde_json::from_str::<ConfigData>(r#"{"data":{},"mode":null}"#).is_err());
     }
 
     #[test]
