@@ -1643,7 +1643,11 @@ mod tests {
             group: None,
             ..req
         };
-        assert!(assign_to(&st, &none).unwrap_err().contains("not enrolled"));
+        assert!(
+            assign_to(&st, &none)
+                .unwrap_err()
+                .contains("neither enrolled nor registered")
+        );
     }
 
     #[test]

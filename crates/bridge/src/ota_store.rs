@@ -734,6 +734,83 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn store_with_module() -> (tempfile::TempDir, Store, Module) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let m = s
+            .add_module("os", "2.0", "os.raucb", 10, "aa", "bb", "cc")
+            .unwrap();
+        (dir, s, m)
+    }
+
+    #[test]
+    fn auto_confirmation_confirms_the_waiting_action_and_later_ones_until_deactivated() {
+        let (_d, s, m) = store_with_module();
+        let waiting = s.assign("d", m.id, ActionKind::Forced, None, true).unwrap();
+        assert_eq!(waiting.status, status::CONFIRMING);
+        assert!(s.activate_auto_confirm("d", Some("ops"), None, 5).unwrap());
+        assert!(
+            !s.activate_auto_confirm("d", None, None, 6).unwrap(),
+            "twice"
+        );
+        assert_eq!(s.auto_confirm("d").unwrap().unwrap().activated_at, 5);
+        assert_eq!(
+            s.action(waiting.id).unwrap().unwrap().status,
+            status::RUNNING
+        );
+        assert!(
+            s.feedback(waiting.id).unwrap()[0]
+                .body
+                .to_string()
+                .contains("ops")
+        );
+        let next = s.assign("d", m.id, ActionKind::Forced, None, true).unwrap();
+        assert_eq!(next.status, status::RUNNING);
+        s.deactivate_auto_confirm("d").unwrap();
+        assert_eq!(s.action(next.id).unwrap().unwrap().status, status::RUNNING);
+        let later = s.assign("d", m.id, ActionKind::Forced, None, true).unwrap();
+        assert_eq!(later.status, status::CONFIRMING);
+        // Another device is not affected.
+        assert!(s.auto_confirm("e").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_offline_install_is_news_once_and_never_while_an_action_is_open() {
+        let (_d, s, m) = store_with_module();
+        let a = s.record_offline_install("d", m.id).unwrap().unwrap();
+        assert_eq!(a.status, status::CLOSED);
+        assert_eq!(s.installed_action("d").unwrap().unwrap().id, a.id);
+        assert!(s.record_offline_install("d", m.id).unwrap().is_none());
+        let m2 = s
+            .add_module("os", "3.0", "os.raucb", 10, "dd", "ee", "ff")
+            .unwrap();
+        assert_eq!(s.module_named("os", "3.0").unwrap().unwrap().id, m2.id);
+        assert!(s.module_named("os", "9").unwrap().is_none());
+        let open = s
+            .assign("d", m2.id, ActionKind::Forced, None, false)
+            .unwrap();
+        assert!(s.record_offline_install("d", m2.id).unwrap().is_none());
+        assert_eq!(s.action(open.id).unwrap().unwrap().status, status::RUNNING);
+    }
+
+    #[test]
+    fn ddi_targets_register_once_and_stop_at_the_cap() {
+        let (_d, s, _m) = store_with_module();
+        assert_eq!(s.register_ddi_target("t1").unwrap(), Registered::New);
+        assert_eq!(s.register_ddi_target("t1").unwrap(), Registered::Known);
+        // Fill up to the cap directly (10,000 inserts through the API would be slow).
+        s.conn()
+            .execute_batch(&format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {})
+                 INSERT INTO ota_ddi_targets SELECT 'x' || i, 't', 't' FROM n",
+                MAX_DDI_TARGETS - 1
+            ))
+            .unwrap();
+        assert_eq!(s.register_ddi_target("one-more").unwrap(), Registered::Full);
+        assert!(s.ddi_target("one-more").unwrap().is_none());
+        assert_eq!(s.register_ddi_target("t1").unwrap(), Registered::Known);
+    }
+
     #[test]
     fn a_new_assignment_supersedes_the_open_one_and_status_moves_only_from_expected_states() {
         let dir = tempfile::tempdir().unwrap();
