@@ -507,3 +507,70 @@ async fn daemon_renews_its_certificate_and_reconnects_with_it() {
         "bridge registry has the new serial: {rec}"
     );
 }
+
+/// The first command a new user runs (`scripts/run-local.sh` runs `thingsly-local`): every
+/// module acts, in order, and everything it made is gone when it ends by itself.
+#[test]
+fn the_local_loop_shows_every_module_and_cleans_up() {
+    let t = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("thingsly-local"))
+        .arg("--dir")
+        .arg(t.path().join("run"))
+        .args([
+            "--duration",
+            "1",
+            "--operator-port",
+            &free_port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let mut at = 0;
+    // Each step in the story's order, with what shows that it acted.
+    for want in [
+        "enrolled   device-0001",
+        "tunnel address 10.8.0.2/32",
+        "0% packet loss",
+        "\"sw_version\":\"1.0.0\"",
+        "metrics    InfluxDB",
+        "installed into slot B",
+        "rebooted into slot B",
+        "action 1: closed; 1.0.0 -> 2.0.0",
+        "hello from thingsly-terminal",
+        ": 42",
+        "software:    2.0.0 slot B ota success",
+        "wss://127.0.0.1:",
+    ] {
+        let i = text[at..]
+            .find(want)
+            .unwrap_or_else(|| panic!("{want:?} missing after byte {at}:\n{text}"));
+        at += i + want.len();
+    }
+    assert!(
+        !text.contains("cpu 0,"),
+        "no metrics reached InfluxDB:\n{text}"
+    );
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let pid = out_pid(&text);
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&format!("-{pid}")),
+        "namespaces left behind"
+    );
+}
+
+/// The pid in the namespace names the story's first line prints (`tm-locs-PID`).
+fn out_pid(text: &str) -> String {
+    text.split("tm-locs-")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap_or("none")
+        .to_string()
+}
