@@ -20,5 +20,7 @@ if [[ $(id -u) -ne 0 ]]; then
   exit 1
 fi
 scripts/install-deps.sh
-cargo build --release --bins --locked -q
+# Only what the story runs (the test and bench drivers are not needed).
+cargo build --release --locked -q -p thingsly-agent -p thingsly-bridge -p thingsly-e2e \
+  --bin thingsly-agent --bin thingsly-bridge --bin thingsly-local
 exec "$ROOT/target/release/thingsly-local" --dir "$BASE" --duration "$DURATION" --operator-port "$OPERATOR_PORT"

@@ -1034,13 +1034,10 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
     Ok(Some((start, end)))
 }
 
-/// `If-Match` against an artifact's ETag: absent or `*` or listing it passes (RFC 9110 13.1.1).
+/// `If-Match` against an artifact's ETag: absent, `*`, or listing it passes. The comparison is
+/// strong (RFC 9110 13.1.1): a weak `W/"…"` tag never matches.
 fn if_match_passes(header: Option<&str>, etag: &str) -> bool {
-    header.is_none_or(|h| {
-        h.split(',')
-            .map(str::trim)
-            .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
-    })
+    header.is_none_or(|h| h.split(',').map(str::trim).any(|t| t == "*" || t == etag))
 }
 
 async fn artifact_file(
@@ -1648,6 +1645,17 @@ mod tests {
                 .unwrap_err()
                 .contains("neither enrolled nor registered")
         );
+    }
+
+    #[test]
+    fn if_match_is_rfc_9110() {
+        let e = "\"abc\"";
+        assert!(if_match_passes(None, e));
+        assert!(if_match_passes(Some("*"), e));
+        assert!(if_match_passes(Some("\"x\", \"abc\""), e));
+        assert!(!if_match_passes(Some("W/\"abc\""), e));
+        assert!(!if_match_passes(Some("\"abcd\""), e));
+        assert!(!if_match_passes(Some(""), e));
     }
 
     #[test]
