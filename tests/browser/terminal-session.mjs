@@ -1,40 +1,19 @@
-// Drives Debian's headless Chromium through a terminal session on the bridge's proxy:
-// loads terminal.html (xterm.js, ttyd protocol), types TYPE, waits until EXPECT shows on the
-// rendered page, types `exit 3`, and prints the final screen text and close status as JSON.
+// Drives Debian's headless Chromium through a terminal session on the bridge's proxy: loads
+// the bridge's own terminal page (xterm.js compiled into the bridge, ttyd protocol), types
+// TYPE, waits until EXPECT shows on the rendered page, types `exit 3`, and prints the final
+// screen text and close status as JSON.
 //
-// env: WS_URL (wss://…/terminal?deviceId=…&token=…), SERVER_CERT (PEM; its key is pinned so
-// Chromium trusts exactly the bridge's certificate), TYPE, EXPECT.
+// env: PAGE_URL (https://…/terminal/#deviceId=…&token=…), SERVER_CERT (PEM; its key is pinned
+// so Chromium trusts exactly the bridge's certificate), TYPE, EXPECT.
 import { chromium } from 'playwright-core';
 import { X509Certificate, createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:http';
-import { join, dirname, normalize } from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const here = dirname(fileURLToPath(import.meta.url));
 const need = (k) => { if (!process.env[k]) throw new Error(`${k} not set`); return process.env[k]; };
-const [wsUrl, certPath, type, expect] = ['WS_URL', 'SERVER_CERT', 'TYPE', 'EXPECT'].map(need);
+const [pageUrl, certPath, type, expect] = ['PAGE_URL', 'SERVER_CERT', 'TYPE', 'EXPECT'].map(need);
 
 const spki = new X509Certificate(readFileSync(certPath)).publicKey.export({ type: 'spki', format: 'der' });
 const pin = createHash('sha256').update(spki).digest('base64');
-
-// The page and xterm.js from node_modules, on a loopback port of our own.
-const xtermRoot = join(here, 'node_modules/@xterm/xterm');
-const types = { '.html': 'text/html', '.mjs': 'text/javascript', '.js': 'text/javascript', '.css': 'text/css' };
-const server = createServer((req, res) => {
-  const path = new URL(req.url, 'http://x').pathname;
-  const file = path === '/terminal.html' ? join(here, 'terminal.html')
-    : path.startsWith('/xterm/') ? join(xtermRoot, normalize(path.slice(7)).replace(/^(\.\.\/)+/, '')) : null;
-  try {
-    const body = readFileSync(file);
-    res.writeHead(200, { 'Content-Type': types[file.slice(file.lastIndexOf('.'))] ?? 'application/octet-stream' });
-    res.end(body);
-  } catch {
-    res.writeHead(404).end();
-  }
-});
-await new Promise((r) => server.listen(0, '127.0.0.1', r));
-const pagePort = server.address().port;
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
@@ -49,9 +28,9 @@ try {
   const logs = [];
   page.on('console', (m) => logs.push(`console: ${m.text()}`));
   page.on('pageerror', (e) => logs.push(`pageerror: ${e.message}`));
-  await page.goto(`http://127.0.0.1:${pagePort}/terminal.html?ws=${encodeURIComponent(wsUrl)}`);
+  await page.goto(pageUrl);
   try {
-    await page.waitForFunction(() => document.getElementById('status').textContent === 'open', null, { timeout: 15000 });
+    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('open'), null, { timeout: 15000 });
     await page.click('#terminal');
     await page.keyboard.type(type);
     await page.keyboard.press('Enter');
@@ -66,7 +45,6 @@ try {
   }
 } finally {
   await browser.close();
-  server.close();
 }
 console.log(JSON.stringify(result));
 process.exit(result.ok ? 0 : 1);

@@ -270,10 +270,8 @@ async fn main() {
         }));
         std::fs::write(base.join("operator.jwt"), &jwt).unwrap();
         println!(
-            "\nNext:\n  terminal (ttyd protocol): wss://127.0.0.1:{}/terminal?deviceId={DEVICE}&token=$(cat {}/operator.jwt)\n    CA: {}\n  devices:   target/release/thingsly-bridge --config {} devices\n  OTA:       target/release/thingsly-bridge --config {} ota list\n  agent:     ip netns exec {} target/release/thingsly-agent --config {} status\n  logs:      {}/*.log, {}/bridge/bridge-*.log, {}/agent/agent-*.log",
-            a.operator_port,
+            "\nNext:\n  terminal page (the bridge serves it; the browser must trust the bridge's CA {ca}, or accept its warning):\n    https://127.0.0.1:{port}/terminal/#deviceId={DEVICE}&token={jwt}\n  ttyd clients: wss://127.0.0.1:{port}/terminal?deviceId={DEVICE}&token=$(cat {}/operator.jwt)\n  devices:   target/release/thingsly-bridge --config {} devices\n  OTA:       target/release/thingsly-bridge --config {} ota list\n  agent:     ip netns exec {} target/release/thingsly-agent --config {} status\n  logs:      {}/*.log, {}/bridge/bridge-*.log, {}/agent/agent-*.log",
             base.display(),
-            bridge.ca_chain().display(),
             bridge.config.display(),
             bridge.config.display(),
             net.device.name,
@@ -281,6 +279,8 @@ async fn main() {
             base.display(),
             base.display(),
             base.display(),
+            port = a.operator_port,
+            ca = bridge.ca_chain().display(),
         );
         fwd
     };

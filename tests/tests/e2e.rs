@@ -544,7 +544,7 @@ fn the_local_loop_shows_every_module_and_cleans_up() {
         "hello from thingsly-terminal",
         ": 42",
         "software:    2.0.0 slot B ota success",
-        "wss://127.0.0.1:",
+        "/terminal/#deviceId=device-0001&token=",
     ] {
         let i = text[at..]
             .find(want)

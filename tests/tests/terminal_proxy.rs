@@ -411,8 +411,8 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
-/// The browser's view: Debian's headless Chromium loads a page with xterm.js (from npm) that
-/// speaks ttyd's protocol through the proxy; keystrokes typed into the page run on the
+/// The browser's view: Debian's headless Chromium loads the bridge's terminal page (xterm.js
+/// compiled into the bridge) that speaks ttyd's protocol through the proxy; keystrokes typed into the page run on the
 /// device, the output is read from the rendered page, and the shell's exit shows as a clean
 /// close with its status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,13 +421,14 @@ async fn xterm_in_headless_chromium_runs_a_command_through_the_proxy() {
     let browser = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
     npm_ci(&browser);
     let token = s.es.token("olga", &["operator"]);
-    let ws_url = format!(
-        "wss://127.0.0.1:{}/terminal?deviceId=dev-proxy&token={token}",
+    // The bridge's own page, as an operator opens it (the token in the fragment).
+    let page_url = format!(
+        "https://127.0.0.1:{}/terminal/#deviceId=dev-proxy&token={token}",
         s.operator_port
     );
     let out = tokio::process::Command::new("node")
         .arg(browser.join("terminal-session.mjs"))
-        .env("WS_URL", ws_url)
+        .env("PAGE_URL", page_url)
         .env("SERVER_CERT", s.bridge.data().join("ca/server.crt"))
         .env("TYPE", "echo browser-$((20+22)) ünïcode-✓")
         .env("EXPECT", "browser-42 ünïcode-✓")
@@ -457,7 +458,7 @@ async fn xterm_in_headless_chromium_runs_a_command_through_the_proxy() {
     assert_eq!(result["status"], "closed 1000 exit status 3", "{result:#}");
 }
 
-/// Install the page's npm packages (xterm.js, playwright-core) from the lock file when they
+/// Install the test's npm packages (playwright-core) from the lock file when they
 /// are missing or older than it.
 fn npm_ci(dir: &std::path::Path) {
     let stamp = dir.join("node_modules/.package-lock.json");

@@ -29,6 +29,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices", get(list_devices))
         .route("/crl.pem", get(crl))
         .route("/terminal", get(crate::terminal_proxy::handle))
+        .route("/terminal/", get(crate::terminal_page::page))
+        .route("/terminal/terminal.js", get(crate::terminal_page::page_js))
+        .route("/terminal/xterm.mjs", get(crate::terminal_page::xterm_js))
+        .route("/terminal/xterm.css", get(crate::terminal_page::xterm_css))
         .merge(crate::ddi_server::router())
         .fallback(|| async {
             fail(

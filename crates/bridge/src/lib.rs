@@ -16,6 +16,7 @@ pub mod ota_store;
 pub mod quota;
 pub mod state;
 pub mod store;
+pub mod terminal_page;
 pub mod terminal_proxy;
 pub mod ticket_key;
 pub mod tls_server;
