@@ -38,7 +38,10 @@ phase toolchains scripts/install-toolchains.sh >/dev/null
 export THINGSLY_RELEASE_DIR=target/release-agents
 release_log=target/release-agents.log
 mkdir -p target
-setsid nice -n 19 bash -c 'cargo build -q --locked --release --target-dir "$THINGSLY_RELEASE_DIR" -p thingsly-agent &&
+# Its own session, so a failure can kill it whole; that session is also its own scheduler
+# autogroup (sched_autogroup), where nice counts only within the group: lower the group too.
+setsid nice -n 19 bash -c 'echo 19 > /proc/self/autogroup 2>/dev/null || true
+  cargo build -q --locked --release --target-dir "$THINGSLY_RELEASE_DIR" -p thingsly-agent &&
   cargo build -q --locked --release --target-dir "$THINGSLY_RELEASE_DIR" --target aarch64-unknown-linux-musl -p thingsly-agent' >"$release_log" 2>&1 &
 release_pid=$!
 # A failing phase ends this script: take the background build (its own session) with it.
