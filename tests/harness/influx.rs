@@ -208,15 +208,9 @@ impl Netns {
     /// Run `f` on a thread inside this namespace: sockets it creates (listeners, client
     /// connections, a runtime's whole I/O) belong to the namespace for their whole life.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let ns = std::fs::File::open(&path).unwrap();
-                rustix::thread::move_into_link_name_space(
-                    std::os::fd::AsFd::as_fd(&ns),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )
-                .unwrap();
+                enter_netns(&self.name);
                 f()
             })
             .join()
@@ -239,6 +233,16 @@ impl Netns {
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Move the calling thread into network namespace `name` (for good: use a thread of its own).
+pub fn enter_netns(name: &str) {
+    let ns = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&ns),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .unwrap();
 }
 
 /// Two namespaces joined by a veth pair: `server` 192.0.2.1/24, `device` 192.0.2.2/24 (the

@@ -10,7 +10,7 @@ pub mod proxy;
 pub mod rauc;
 pub mod ttyd;
 pub use idp::{Idp, Operators, SigningKey};
-pub use influx::{Influx, Netns, VethPair, run};
+pub use influx::{Influx, Netns, VethPair, enter_netns, run};
 
 use anyhow::{Context, bail};
 use std::net::TcpListener;
@@ -452,6 +452,8 @@ pub struct AgentOpts {
     pub server_url: String,
     pub token: String,
     pub ca_bundle: PathBuf,
+    /// The broker `[telemetry]` connects to (127.0.0.1 unless it is in another namespace).
+    pub mqtt_host: String,
     pub mqtt_port: u16,
     pub interval: String,
     pub spool_max_messages: usize,
@@ -474,6 +476,7 @@ impl Default for AgentOpts {
             server_url: format!("https://127.0.0.1:{}", free_port()),
             token: "unused".into(),
             ca_bundle: PathBuf::from("/nonexistent/ca.pem"),
+            mqtt_host: "127.0.0.1".into(),
             mqtt_port: free_port(),
             interval: "1s".into(),
             spool_max_messages: 10_000,
@@ -507,7 +510,7 @@ impl Agent {
             format!(
                 "[device]\nid = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nsw_version = \"1.0.0\"\n\n\
                  [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n\n\
-                 [telemetry]\nhost = \"127.0.0.1\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
+                 [telemetry]\nhost = \"{}\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
                  [rauc]\nenabled = {}\n\n[commands]\nreboot = {}\n\n[tunnel]\nenabled = {}\n{}\n{}\n",
                 o.device_id,
                 dir.join("state").display(),
@@ -515,6 +518,7 @@ impl Agent {
                 o.server_url,
                 o.ca_bundle.display(),
                 o.token,
+                o.mqtt_host,
                 o.mqtt_port,
                 o.interval,
                 o.spool_max_messages,

@@ -213,6 +213,8 @@ async fn main() {
             server_url: bridge.url(),
             token: bridge.fleet_token(),
             ca_bundle: bridge.ca_chain(),
+            mqtt_host: CLOUD.into(),
+            mqtt_port: 8883,
             rauc_enabled: true,
             tunnel: Some(String::new()),
             interval: "5s".into(),
@@ -225,19 +227,6 @@ async fn main() {
         },
     )
     .unwrap();
-    // The harness writes telemetry to 127.0.0.1; here the broker is in the cloud namespace.
-    let cfg = std::fs::read_to_string(&agent.config)
-        .unwrap()
-        .replace(
-            "[telemetry]\nhost = \"127.0.0.1\"",
-            &format!("[telemetry]\nhost = \"{CLOUD}\""),
-        )
-        .replacen(
-            &format!("port = {}\n", mqtt_port_of(&agent.config)),
-            "port = 8883\n",
-            1,
-        );
-    std::fs::write(&agent.config, cfg).unwrap();
     agent.netns = Some(net.device.name.clone());
     agent.env = vec![("DBUS_SYSTEM_BUS_ADDRESS".into(), rauc.bus.clone())];
     agent.start().unwrap();
@@ -315,16 +304,6 @@ fn idp_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// The `port = N` the harness wrote under `[telemetry]`.
-fn mqtt_port_of(config: &Path) -> String {
-    let text = std::fs::read_to_string(config).unwrap();
-    let t = text.split("[telemetry]").nth(1).unwrap();
-    t.lines()
-        .find_map(|l| l.strip_prefix("port = "))
-        .unwrap()
-        .to_string()
 }
 
 /// [`wait_for`], but yielding between checks, so that Ctrl-C can end the story at any wait.
@@ -595,18 +574,13 @@ fn forward(host_port: u16, ns: &Netns, port: u16) -> Option<std::net::TcpListene
         }
     };
     let keep = l.try_clone().unwrap();
-    let path = format!("/var/run/netns/{}", ns.name);
+    let name = ns.name.clone();
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(c) = c else { break };
-            let path = path.clone();
+            let name = name.clone();
             std::thread::spawn(move || {
-                let nsf = std::fs::File::open(&path).unwrap();
-                rustix::thread::move_into_link_name_space(
-                    std::os::fd::AsFd::as_fd(&nsf),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )
-                .unwrap();
+                enter_netns(&name);
                 let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
                     return;
                 };

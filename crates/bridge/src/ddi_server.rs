@@ -639,11 +639,21 @@ async fn installed(
     deployment_body(&st, &headers, &tenant, &cid, &a, q).await
 }
 
-/// A feedback body as hawkBit parses it: strict types, unknown fields tolerated.
+/// A DDI request body as hawkBit reads it (strict types, unknown fields tolerated); 400
+/// `rest.body.notReadable` naming `what` otherwise.
+fn parse_body<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, DdiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            code::BODY_NOT_READABLE,
+            format!("{what}: {e}"),
+        )
+    })
+}
+
+/// A feedback body, and what is stored of it.
 fn parse_feedback(body: &Bytes) -> Result<(ActionFeedback, serde_json::Value), DdiError> {
-    let bad = |e: String| err(StatusCode::BAD_REQUEST, code::BODY_NOT_READABLE, e);
-    let fb: ActionFeedback =
-        serde_json::from_slice(body).map_err(|e| bad(format!("feedback: {e}")))?;
+    let fb: ActionFeedback = parse_body("feedback", body)?;
     let raw = serde_json::to_value(&fb).map_err(internal)?;
     Ok((fb, raw))
 }
@@ -734,13 +744,7 @@ async fn config_data(
     Path((_, cid)): Ids,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    let cd: ddi::ConfigData = serde_json::from_slice(&body).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            code::BODY_NOT_READABLE,
-            format!("configData: {e}"),
-        )
-    })?;
+    let cd: ddi::ConfigData = parse_body("configData", &body)?;
     let mut data = st
         .store
         .config_data(&cid)
@@ -782,13 +786,7 @@ async fn confirmation_feedback(
     Path((_, cid, aid)): ActionIds,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    let fb: ddi::ConfirmationFeedback = serde_json::from_slice(&body).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            code::BODY_NOT_READABLE,
-            format!("confirmation feedback: {e}"),
-        )
-    })?;
+    let fb: ddi::ConfirmationFeedback = parse_body("confirmation feedback", &body)?;
     let a = own_action(&st, &cid, &aid)?;
     if a.status != status::CONFIRMING {
         return Err(gone(&a));
@@ -872,13 +870,7 @@ async fn activate_auto_confirm(
     let req: ActivateAutoConfirm = if body.iter().all(u8::is_ascii_whitespace) {
         ActivateAutoConfirm::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            err(
-                StatusCode::BAD_REQUEST,
-                code::BODY_NOT_READABLE,
-                format!("activateAutoConfirm: {e}"),
-            )
-        })?
+        parse_body("activateAutoConfirm", &body)?
     };
     for f in [&req.initiator, &req.remark].into_iter().flatten() {
         if f.chars().count() > AUTO_CONFIRM_FIELD_MAX {
@@ -935,13 +927,7 @@ async fn put_installed_base(
     Path((_, cid)): Ids,
     body: Bytes,
 ) -> Result<StatusCode, DdiError> {
-    let v: AssignedVersion = serde_json::from_slice(&body).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            code::BODY_NOT_READABLE,
-            format!("installedBase: {e}"),
-        )
-    })?;
+    let v: AssignedVersion = parse_body("installedBase", &body)?;
     let m = st
         .store
         .module_named(&v.name, &v.version)

@@ -321,11 +321,7 @@ impl Store {
         if let Some(auto) = &auto {
             add_server_status(&tx, id, &auto_confirmed_message(auto))?;
         }
-        let a = tx.query_row(
-            &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
-            params![id],
-            row_to_action,
-        )?;
+        let a = action_in(&tx, id)?;
         tx.commit()?;
         Ok(a)
     }
@@ -423,11 +419,7 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         add_server_status(&tx, id, "Action reported as offline deployment")?;
-        let a = tx.query_row(
-            &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
-            params![id],
-            row_to_action,
-        )?;
+        let a = action_in(&tx, id)?;
         tx.commit()?;
         Ok(Some(a))
     }
@@ -494,14 +486,7 @@ impl Store {
     }
 
     pub fn action(&self, id: i64) -> anyhow::Result<Option<Action>> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
-                params![id],
-                row_to_action,
-            )
-            .optional()?)
+        action_opt(&self.conn(), id)
     }
 
     /// The device's open action (at most one), if any.
@@ -663,6 +648,20 @@ impl Store {
             None => None,
         })
     }
+}
+
+/// Action `id` (present: just written in this transaction).
+fn action_in(c: &rusqlite::Connection, id: i64) -> anyhow::Result<Action> {
+    action_opt(c, id)?.ok_or_else(|| anyhow::anyhow!("action {id} vanished"))
+}
+
+fn action_opt(c: &rusqlite::Connection, id: i64) -> anyhow::Result<Option<Action>> {
+    Ok(c.query_row(
+        &format!("SELECT {ACTION_COLS} FROM ota_actions WHERE id = ?1"),
+        params![id],
+        row_to_action,
+    )
+    .optional()?)
 }
 
 fn row_to_ddi_target(r: &rusqlite::Row<'_>) -> rusqlite::Result<DdiTarget> {
