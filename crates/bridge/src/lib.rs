@@ -20,5 +20,6 @@ pub mod terminal_page;
 pub mod terminal_proxy;
 pub mod ticket_key;
 pub mod tls_server;
+pub mod tls_stream;
 
 pub use config::BridgeConfig;

@@ -3,6 +3,7 @@
 //! requires one.
 
 use crate::state::PeerCert;
+use crate::tls_stream::TlsStream;
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
@@ -20,7 +21,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -137,7 +137,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = Arc::new(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = Arc::new(AtomicUsize::new(0));
     let mut at_cap = Episode::default();
@@ -177,13 +177,13 @@ pub async fn serve(
         }
         // Interactive traffic (the terminal) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let app = app.clone();
         let limits = limits.clone();
         let open = open.clone();
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            serve_connection(tcp, remote, acceptor, app, &limits).await;
+            serve_connection(tcp, remote, tls, app, &limits).await;
             drop(permit);
             // After a burst closes, give the freed heap back to the system (glibc keeps it).
             if open.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -196,13 +196,14 @@ pub async fn serve(
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     remote: std::net::SocketAddr,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     app: axum::Router,
     limits: &Limits,
 ) {
     // An idle connection costs only what it holds while it waits, so each stage's state is
     // built (and heap-allocated) when its first byte is there: the socket alone until the
-    // ClientHello, the TLS session alone until the first request.
+    // ClientHello, the TLS session alone (no buffers: `tls_stream`) until the first request.
+    // The later stages are boxed so that this task's own future stays small.
     let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
     // `peek`, not `readable`: a new socket counts as readable before any byte has come.
     if tokio::time::timeout_at(handshake_by, tcp.peek(&mut [0u8; 1]))
@@ -212,10 +213,22 @@ async fn serve_connection(
         tracing::debug!(%remote, "no ClientHello within limits.handshake_timeout");
         return;
     }
+    Box::pin(serve_tls(tcp, remote, tls, app, limits, handshake_by)).await;
+}
+
+async fn serve_tls(
+    tcp: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    limits: &Limits,
+    handshake_by: tokio::time::Instant,
+) {
     let activity = Activity::new();
     let tcp = Watched::new(tcp, activity.clone());
-    let mut tls = match tokio::time::timeout_at(handshake_by, Box::pin(acceptor.accept(tcp))).await
-    {
+    // Boxed: the handshake's state is gone once it is done, not kept in this future's size.
+    let accept = Box::pin(TlsStream::accept(config, tcp));
+    let tls = match tokio::time::timeout_at(handshake_by, accept).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -226,13 +239,12 @@ async fn serve_connection(
             return;
         }
     };
-    // Plaintext may already be buffered (a request sent with the client's Finished); only
-    // with none is it right to wait for the socket.
-    let buffered = tls.get_ref().1.wants_write() || has_plaintext(&mut tls);
-    if !buffered
+    // Bytes may already be there (a request sent with the client's Finished); only with
+    // none is it right to wait for the socket.
+    if !tls.has_buffered()
         && tokio::time::timeout(
             limits.header_timeout,
-            tls.get_ref().0.inner.peek(&mut [0u8; 1]),
+            tls.get_ref().inner.peek(&mut [0u8; 1]),
         )
         .await
         .is_err()
@@ -240,10 +252,18 @@ async fn serve_connection(
         tracing::debug!(%remote, "no request within limits.header_timeout");
         return;
     }
+    Box::pin(serve_http(tls, remote, app, limits, activity)).await;
+}
+
+async fn serve_http(
+    tls: TlsStream<Watched<tokio::net::TcpStream>>,
+    remote: std::net::SocketAddr,
+    app: axum::Router,
+    limits: &Limits,
+    activity: Activity,
+) {
     let peer = PeerCert(
-        tls.get_ref()
-            .1
-            .peer_certificates()
+        tls.peer_certificates()
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned()),
     );
@@ -283,13 +303,6 @@ async fn serve_connection(
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut conn).await;
         }
     }
-}
-
-/// Whether rustls holds bytes nobody has read yet (or cannot tell: then do not wait).
-fn has_plaintext<S>(tls: &mut tokio_rustls::server::TlsStream<S>) -> bool {
-    tls.get_mut().1.process_new_packets().map_or(true, |io| {
-        io.plaintext_bytes_to_read() > 0 || io.peer_has_closed()
-    })
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
