@@ -139,6 +139,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let tls = Arc::new(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Shared: a copy per connection would cost each idle one its 80 bytes.
+    let limits = Arc::new(limits);
     let open = Arc::new(AtomicUsize::new(0));
     let mut at_cap = Episode::default();
     let mut accept_failing = Episode::default();
@@ -182,38 +184,46 @@ pub async fn serve(
         let limits = limits.clone();
         let open = open.clone();
         open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            serve_connection(tcp, remote, tls, app, &limits).await;
+        let release = move || {
             drop(permit);
             // After a burst closes, give the freed heap back to the system (glibc keeps it).
             if open.fetch_sub(1, Ordering::Relaxed) == 1 {
                 release_freed_memory();
             }
+        };
+        // An idle connection costs only what it holds while it waits, so each stage's state
+        // is built (and heap-allocated) when its first byte is there: the socket alone until
+        // the ClientHello, the TLS session alone (no buffers: `tls_stream`) until the first
+        // request. The task that waits for the ClientHello ends there, and the TLS stage
+        // gets a task of its own, so that a connection does not keep both.
+        tokio::spawn(async move {
+            let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
+            if !client_hello_by(&tcp, remote, handshake_by).await {
+                release();
+                return;
+            }
+            tokio::spawn(async move {
+                serve_tls(tcp, remote, tls, app, &limits, handshake_by).await;
+                release();
+            });
         });
     }
 }
 
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
+/// Whether the client starts TLS (sends a byte) by `handshake_by`.
+async fn client_hello_by(
+    tcp: &tokio::net::TcpStream,
     remote: std::net::SocketAddr,
-    tls: Arc<rustls::ServerConfig>,
-    app: axum::Router,
-    limits: &Limits,
-) {
-    // An idle connection costs only what it holds while it waits, so each stage's state is
-    // built (and heap-allocated) when its first byte is there: the socket alone until the
-    // ClientHello, the TLS session alone (no buffers: `tls_stream`) until the first request.
-    // The later stages are boxed so that this task's own future stays small.
-    let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
+    handshake_by: tokio::time::Instant,
+) -> bool {
     // `peek`, not `readable`: a new socket counts as readable before any byte has come.
-    if tokio::time::timeout_at(handshake_by, tcp.peek(&mut [0u8; 1]))
+    let came = tokio::time::timeout_at(handshake_by, tcp.peek(&mut [0u8; 1]))
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !came {
         tracing::debug!(%remote, "no ClientHello within limits.handshake_timeout");
-        return;
     }
-    Box::pin(serve_tls(tcp, remote, tls, app, limits, handshake_by)).await;
+    came
 }
 
 async fn serve_tls(
