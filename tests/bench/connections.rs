@@ -81,7 +81,16 @@ pub async fn run(n: usize) -> anyhow::Result<()> {
         })
         .unwrap_or(65536)
         .min(65536);
-    bridge.prefix = vec!["prlimit".into(), format!("--nofile={hard}:{hard}")];
+    // And the unit's environment (its malloc arena count), as shipped.
+    let unit = include_str!("../../systemd/thingsly-bridge.service");
+    let mut prefix = vec!["env".to_string()];
+    prefix.extend(
+        unit.lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .map(str::to_string),
+    );
+    prefix.extend(["prlimit".into(), format!("--nofile={hard}:{hard}")]);
+    bridge.prefix = prefix;
     bridge.start()?;
     let pid = bridge.proc.as_ref().map(|p| p.pid()).unwrap_or(0);
     enroll_latency(&bridge, "warm", 20).await?;
