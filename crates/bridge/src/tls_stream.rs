@@ -100,7 +100,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
 
     /// Whether the stream holds bytes already, so that waiting on the socket would be wrong.
     pub fn has_buffered(&self) -> bool {
-        !self.incoming.is_empty() || self.plaintext_read < self.plaintext.len() || self.sending()
+        !self.incoming.is_empty() || self.plaintext_waiting() || self.sending()
+    }
+
+    fn plaintext_waiting(&self) -> bool {
+        self.plaintext_read < self.plaintext.len()
     }
 
     fn sending(&self) -> bool {
@@ -173,13 +177,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                     Ok(())
                 }
                 Ok(ConnectionState::EncodeTlsData(mut record)) => {
-                    append_with(&mut self.outgoing, 1024, |buf| match record.encode(buf) {
-                        Ok(n) => Ok(Ok(n)),
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Err(required_size),
-                        Err(e) => Ok(Err(invalid(e))),
-                    })
+                    append_with(&mut self.outgoing, 1024, |buf| encoded(record.encode(buf)))
                 }
                 // The bytes wait in `outgoing`, which is written out before anything queued
                 // later and before the next wait for input.
@@ -196,24 +194,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                     let mut r = Ok(());
                     if !data.is_empty() {
                         r = append_with(&mut self.outgoing, data.len() + 256, |buf| {
-                            match w.encrypt(data, buf) {
-                                Ok(n) => Ok(Ok(n)),
-                                Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                                    required_size,
-                                })) => Err(required_size),
-                                Err(e) => Ok(Err(invalid(e))),
-                            }
+                            encrypted(w.encrypt(data, buf))
                         });
                     }
                     if r.is_ok() && close && !self.close_sent {
                         r = append_with(&mut self.outgoing, 64, |buf| {
-                            match w.queue_close_notify(buf) {
-                                Ok(n) => Ok(Ok(n)),
-                                Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                                    required_size,
-                                })) => Err(required_size),
-                                Err(e) => Ok(Err(invalid(e))),
-                            }
+                            encrypted(w.queue_close_notify(buf))
                         });
                         self.close_sent = r.is_ok();
                     }
@@ -239,13 +225,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
     fn queue_alert(&mut self) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
         if let Ok(ConnectionState::EncodeTlsData(mut record)) = state {
-            let _ = append_with(&mut self.outgoing, 64, |buf| match record.encode(buf) {
-                Ok(n) => Ok(Ok(n)),
-                Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                    Err(required_size)
-                }
-                Err(e) => Ok(Err(invalid(e))),
-            });
+            let _ = append_with(&mut self.outgoing, 64, |buf| encoded(record.encode(buf)));
         }
         self.incoming = Vec::new();
     }
@@ -309,16 +289,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.take_plaintext(buf) {
+            // Nothing taken once closed: the end of the stream.
+            if this.take_plaintext(buf) || this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.read_closed {
-                return Poll::Ready(Ok(()));
-            }
-            if this.advance(None, false)? == Next::Closed {
-                return Poll::Ready(Ok(()));
-            }
-            if this.plaintext_read < this.plaintext.len() || this.read_closed {
+            // `Closed` and `PeerClosed` set `read_closed`.
+            this.advance(None, false)?;
+            if this.plaintext_waiting() || this.read_closed {
                 continue;
             }
             // What processing queued (a key update's answer, an alert) goes out without
@@ -377,27 +354,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     }
 }
 
-/// Appends what `write` puts into a buffer of `guess` bytes to `out`; `write` answers
-/// `Err(required)` when the buffer is too small, and gets one that size.
+/// What rustls answers when it writes into a buffer the caller gave it.
+enum Fit {
+    Written(usize),
+    /// The buffer was too small: this many bytes are needed.
+    Needs(usize),
+}
+
+fn encoded(r: Result<usize, EncodeError>) -> io::Result<Fit> {
+    match r {
+        Ok(n) => Ok(Fit::Written(n)),
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            Ok(Fit::Needs(required_size))
+        }
+        Err(e) => Err(invalid(e)),
+    }
+}
+
+fn encrypted(r: Result<usize, EncryptError>) -> io::Result<Fit> {
+    match r {
+        Ok(n) => Ok(Fit::Written(n)),
+        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            Ok(Fit::Needs(required_size))
+        }
+        Err(e) => Err(invalid(e)),
+    }
+}
+
+/// Appends what `write` puts into a buffer of `guess` bytes to `out`, retrying once with
+/// the size `write` says it needs.
 fn append_with(
     out: &mut Vec<u8>,
     guess: usize,
-    mut write: impl FnMut(&mut [u8]) -> Result<io::Result<usize>, usize>,
+    mut write: impl FnMut(&mut [u8]) -> io::Result<Fit>,
 ) -> io::Result<()> {
     let start = out.len();
     let mut size = guess;
     loop {
         out.resize(start + size, 0);
         match write(&mut out[start..]) {
-            Ok(r) => {
-                let n = r.inspect_err(|_| out.truncate(start))?;
+            Ok(Fit::Written(n)) => {
                 out.truncate(start + n);
                 return Ok(());
             }
-            Err(required) if required > size => size = required,
-            Err(_) => {
+            Ok(Fit::Needs(required)) if required > size => size = required,
+            r => {
                 out.truncate(start);
-                return Err(invalid("TLS output buffer sizing"));
+                return Err(r
+                    .err()
+                    .unwrap_or_else(|| invalid("TLS output buffer sizing")));
             }
         }
     }
@@ -416,6 +421,8 @@ mod tests {
     struct Pki {
         server: Arc<rustls::ServerConfig>,
         client: Arc<rustls::ClientConfig>,
+        /// Trusts the same CA, presents no certificate.
+        anonymous: Arc<rustls::ClientConfig>,
         client_cert: CertificateDer<'static>,
     }
 
@@ -463,16 +470,20 @@ mod tests {
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots);
+        let anonymous = Arc::new(client.clone().with_no_client_auth());
         let client = if client_auth {
-            client
-                .with_client_auth_cert(vec![client_cert.clone()], client_key)
-                .unwrap()
+            Arc::new(
+                client
+                    .with_client_auth_cert(vec![client_cert.clone()], client_key)
+                    .unwrap(),
+            )
         } else {
-            client.with_no_client_auth()
+            anonymous.clone()
         };
         Pki {
             server: Arc::new(server),
-            client: Arc::new(client),
+            client,
+            anonymous,
             client_cert,
         }
     }
@@ -493,6 +504,26 @@ mod tests {
         (server.unwrap(), client.unwrap())
     }
 
+    /// Sends `send` and, at the same time, reads and checks `expect`.
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        send: &[u8],
+        expect: &[u8],
+    ) {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let sending = async {
+            w.write_all(send).await.unwrap();
+            w.flush().await.unwrap();
+        };
+        let receiving = async {
+            let mut got = vec![0; expect.len()];
+            r.read_exact(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(sending, receiving);
+        assert!(got == expect, "received what the other side sent");
+    }
+
     #[tokio::test]
     async fn carries_a_mebibyte_each_way_and_holds_no_buffer_when_idle() {
         let pki = pki(false);
@@ -502,36 +533,10 @@ mod tests {
         assert_eq!(server.outgoing.capacity(), 0);
         let up: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = up.iter().rev().copied().collect();
-        let (u, d) = (up.clone(), down.clone());
-        let client_side = async move {
-            let (mut r, mut w) = tokio::io::split(&mut client);
-            let send = async {
-                w.write_all(&u).await.unwrap();
-                w.flush().await.unwrap();
-            };
-            let recv = async {
-                let mut got = vec![0; d.len()];
-                r.read_exact(&mut got).await.unwrap();
-                got
-            };
-            let ((), got) = tokio::join!(send, recv);
-            assert!(got == d, "client received what the server sent");
-        };
-        let server_side = async {
-            let (mut r, mut w) = tokio::io::split(&mut server);
-            let send = async {
-                w.write_all(&down).await.unwrap();
-                w.flush().await.unwrap();
-            };
-            let recv = async {
-                let mut got = vec![0; up.len()];
-                r.read_exact(&mut got).await.unwrap();
-                got
-            };
-            let ((), got) = tokio::join!(send, recv);
-            assert!(got == up, "server received what the client sent");
-        };
-        tokio::join!(client_side, server_side);
+        tokio::join!(
+            exchange(&mut client, &up, &down),
+            exchange(&mut server, &down, &up)
+        );
         assert_eq!(
             server.incoming.capacity(),
             0,
@@ -572,11 +577,10 @@ mod tests {
     async fn refused_client_gets_an_alert_and_the_server_an_error() {
         let pki = pki(true);
         // A client that trusts the CA but brings no certificate, on a listener that needs one.
-        let anonymous = pki_client_without_cert(&pki);
         let (a, b) = tokio::io::duplex(8 * 1024);
         let name = ServerName::try_from("localhost").unwrap();
         let (server, client) = tokio::join!(TlsStream::accept(pki.server.clone(), a), async {
-            let mut c = tokio_rustls::TlsConnector::from(anonymous)
+            let mut c = tokio_rustls::TlsConnector::from(pki.anonymous.clone())
                 .connect(name, b)
                 .await?;
             // TLS 1.3: the client's handshake ends before the server's verdict; it comes as an
@@ -590,27 +594,6 @@ mod tests {
             e.to_string().to_lowercase().contains("certificate"),
             "alert names the reason: {e}"
         );
-    }
-
-    fn pki_client_without_cert(pki: &Pki) -> Arc<rustls::ClientConfig> {
-        let mut c = (*pki.client).clone();
-        c.client_auth_cert_resolver = Arc::new(NoCert);
-        Arc::new(c)
-    }
-
-    #[derive(Debug)]
-    struct NoCert;
-    impl rustls::client::ResolvesClientCert for NoCert {
-        fn resolve(
-            &self,
-            _: &[&[u8]],
-            _: &[rustls::SignatureScheme],
-        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-            None
-        }
-        fn has_certs(&self) -> bool {
-            false
-        }
     }
 
     #[tokio::test]
