@@ -47,6 +47,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// A checked CSR: the DER SubjectPublicKeyInfo to certify.
 struct CheckedCsr {
     spki_der: Vec<u8>,
+    /// As the device sent it: what step-ca is given.
+    pem: String,
 }
 
 fn check_csr(pem: &str, device_id: &str) -> Result<CheckedCsr, ApiFailure> {
@@ -98,6 +100,7 @@ fn check_csr(pem: &str, device_id: &str) -> Result<CheckedCsr, ApiFailure> {
     }
     Ok(CheckedCsr {
         spki_der: spki.raw.to_vec(),
+        pem: pem.to_string(),
     })
 }
 
@@ -122,8 +125,9 @@ fn parse_body(
 }
 
 /// Sign, allocate the address (kept across re-enrollment), record, publish the CRL (the
-/// certificate this one replaces is on it), and build the answer.
-fn issue(
+/// certificate this one replaces is on it), and build the answer. A signer's refusal
+/// records nothing.
+async fn issue(
     st: &AppState,
     id: &str,
     csr: &CheckedCsr,
@@ -140,9 +144,11 @@ fn issue(
     };
     // Early refusal before signing; the real allocation happens atomically in `record`.
     st.store.address_for(id, st.pool)?.ok_or_else(exhausted)?;
-    let issued = st
-        .ca
-        .sign_device(id, &csr.spki_der, st.device_cert_lifetime)?;
+    let signed = st
+        .signer
+        .sign(&st.ca, id, &csr.pem, &csr.spki_der, st.device_cert_lifetime)
+        .await?;
+    let issued = signed.issued;
     let not_after = issued
         .not_after
         .format(&time::format_description::well_known::Rfc3339)
@@ -164,7 +170,7 @@ fn issue(
     publish_crl(st);
     Ok(EnrollResponse {
         certificate_pem: issued.pem,
-        ca_chain_pem: st.ca.chain_pem.clone(),
+        ca_chain_pem: signed.chain_pem,
         wireguard: WireguardConfig {
             address,
             private_key: None,
@@ -325,7 +331,8 @@ async fn enroll(
         req.wireguard_public_key.as_deref(),
         &req.metadata,
         via,
-    );
+    )
+    .await;
     let resp = match (resp, &who.via) {
         (Ok(r), _) => r,
         (Err(e), Via::DeviceToken(t)) => {
@@ -425,7 +432,8 @@ async fn renew(
         req.wireguard_public_key.as_deref(),
         &req.metadata,
         via,
-    )?;
+    )
+    .await?;
     tracing::info!(target: "audit", device = %id, "certificate renewed");
     Ok(Json(resp))
 }

@@ -35,6 +35,9 @@ pub struct BridgeConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub enrollment: EnrollmentSection,
+    /// Who signs device certificates: the bridge's own CA (default) or step-ca.
+    #[serde(default)]
+    pub signer: SignerSection,
     /// The URL devices reach the bridge by (`https://bridge.example.com:8443`): DDI links are
     /// built from it. Unset: from the request's `Host` header (fine on one machine, but a
     /// client then chooses the links it is sent).
@@ -111,6 +114,133 @@ fn glob_match(pattern: &str, s: &str) -> bool {
         }
     }
     rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// `[signer]`: `backend = "builtin"` (the CA `init` made, default) or `"step-ca"`: every
+/// enrollment and renewal is signed by a step-ca server through a JWK provisioner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignerSection {
+    #[serde(default)]
+    pub backend: SignerBackend,
+    /// step-ca's base URL (`https://ca.internal:9000`); the token's audience is
+    /// `<url>/1.0/sign`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// step-ca's root certificate (PEM): verifies step-ca's TLS and the chains it returns,
+    /// and becomes a trust anchor for devices' client certificates.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// SHA-256 of the root (hex, what `step certificate fingerprint` prints): when set, the
+    /// bridge refuses to start with a `root` file that is another certificate.
+    #[serde(default)]
+    pub root_fingerprint: Option<String>,
+    /// The JWK provisioner's name (the token's `iss`).
+    #[serde(default)]
+    pub provisioner: Option<String>,
+    /// Its private key: a JWK file, or the encrypted form step-ca stores (JWE).
+    #[serde(default)]
+    pub provisioner_key: Option<PathBuf>,
+    /// The password of an encrypted `provisioner_key` (the file's first line).
+    #[serde(default)]
+    pub provisioner_password_file: Option<PathBuf>,
+    /// One sign request, connection included.
+    #[serde(default = "default_signer_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for SignerSection {
+    fn default() -> Self {
+        Self {
+            backend: SignerBackend::Builtin,
+            url: None,
+            root: None,
+            root_fingerprint: None,
+            provisioner: None,
+            provisioner_key: None,
+            provisioner_password_file: None,
+            timeout: default_signer_timeout(),
+        }
+    }
+}
+
+fn default_signer_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignerBackend {
+    #[default]
+    Builtin,
+    StepCa,
+}
+
+/// `path:line: key `section.key`` for a check after parsing: the line where `key` is set in
+/// `[section]`, or the section's header when the key is missing (0 when neither is there).
+fn key_at(path: &Path, src: &str, section: &str, key: &str) -> String {
+    let mut in_section = false;
+    let mut header_line = 0;
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t.trim_matches(|c| c == '[' || c == ']').trim() == section;
+            if in_section {
+                header_line = i + 1;
+            }
+            continue;
+        }
+        if in_section
+            && t.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        {
+            return format!("{}:{}: key `{section}.{key}`", path.display(), i + 1);
+        }
+    }
+    format!("{}:{header_line}: key `{section}.{key}`", path.display())
+}
+
+/// The `[signer]` rules `serde` cannot express.
+fn check_signer(s: &SignerSection, path: &Path, src: &str) -> anyhow::Result<()> {
+    let at = |k: &str| key_at(path, src, "signer", k);
+    if s.backend == SignerBackend::Builtin {
+        for (k, set) in [
+            ("url", s.url.is_some()),
+            ("root", s.root.is_some()),
+            ("provisioner", s.provisioner.is_some()),
+            ("provisioner_key", s.provisioner_key.is_some()),
+        ] {
+            if set {
+                anyhow::bail!("{}: only read with backend = \"step-ca\"", at(k));
+            }
+        }
+        return Ok(());
+    }
+    match &s.url {
+        None => anyhow::bail!("{}: required with backend = \"step-ca\"", at("url")),
+        Some(u) if !u.starts_with("https://") || u.trim_end_matches('/').len() <= 8 => {
+            anyhow::bail!("{}: must be an https:// URL", at("url"))
+        }
+        _ => {}
+    }
+    for (k, set) in [
+        ("root", s.root.is_some()),
+        ("provisioner", s.provisioner.as_deref().is_some_and(|p| !p.is_empty())),
+        ("provisioner_key", s.provisioner_key.is_some()),
+    ] {
+        if !set {
+            anyhow::bail!("{}: required with backend = \"step-ca\"", at(k));
+        }
+    }
+    if let Some(fp) = &s.root_fingerprint
+        && (fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        anyhow::bail!("{}: must be 64 hex digits (SHA-256)", at("root_fingerprint"));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(120)).contains(&s.timeout) {
+        anyhow::bail!("{}: must be between 1s and 2m", at("timeout"));
+    }
+    Ok(())
 }
 
 /// `[limits]`: what one client may cost, per listener (the device port and the operator
@@ -422,6 +552,7 @@ impl BridgeConfig {
                 path.display()
             );
         }
+        check_signer(&cfg.signer, path, &src)?;
         if let Some(t) = &cfg.terminal {
             let key = |k: &str| format!("{}: key `terminal.{k}`", path.display());
             if !t.jwks_url.starts_with("https://") {

@@ -444,10 +444,12 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
     // Client certificates chain to the issuing CA or to the root: the issuing CA is a trust
     // anchor too, so a device that sends only its leaf (how many DDI clients are configured) is
     // accepted like one that sends leaf + issuing CA. Nothing else is trusted more than before.
+    let signer = thingsly_bridge::signer::Signer::from_config(&cfg.signer)
+        .with_context(|| format!("{}: [signer]", config_path.display()))?;
     let tls = tls_server::server_config(
         &paths.server_crt(),
         &paths.server_key(),
-        Some(ca.chain_pem.as_bytes()),
+        Some(signer.client_roots_pem(&ca).as_bytes()),
     )?;
     let wg_private = read_token(&cfg.data_dir.join("wireguard.key"))?;
     let wg_public = {
@@ -474,8 +476,10 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
         ),
         None => None,
     };
+    tracing::info!(signer = signer.name(), "device certificates signed by");
     let state = Arc::new(AppState {
         ca,
+        signer,
         store: Store::open(&cfg.data_dir.join("bridge.sqlite"))?,
         fleet_token: read_token(&cfg.fleet_token_path())?,
         admin_token: read_token(&cfg.admin_token_path())?,

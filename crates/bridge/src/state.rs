@@ -10,6 +10,8 @@ use std::time::Duration;
 
 pub struct AppState {
     pub ca: Ca,
+    /// Signs enrollments and renewals: `ca` itself, or step-ca.
+    pub signer: crate::signer::Signer,
     pub store: Store,
     /// Empty disables fleet enrollment (per-device tokens only).
     pub fleet_token: String,

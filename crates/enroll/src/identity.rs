@@ -179,13 +179,19 @@ impl Identity {
         })
     }
 
-    /// PKCS#10 request with CN = device id, signed by the device key.
+    /// PKCS#10 request with CN = device id and the device id as its one SAN (a DNS name),
+    /// signed by the device key. The SAN is for step-ca: its JWK provisioner compares the
+    /// CSR's SANs 1:1 with the token's, and the bridge's token names exactly the device id
+    /// (README "step-ca as the signer"); the built-in CA ignores it.
     pub fn csr_pem(&self) -> Result<String, String> {
         let kp = rcgen::KeyPair::from_pem(&self.key_pem).map_err(|e| e.to_string())?;
         let mut params = rcgen::CertificateParams::default();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, self.device_id.clone());
+        params.subject_alt_names = vec![rcgen::SanType::DnsName(
+            self.device_id.clone().try_into().map_err(|e| format!("{e}"))?,
+        )];
         params
             .serialize_request(&kp)
             .and_then(|r| r.pem())
@@ -303,6 +309,23 @@ mod tests {
             .next()
             .unwrap();
         assert_eq!(cn.as_str().unwrap(), "dev-42");
+        // The one SAN is the id, as a DNS name (what step-ca's SAN validator compares).
+        let sans: Vec<String> = csr
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                x509_parser::extensions::ParsedExtension::SubjectAlternativeName(s) => Some(
+                    s.general_names
+                        .iter()
+                        .map(|g| format!("{g}"))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(sans, ["DNSName(dev-42)"]);
         assert_eq!(
             csr.certification_request_info
                 .subject_pki

@@ -98,6 +98,15 @@ pub mod error_code {
     pub const TOO_LARGE: &str = "too_large";
     /// 426: a plain HTTP request where a WebSocket upgrade is needed.
     pub const UPGRADE_REQUIRED: &str = "upgrade_required";
+    /// 502: step-ca (the configured signer) refused the bridge's token: a bridge or CA
+    /// misconfiguration (provisioner name or key, clocks); the device retries later.
+    pub const SIGNER_REFUSED: &str = "signer_refused";
+    /// 403: step-ca refused the certificate itself (SANs, lifetime, name policy).
+    pub const SIGNER_POLICY: &str = "signer_policy";
+    /// 503: step-ca is unreachable, timing out or failing; the device retries later.
+    pub const SIGNER_UNAVAILABLE: &str = "signer_unavailable";
+    /// 502: step-ca answered with something that is not this device's certificate.
+    pub const SIGNER_BAD_ANSWER: &str = "signer_bad_answer";
 }
 
 /// A device as the bridge's registry knows it (`GET /devices/{id}`).
