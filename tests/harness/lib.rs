@@ -8,6 +8,7 @@ mod idp;
 mod influx;
 pub mod proxy;
 pub mod rauc;
+pub mod step_ca;
 pub mod ttyd;
 pub use idp::{Idp, Operators, SigningKey};
 pub use influx::{Influx, Netns, VethPair, enter_netns, run};

@@ -225,7 +225,10 @@ fn check_signer(s: &SignerSection, path: &Path, src: &str) -> anyhow::Result<()>
     }
     for (k, set) in [
         ("root", s.root.is_some()),
-        ("provisioner", s.provisioner.as_deref().is_some_and(|p| !p.is_empty())),
+        (
+            "provisioner",
+            s.provisioner.as_deref().is_some_and(|p| !p.is_empty()),
+        ),
         ("provisioner_key", s.provisioner_key.is_some()),
     ] {
         if !set {
@@ -235,7 +238,10 @@ fn check_signer(s: &SignerSection, path: &Path, src: &str) -> anyhow::Result<()>
     if let Some(fp) = &s.root_fingerprint
         && (fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        anyhow::bail!("{}: must be 64 hex digits (SHA-256)", at("root_fingerprint"));
+        anyhow::bail!(
+            "{}: must be 64 hex digits (SHA-256)",
+            at("root_fingerprint")
+        );
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(120)).contains(&s.timeout) {
         anyhow::bail!("{}: must be between 1s and 2m", at("timeout"));

@@ -40,7 +40,9 @@ impl Signer {
                 let password = match &s.provisioner_password_file {
                     Some(p) => Some(
                         std::fs::read(p)
-                            .with_context(|| format!("signer.provisioner_password_file {}", p.display()))?
+                            .with_context(|| {
+                                format!("signer.provisioner_password_file {}", p.display())
+                            })?
                             .trim_ascii_end()
                             .to_vec(),
                     ),
@@ -48,8 +50,9 @@ impl Signer {
                 };
                 let src = std::fs::read_to_string(key)
                     .with_context(|| format!("signer.provisioner_key {}", key.display()))?;
-                let key = ProvisionerKey::parse(&src, password.as_deref())
-                    .map_err(|e| anyhow::anyhow!("signer.provisioner_key {}: {e}", key.display()))?;
+                let key = ProvisionerKey::parse(&src, password.as_deref()).map_err(|e| {
+                    anyhow::anyhow!("signer.provisioner_key {}: {e}", key.display())
+                })?;
                 let root_pem = std::fs::read_to_string(root)
                     .with_context(|| format!("signer.root {}", root.display()))?;
                 let ca = StepCa::new(url, name, key, &root_pem, s.timeout)
@@ -120,9 +123,10 @@ pub fn device_error(f: &SignFailure) -> ApiFailure {
     let (status, code) = match f {
         SignFailure::TokenRefused(_) => (StatusCode::BAD_GATEWAY, error_code::SIGNER_REFUSED),
         SignFailure::PolicyRefused(_) => (StatusCode::FORBIDDEN, error_code::SIGNER_POLICY),
-        SignFailure::Unavailable(_) => {
-            (StatusCode::SERVICE_UNAVAILABLE, error_code::SIGNER_UNAVAILABLE)
-        }
+        SignFailure::Unavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            error_code::SIGNER_UNAVAILABLE,
+        ),
         SignFailure::BadAnswer(_) => (StatusCode::BAD_GATEWAY, error_code::SIGNER_BAD_ANSWER),
     };
     fail(status, code, f.to_string())

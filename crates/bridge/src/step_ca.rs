@@ -194,7 +194,10 @@ struct JweParts {
 }
 
 fn jwe_parts(src: &str) -> Result<JweParts, String> {
-    let d = |s: &str, what: &str| B64.decode(s).map_err(|_| format!("JWE {what} is not base64url"));
+    let d = |s: &str, what: &str| {
+        B64.decode(s)
+            .map_err(|_| format!("JWE {what} is not base64url"))
+    };
     if src.starts_with('{') {
         #[derive(serde::Deserialize)]
         struct Json {
@@ -278,7 +281,9 @@ pub fn decrypt_jwe(src: &str, password: &[u8]) -> Result<Vec<u8>, String> {
     if header.zip.is_some() {
         return Err("compressed JWE payloads are not read".into());
     }
-    let salt = B64.decode(&header.p2s).map_err(|_| "p2s is not base64url")?;
+    let salt = B64
+        .decode(&header.p2s)
+        .map_err(|_| "p2s is not base64url")?;
     let kek = aes_kw::KekAes128::from(pbes2_kek(password, &salt, header.p2c)?);
     let mut cek = [0u8; 32];
     if parts.encrypted_key.len() != 40 {
@@ -324,7 +329,8 @@ pub fn encrypt_jwe(plain: &[u8], password: &[u8], p2c: u32) -> Result<String, St
     let protected = B64.encode(serde_json::to_vec(&header).map_err(|e| e.to_string())?);
     let kek = aes_kw::KekAes128::from(pbes2_kek(password, &salt, p2c)?);
     let mut wrapped = [0u8; 40];
-    kek.wrap(&cek, &mut wrapped).map_err(|_| "key wrap failed")?;
+    kek.wrap(&cek, &mut wrapped)
+        .map_err(|_| "key wrap failed")?;
     let key = ring::aead::LessSafeKey::new(
         ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &cek).map_err(|_| "bad key")?,
     );
@@ -396,8 +402,8 @@ pub fn check_answer(
     now: UnixTime,
 ) -> Result<StepCaCert, SignFailure> {
     let bad = |m: String| SignFailure::BadAnswer(m);
-    let r: SignResponse = serde_json::from_slice(body)
-        .map_err(|e| bad(format!("not a sign response: {e}")))?;
+    let r: SignResponse =
+        serde_json::from_slice(body).map_err(|e| bad(format!("not a sign response: {e}")))?;
     // certChain is leaf first; old step-ca versions only had crt and ca.
     let pems = if r.cert_chain.is_empty() {
         std::iter::once(r.crt.clone()).chain(r.ca.clone()).collect()
@@ -421,7 +427,11 @@ pub fn check_answer(
     }
     verifier
         .verify_client_cert(leaf, intermediates, now)
-        .map_err(|e| bad(format!("the certificate does not chain to signer.root: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "the certificate does not chain to signer.root: {e}"
+            ))
+        })?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| bad(format!("crt does not parse: {e}")))?;
     let cns: Vec<&str> = cert
@@ -486,8 +496,8 @@ impl StepCa {
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .context("signer.root")?;
-        let tls =
-            thingsly_enroll::client_config(root_pem.as_bytes(), None).map_err(anyhow::Error::msg)?;
+        let tls = thingsly_enroll::client_config(root_pem.as_bytes(), None)
+            .map_err(anyhow::Error::msg)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .https_only(true)
@@ -543,7 +553,10 @@ impl StepCa {
             now,
             &jti,
         );
-        let ott = self.key.sign_jwt(&claims).map_err(SignFailure::Unavailable)?;
+        let ott = self
+            .key
+            .sign_jwt(&claims)
+            .map_err(SignFailure::Unavailable)?;
         let body = serde_json::json!({
             "csr": csr_pem,
             "ott": ott,
@@ -588,10 +601,8 @@ mod tests {
 
     fn jwk() -> (String, serde_json::Value) {
         let sk = p256::SecretKey::random(&mut rand_core::OsRng);
-        let pt = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
-            &sk.public_key(),
-            false,
-        );
+        let pt =
+            p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&sk.public_key(), false);
         let (x, y) = (
             B64.encode(pt.x().expect("x")),
             B64.encode(pt.y().expect("y")),
@@ -613,7 +624,9 @@ mod tests {
         let jwe = encrypt_jwe(src.as_bytes(), b"s3cret", 1000).expect("encrypt");
         let enc = ProvisionerKey::parse(&jwe, Some(b"s3cret")).expect("encrypted");
         assert_eq!(enc.public_jwk(), plain.public_jwk());
-        let e = ProvisionerKey::parse(&jwe, Some(b"wrong")).err().expect("wrong pw");
+        let e = ProvisionerKey::parse(&jwe, Some(b"wrong"))
+            .err()
+            .expect("wrong pw");
         assert!(e.contains("wrong password"), "{e}");
         let e = ProvisionerKey::parse(&jwe, None).err().expect("no pw");
         assert!(e.contains("provisioner_password_file"), "{e}");
@@ -659,7 +672,14 @@ mod tests {
     fn token_verifies_with_the_public_jwk_and_carries_steps_claims() {
         let (src, _) = jwk();
         let key = ProvisionerKey::parse(&src, None).expect("key");
-        let claims = token_claims("bridge", "https://ca:9000/1.0/sign", "dev-1", "ab", 100, "j1");
+        let claims = token_claims(
+            "bridge",
+            "https://ca:9000/1.0/sign",
+            "dev-1",
+            "ab",
+            100,
+            "j1",
+        );
         let t = key.sign_jwt(&claims).expect("sign");
         let jwk: jsonwebtoken::jwk::Jwk =
             serde_json::from_value(key.public_jwk()).expect("jwk parses");

@@ -190,7 +190,10 @@ impl Identity {
             .distinguished_name
             .push(rcgen::DnType::CommonName, self.device_id.clone());
         params.subject_alt_names = vec![rcgen::SanType::DnsName(
-            self.device_id.clone().try_into().map_err(|e| format!("{e}"))?,
+            self.device_id
+                .clone()
+                .try_into()
+                .map_err(|e| format!("{e}"))?,
         )];
         params
             .serialize_request(&kp)
