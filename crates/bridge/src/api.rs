@@ -23,6 +23,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/enroll", post(enroll))
         .route("/devices/{id}/renew", post(renew))
         .route_layer(DefaultBodyLimit::max(ENROLL_BODY_LIMIT))
+        .route(
+            "/webhooks/thingsboard/connect/{id}",
+            post(crate::connect_webhook::connect).route_layer(DefaultBodyLimit::max(
+                crate::connect_webhook::WEBHOOK_BODY_LIMIT,
+            )),
+        )
         .route("/devices/{id}", get(get_device).delete(revoke_device))
         .route("/devices/{id}/admit", post(admit_device))
         .route("/devices/{id}/group", axum::routing::put(set_group))
@@ -168,6 +174,10 @@ async fn issue(
         .ok_or_else(exhausted)?;
     st.sync_hub();
     publish_crl(st);
+    let ddi = match &st.hawkbit {
+        Some(h) => Some(h.assignment(&st.store, id)?),
+        None => None,
+    };
     Ok(EnrollResponse {
         certificate_pem: issued.pem,
         ca_chain_pem: signed.chain_pem,
@@ -180,6 +190,7 @@ async fn issue(
             persistent_keepalive: Some(st.wg_keepalive),
         },
         terminal_ticket_key_pem: Some(st.ticket_public_pem.clone()),
+        ddi,
     })
 }
 
@@ -438,18 +449,28 @@ async fn renew(
     Ok(Json(resp))
 }
 
+/// `GET /devices/{id}` (admin): the registry row, plus the device's connects as ThingsBoard
+/// reported them and its hawkBit provisioning (`connection`, `hawkbit`) where there are any.
 async fn get_device(
     State(st): State<Arc<AppState>>,
     _: Admin,
     Path(id): Path<String>,
-) -> Result<Json<thingsly_proto::enroll::DeviceRecord>, ApiFailure> {
-    st.store.get(&id)?.map(|d| Json(d.record)).ok_or_else(|| {
+) -> Result<Json<serde_json::Value>, ApiFailure> {
+    let d = st.store.get(&id)?.ok_or_else(|| {
         fail(
             StatusCode::NOT_FOUND,
             error_code::NOT_FOUND,
             "unknown device",
         )
-    })
+    })?;
+    let mut v = serde_json::to_value(d.record).map_err(internal)?;
+    if let Some(c) = st.store.connect_info(&id)? {
+        v["connection"] = serde_json::to_value(c).map_err(internal)?;
+    }
+    if let Some(h) = st.store.hawkbit_state(&id)? {
+        v["hawkbit"] = serde_json::to_value(h).map_err(internal)?;
+    }
+    Ok(Json(v))
 }
 
 /// `DELETE /devices/{id}` (admin): revoke. The tunnel peer is removed at once; the address

@@ -38,6 +38,13 @@ pub struct BridgeConfig {
     /// Who signs device certificates: the bridge's own CA (default) or step-ca.
     #[serde(default)]
     pub signer: SignerSection,
+    /// A hawkBit of the platform's, where the bridge provisions each device's target;
+    /// absent: devices use the bridge's embedded DDI server.
+    #[serde(default)]
+    pub hawkbit: Option<HawkbitSection>,
+    /// ThingsBoard's rule engine calling the bridge (the connect webhook); absent: 404.
+    #[serde(default)]
+    pub thingsboard: Option<ThingsboardSection>,
     /// The URL devices reach the bridge by (`https://bridge.example.com:8443`): DDI links are
     /// built from it. Unset: from the request's `Host` header (fine on one machine, but a
     /// client then chooses the links it is sent).
@@ -174,6 +181,96 @@ pub enum SignerBackend {
     #[default]
     Builtin,
     StepCa,
+}
+
+/// `[hawkbit]`: where targets are created (Management API) and what devices are told
+/// (DDI API). Devices are provisioned when ThingsBoard reports their first connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HawkbitSection {
+    /// Management API base, `https://hawkbit.internal:8080` (`/rest/v1/...` is appended).
+    pub mgmt_url: String,
+    /// Trust anchors (PEM) for `mgmt_url`.
+    pub mgmt_ca: PathBuf,
+    /// HTTP Basic user of the Management API (a hawkBit user with CREATE/UPDATE_TARGET).
+    pub username: String,
+    /// Its password (the file's first line).
+    pub password_file: PathBuf,
+    /// What devices poll: hawkBit's DDI API, or the TLS proxy in front of it.
+    pub ddi_url: String,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// How devices authenticate at `ddi_url`.
+    #[serde(default = "default_device_auth")]
+    pub device_auth: thingsly_proto::enroll::DdiAssignedAuth,
+    /// The bridge's OTA group of a device becomes its target `tag` (created when missing),
+    /// its target `type` (which must exist in hawkBit), or nothing (`none`).
+    #[serde(default = "default_group_as")]
+    pub group_as: GroupAs,
+    /// One Management API request.
+    #[serde(default = "default_signer_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A connect of a device provisioned less than this ago (with the same token) is only
+    /// recorded, not sent to hawkBit again: flaky links reconnect often.
+    #[serde(default = "default_resync", with = "humantime_serde")]
+    pub resync_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAs {
+    Tag,
+    Type,
+    None,
+}
+
+fn default_device_auth() -> thingsly_proto::enroll::DdiAssignedAuth {
+    thingsly_proto::enroll::DdiAssignedAuth::TargetToken
+}
+fn default_group_as() -> GroupAs {
+    GroupAs::Tag
+}
+fn default_resync() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[thingsboard]`: the connect webhook its rule engine calls (REST API Call node).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThingsboardSection {
+    /// The shared secret ThingsBoard sends in `X-Thingsly-Webhook-Secret` (the file's first
+    /// line; at least 32 characters).
+    pub webhook_secret_file: PathBuf,
+}
+
+fn check_hawkbit(h: &HawkbitSection, path: &Path, src: &str) -> anyhow::Result<()> {
+    let at = |k: &str| key_at(path, src, "hawkbit", k);
+    for (k, u) in [("mgmt_url", &h.mgmt_url), ("ddi_url", &h.ddi_url)] {
+        if !u.starts_with("https://") || u.ends_with('/') || u.len() <= 8 {
+            anyhow::bail!(
+                "{}: must be https://host[:port] without a trailing /",
+                at(k)
+            );
+        }
+    }
+    if h.username.is_empty() || h.username.contains(':') {
+        anyhow::bail!(
+            "{}: must be a non-empty user name without ':'",
+            at("username")
+        );
+    }
+    if h.tenant.is_empty()
+        || !h
+            .tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        anyhow::bail!("{}: must be letters, digits, _ or -", at("tenant"));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(120)).contains(&h.timeout) {
+        anyhow::bail!("{}: must be between 1s and 2m", at("timeout"));
+    }
+    Ok(())
 }
 
 /// `path:line: key `section.key`` for a check after parsing: the line where `key` is set in
@@ -559,6 +656,9 @@ impl BridgeConfig {
             );
         }
         check_signer(&cfg.signer, path, &src)?;
+        if let Some(h) = &cfg.hawkbit {
+            check_hawkbit(h, path, &src)?;
+        }
         if let Some(t) = &cfg.terminal {
             let key = |k: &str| format!("{}: key `terminal.{k}`", path.display());
             if !t.jwks_url.starts_with("https://") {

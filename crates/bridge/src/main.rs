@@ -514,6 +514,28 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
             cfg.enrollment.fleet_enrollments_per_minute as usize,
             Duration::from_secs(60),
         ),
+        hawkbit: match &cfg.hawkbit {
+            Some(h) => Some(Arc::new(
+                thingsly_bridge::hawkbit::Hawkbit::from_config(h)
+                    .with_context(|| format!("{}: [hawkbit]", config_path.display()))?,
+            )),
+            None => None,
+        },
+        webhook_secret: match &cfg.thingsboard {
+            Some(t) => {
+                let s = read_token(&t.webhook_secret_file).with_context(|| {
+                    format!("{}: thingsboard.webhook_secret_file", config_path.display())
+                })?;
+                anyhow::ensure!(
+                    s.len() >= 32,
+                    "{}: thingsboard.webhook_secret_file {}: the secret must be at least 32 characters",
+                    config_path.display(),
+                    t.webhook_secret_file.display()
+                );
+                s
+            }
+            None => String::new(),
+        },
         enrollment: cfg.enrollment.clone(),
         external_url: cfg.external_url.clone(),
         crl_path: cfg.data_dir.join("crl.pem"),
@@ -593,6 +615,9 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
     });
     if let Some(hub) = &state.hub {
         tokio::spawn(hub.clone().run(state.clone(), shutdown.clone()));
+    }
+    if let Some(h) = &state.hawkbit {
+        tokio::spawn(h.clone().run(state.clone(), shutdown.clone()));
     }
     let app = router(state);
     // The operator port: same API, TLS without a client-certificate request (browsers).

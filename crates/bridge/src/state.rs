@@ -35,6 +35,10 @@ pub struct AppState {
     pub external_url: Option<String>,
     /// Where the CRL (PEM) is written for the broker's `crlfile`.
     pub crl_path: std::path::PathBuf,
+    /// `[hawkbit]`: devices are provisioned in hawkBit and told to poll it.
+    pub hawkbit: Option<Arc<crate::hawkbit::Hawkbit>>,
+    /// `[thingsboard] webhook_secret_file`; empty: the connect webhook answers 404.
+    pub webhook_secret: String,
     /// New identities the fleet token created recently.
     pub fleet_rate: crate::quota::RateWindow,
 }

@@ -92,6 +92,7 @@ impl Store {
             )?;
         }
         conn.execute_batch(crate::ota_store::SCHEMA)?;
+        conn.execute_batch(crate::provision_store::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })

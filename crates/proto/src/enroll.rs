@@ -29,6 +29,49 @@ pub struct EnrollResponse {
     /// only with tickets it signed. Absent from bridges that predate the terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal_ticket_key_pem: Option<String>,
+    /// Where the device polls for updates and how it authenticates, when the bridge
+    /// provisions it in a hawkBit of the platform's (`[hawkbit]` in bridge.toml). Absent: the
+    /// device's own `[ota]` config, or the bridge's embedded DDI server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddi: Option<DdiAssignment>,
+}
+
+/// The DDI server a device is provisioned in (hawkBit), and its credential there.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DdiAssignment {
+    /// `https://host[:port]` of hawkBit's DDI API (or of the TLS proxy in front of it).
+    pub server_url: String,
+    pub tenant: String,
+    /// `target-token`: `Authorization: TargetToken <target_token>`; `certificate`: the
+    /// device's client certificate, checked by hawkBit's TLS-terminating proxy.
+    pub auth: DdiAssignedAuth,
+    /// The target's security token in hawkBit (with `target-token`). A secret: the agent
+    /// keeps it 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DdiAssignedAuth {
+    TargetToken,
+    Certificate,
+}
+
+/// The token never appears in a log line through `{:?}`.
+impl std::fmt::Debug for DdiAssignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DdiAssignment")
+            .field("server_url", &self.server_url)
+            .field("tenant", &self.tenant)
+            .field("auth", &self.auth)
+            .field(
+                "target_token",
+                &self.target_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// What the device needs to bring its tunnel up. Stored as `tunnel/wireguard.json`.
