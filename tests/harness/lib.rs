@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod hawkbit_mgmt;
 mod idp;
 mod influx;
 pub mod proxy;

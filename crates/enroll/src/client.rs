@@ -151,7 +151,41 @@ fn validate(identity: &Identity, resp: &EnrollResponse) -> Result<(), EnrollErro
     }
     crate::tls::load_pem_certs(resp.ca_chain_pem.as_bytes())
         .map_err(|e| EnrollError::Malformed(format!("ca_chain_pem: {e}")))?;
+    if let Some(d) = &resp.ddi {
+        check_ddi(d).map_err(|e| EnrollError::Malformed(format!("ddi: {e}")))?;
+    }
     Ok(())
+}
+
+/// A DDI assignment the OTA module can use as it is: an https URL, a path-safe tenant, and a
+/// token (exactly when the auth needs one) that is safe in an HTTP header.
+fn check_ddi(d: &thingsly_proto::enroll::DdiAssignment) -> Result<(), String> {
+    use thingsly_proto::enroll::DdiAssignedAuth;
+    if !d.server_url.starts_with("https://") || d.server_url.len() <= 8 {
+        return Err(format!("server_url {:?} is not https://", d.server_url));
+    }
+    if d.tenant.is_empty()
+        || !d
+            .tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!("tenant {:?} is not a hawkBit tenant", d.tenant));
+    }
+    match (d.auth, &d.target_token) {
+        (DdiAssignedAuth::TargetToken, Some(t))
+            if !t.is_empty() && t.len() <= 256 && t.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(())
+        }
+        (DdiAssignedAuth::TargetToken, _) => {
+            Err("target-token auth without a usable target_token".into())
+        }
+        (DdiAssignedAuth::Certificate, None) => Ok(()),
+        (DdiAssignedAuth::Certificate, Some(_)) => {
+            Err("certificate auth with a target_token".into())
+        }
+    }
 }
 
 fn request(
@@ -178,6 +212,7 @@ fn keep(
         &resp.ca_chain_pem,
         Some(&resp.wireguard),
         resp.terminal_ticket_key_pem.as_deref(),
+        resp.ddi.as_ref(),
     )?;
     identity
         .credentials(state)?

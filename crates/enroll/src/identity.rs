@@ -35,6 +35,8 @@ pub struct Credentials {
     pub ca_chain_pem: String,
     pub key_pem: String,
     pub info: CertInfo,
+    /// Where to poll for updates, when the bridge provisioned the device in a hawkBit.
+    pub ddi: Option<thingsly_proto::enroll::DdiAssignment>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -224,11 +226,18 @@ impl Identity {
         let Some(chain) = state.read(paths::CA_CHAIN)? else {
             return Ok(None);
         };
+        // An unreadable assignment is not a reason to enroll again: the next renewal
+        // rewrites it, and until then OTA uses the config's server.
+        let ddi = state.read_json(paths::DDI_ASSIGNMENT).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "DDI assignment unreadable; ignored");
+            None
+        });
         Ok(Some(Credentials {
             cert_pem,
             ca_chain_pem: String::from_utf8_lossy(&chain).into_owned(),
             key_pem: self.key_pem.clone(),
             info,
+            ddi,
         }))
     }
 
@@ -241,8 +250,13 @@ impl Identity {
         ca_chain_pem: &str,
         wireguard: Option<&WireguardConfig>,
         ticket_key_pem: Option<&str>,
+        ddi: Option<&thingsly_proto::enroll::DdiAssignment>,
     ) -> Result<(), StateError> {
         state.write_atomic(paths::CA_CHAIN, ca_chain_pem.as_bytes(), MODE_PUBLIC)?;
+        match ddi {
+            Some(d) => state.write_json(paths::DDI_ASSIGNMENT, d, MODE_SECRET)?,
+            None => state.remove(paths::DDI_ASSIGNMENT)?,
+        }
         if let Some(pem) = ticket_key_pem {
             state.write_atomic(paths::TICKET_KEY, pem.as_bytes(), MODE_PUBLIC)?;
         }

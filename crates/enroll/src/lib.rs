@@ -16,6 +16,8 @@ pub mod paths {
     pub const DEVICE_CERT: &str = "identity/device.crt";
     pub const CA_CHAIN: &str = "identity/ca-chain.pem";
     pub const TICKET_KEY: &str = "identity/terminal-ticket.pub";
+    /// The DDI server the bridge provisioned the device in, and its token there (0600).
+    pub const DDI_ASSIGNMENT: &str = "identity/ddi.json";
     pub const WIREGUARD_KEY: &str = "tunnel/wireguard.key";
     pub const WIREGUARD_CONFIG: &str = "tunnel/wireguard.json";
 }

@@ -93,6 +93,15 @@ async fn client(
     loop {
         let c = creds.borrow_and_update().clone();
         let attempt = (|| -> Result<DdiClient, String> {
+            // `ota.server_url` in the config wins; else the hawkBit the bridge provisioned
+            // the device in (its enrollment answer); else the bridge itself.
+            let assigned = c
+                .as_ref()
+                .and_then(|c| c.ddi.as_ref())
+                .filter(|_| cfg.section.server_url.is_empty());
+            if let Some(a) = assigned {
+                return assigned_client(cfg, c.as_deref(), a);
+            }
             if cfg.server_url.is_empty() {
                 return Err("no DDI server: set ota.server_url or enroll.server_url".into());
             }
@@ -156,6 +165,41 @@ async fn client(
             }
         }
     }
+}
+
+/// The DDI client for a server the bridge assigned (enrollment answer): its URL, tenant and
+/// auth; the CA is `ota.ca_bundle` or the enrolled chain.
+fn assigned_client(
+    cfg: &OtaConfig,
+    c: Option<&Credentials>,
+    a: &thingsly_proto::enroll::DdiAssignment,
+) -> Result<DdiClient, String> {
+    use thingsly_proto::enroll::DdiAssignedAuth;
+    let c = c.ok_or("waiting for enrollment")?;
+    let ca = match &cfg.section.ca_bundle {
+        Some(p) => std::fs::read(p).map_err(|e| format!("ota.ca_bundle {}: {e}", p.display()))?,
+        None => c.ca_chain_pem.clone().into_bytes(),
+    };
+    let (tls, auth) = match (a.auth, &a.target_token) {
+        (DdiAssignedAuth::TargetToken, Some(t)) => (
+            thingsly_enroll::client_config(&ca, None)?,
+            Auth::Header(format!("TargetToken {t}")),
+        ),
+        (DdiAssignedAuth::TargetToken, None) => {
+            return Err("the bridge assigned TargetToken auth without a token".into());
+        }
+        (DdiAssignedAuth::Certificate, _) => {
+            let chain = c.full_chain_pem();
+            (
+                thingsly_enroll::client_config(
+                    &ca,
+                    Some((chain.as_bytes(), c.key_pem.as_bytes())),
+                )?,
+                Auth::Certificate,
+            )
+        }
+    };
+    DdiClient::new(&a.server_url, &a.tenant, &cfg.device_id, tls, auth)
 }
 
 /// The module: wait for credentials and RAUC, finish any action in flight, then poll.
