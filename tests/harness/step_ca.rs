@@ -91,6 +91,7 @@ struct Inner {
     started: u64,
     used: Mutex<HashSet<String>>,
     sub_ca: Issuer<'static, KeyPair>,
+    root_pem: String,
     /// Sub-CA then intermediate, PEM (step-ca's `intermediate_ca.crt` with two certificates).
     intermediates: Vec<String>,
     observed: Arc<Mutex<Observed>>,
@@ -189,6 +190,7 @@ impl StepCa {
             started: unix_now(),
             used: Mutex::default(),
             sub_ca,
+            root_pem: root_pem.clone(),
             intermediates: vec![sub_cert.pem(), ica_cert.pem()],
             observed: observed.clone(),
         });
@@ -199,6 +201,7 @@ impl StepCa {
                 "/health",
                 axum::routing::get(|| async { Json(serde_json::json!({"status": "ok"})) }),
             )
+            .route("/root/{sha}", axum::routing::get(root_by_fingerprint))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -289,6 +292,24 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// `GET /root/{sha}` (api/api.go L379-390): the root with that SHA-256, `{"ca": PEM}`, or 404.
+async fn root_by_fingerprint(
+    State(ca): State<Arc<Inner>>,
+    axum::extract::Path(sha): axum::extract::Path<String>,
+) -> Response {
+    use sha2::Digest;
+    let sum = sha.replace('-', "").to_ascii_lowercase();
+    let der = CertificateDer::from_pem_slice(ca.root_pem.as_bytes()).unwrap();
+    if hex::encode(sha2::Sha256::digest(der.as_ref())) == sum {
+        Json(serde_json::json!({"ca": ca.root_pem})).into_response()
+    } else {
+        step_error(
+            StatusCode::NOT_FOUND,
+            format!("root certificate with fingerprint {sum:?} was not found"),
+        )
+    }
 }
 
 /// step's error body (`errs/error.go`).

@@ -460,3 +460,70 @@ async fn the_step_ca_stand_in_refuses_what_step_ca_refuses() {
         assert_eq!(r.status().as_u16(), status, "{not_before:?} {not_after}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_given_by_fingerprint_is_fetched_checked_and_pinned() {
+    use sha2::Digest;
+    let t = tempfile::tempdir().unwrap();
+    let jwk = provisioner_jwk();
+    let step = StepCa::start(&t.path().join("step"), PROVISIONER, &jwk, short_claims()).await;
+    let key = t.path().join("provisioner.json");
+    std::fs::write(&key, jwk.to_string()).unwrap();
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(step.root_pem.as_bytes())
+        .map(|d: rustls_pki_types::CertificateDer<'_>| {
+            hex::encode(sha2::Sha256::digest(d.as_ref()))
+        })
+        .unwrap();
+    let by_fingerprint = |fp: &str| {
+        step.signer_section(PROVISIONER, &key, None).replace(
+            &format!("root = \"{}\"\n", step.root.display()),
+            &format!("root_fingerprint = \"{fp}\"\n"),
+        )
+    };
+    // Another fingerprint: step-ca has no such root; the bridge does not start.
+    let wrong = "ab".repeat(32);
+    let bad = Bridge::init_with(
+        &t.path().join("bad"),
+        &format!("device_cert_lifetime = \"1h\"\n{}", by_fingerprint(&wrong)),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(bin("thingsly-bridge"))
+        .arg("--config")
+        .arg(&bad.config)
+        .arg("serve")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("signer.root_fingerprint") && err.contains("no root with fingerprint"),
+        "{err}"
+    );
+    assert!(!bad.data().join("step-ca-root.crt").exists());
+
+    let mut bridge = Bridge::init_with(
+        &t.path().join("bridge"),
+        &format!("device_cert_lifetime = \"1h\"\n{}", by_fingerprint(&der)),
+    )
+    .unwrap();
+    bridge.start().unwrap();
+    let pinned = bridge.data().join("step-ca-root.crt");
+    assert_eq!(
+        std::fs::read_to_string(&pinned).unwrap().trim(),
+        step.root_pem.trim()
+    );
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let (s, body) = enroll(&bridge, "dev-fp", &csr_pem("dev-fp", &kp)).await;
+    assert_eq!(s, 200, "{body}");
+    // A pinned root that no longer matches is fetched again (and checked) at the next start.
+    bridge.proc.as_mut().unwrap().kill();
+    std::fs::write(&pinned, "garbage").unwrap();
+    bridge.start().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&pinned).unwrap().trim(),
+        step.root_pem.trim()
+    );
+}

@@ -138,8 +138,10 @@ pub struct SignerSection {
     /// and becomes a trust anchor for devices' client certificates.
     #[serde(default)]
     pub root: Option<PathBuf>,
-    /// SHA-256 of the root (hex, what `step certificate fingerprint` prints): when set, the
-    /// bridge refuses to start with a `root` file that is another certificate.
+    /// SHA-256 of the root (hex, what `step certificate fingerprint` prints). With `root`:
+    /// the bridge refuses to start when the file is another certificate. Alone: the root is
+    /// fetched from step-ca (`/root/<fingerprint>`, checked against the hash) at the first
+    /// start and kept as `<data_dir>/step-ca-root.crt`.
     #[serde(default)]
     pub root_fingerprint: Option<String>,
     /// The JWK provisioner's name (the token's `iss`).
@@ -321,7 +323,7 @@ fn check_signer(s: &SignerSection, path: &Path, src: &str) -> anyhow::Result<()>
         _ => {}
     }
     for (k, set) in [
-        ("root", s.root.is_some()),
+        ("root", s.root.is_some() || s.root_fingerprint.is_some()),
         (
             "provisioner",
             s.provisioner.as_deref().is_some_and(|p| !p.is_empty()),

@@ -444,7 +444,8 @@ async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Resu
     // Client certificates chain to the issuing CA or to the root: the issuing CA is a trust
     // anchor too, so a device that sends only its leaf (how many DDI clients are configured) is
     // accepted like one that sends leaf + issuing CA. Nothing else is trusted more than before.
-    let signer = thingsly_bridge::signer::Signer::from_config(&cfg.signer)
+    let signer = thingsly_bridge::signer::Signer::from_config(&cfg.signer, &cfg.data_dir)
+        .await
         .with_context(|| format!("{}: [signer]", config_path.display()))?;
     let tls = tls_server::server_config(
         &paths.server_crt(),

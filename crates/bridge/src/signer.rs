@@ -27,16 +27,47 @@ pub struct DeviceCert {
 
 impl Signer {
     /// `[signer]` of bridge.toml (checked by `BridgeConfig::load`); reads the key and root.
-    pub fn from_config(s: &SignerSection) -> anyhow::Result<Self> {
+    /// A root given only by its fingerprint is fetched from step-ca once and kept in
+    /// `data_dir` (`step-ca-root.crt`), so later starts do not need step-ca.
+    pub async fn from_config(
+        s: &SignerSection,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         match s.backend {
             SignerBackend::Builtin => Ok(Self::Builtin),
             SignerBackend::StepCa => {
-                let (Some(url), Some(root), Some(name), Some(key)) =
-                    (&s.url, &s.root, &s.provisioner, &s.provisioner_key)
+                let (Some(url), Some(name), Some(key)) =
+                    (&s.url, &s.provisioner, &s.provisioner_key)
                 else {
-                    anyhow::bail!("[signer] step-ca needs url, root, provisioner, provisioner_key");
+                    anyhow::bail!("[signer] step-ca needs url, provisioner, provisioner_key");
                 };
+                let cached = data_dir.join("step-ca-root.crt");
+                let root = match (&s.root, &s.root_fingerprint) {
+                    (Some(r), _) => r.clone(),
+                    (None, Some(fp)) => {
+                        let fits = std::fs::read_to_string(&cached).ok().is_some_and(|pem| {
+                            rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+                                .is_ok_and(|d: rustls_pki_types::CertificateDer<'_>| {
+                                    use sha2::Digest;
+                                    hex::encode(sha2::Sha256::digest(d.as_ref()))
+                                        .eq_ignore_ascii_case(fp)
+                                })
+                        });
+                        if !fits {
+                            let pem = crate::step_ca::bootstrap_root(url, fp, s.timeout)
+                                .await
+                                .context("signer.root_fingerprint")?;
+                            crate::ca::write_file(&cached, pem.as_bytes(), 0o644)?;
+                            tracing::info!(fingerprint = %fp, path = %cached.display(), "step-ca root fetched and pinned");
+                        }
+                        cached
+                    }
+                    (None, None) => {
+                        anyhow::bail!("[signer] step-ca needs root or root_fingerprint")
+                    }
+                };
+                let root = &root;
                 let password = match &s.provisioner_password_file {
                     Some(p) => Some(
                         std::fs::read(p)

@@ -466,6 +466,91 @@ fn ensure_nl(p: &str) -> String {
     format!("{p}\n")
 }
 
+/// A server certificate verifier for the one bootstrap request of [`bootstrap_root`]: it
+/// takes any certificate (the handshake signature is still checked), because the answer is
+/// authenticated by its SHA-256 instead, as `step ca bootstrap --fingerprint` does.
+#[derive(Debug)]
+struct FingerprintBootstrap(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for FingerprintBootstrap {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// The root whose SHA-256 is `fingerprint`, from step-ca's `GET /root/{sha}` (api/api.go
+/// Root: `{"ca": PEM}`). Nothing of the answer is trusted until its hash matches.
+pub async fn bootstrap_root(
+    url: &str,
+    fingerprint: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let provider = rustls::crypto::ring::default_provider();
+    let algs = provider.signature_verification_algorithms;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FingerprintBootstrap(algs)))
+        .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .https_only(true)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let fp = fingerprint.to_ascii_lowercase();
+    let resp = http
+        .get(format!("{}/root/{fp}", url.trim_end_matches('/')))
+        .send()
+        .await
+        .with_context(|| format!("fetching the root from {url}"))?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} has no root with fingerprint {fp} (HTTP {})",
+        resp.status()
+    );
+    let body = resp.bytes().await?;
+    anyhow::ensure!(body.len() <= MAX_ANSWER, "the root answer is too large");
+    #[derive(serde::Deserialize)]
+    struct RootResponse {
+        ca: String,
+    }
+    let r: RootResponse = serde_json::from_slice(&body).context("the root answer")?;
+    let der = CertificateDer::from_pem_slice(r.ca.as_bytes()).context("the root answer's PEM")?;
+    let got = hex::encode(Sha256::digest(der.as_ref()));
+    anyhow::ensure!(
+        got == fp,
+        "{url} answered a root with fingerprint {got}, not {fp}: refused"
+    );
+    Ok(ensure_nl(&r.ca))
+}
+
 /// `[signer]` with `backend = "step-ca"`, resolved: the key read, the root loaded.
 pub struct StepCa {
     sign_url: String,
