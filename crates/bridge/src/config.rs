@@ -733,6 +733,50 @@ mod tests {
     const TERMINAL: &str = "[terminal]\njwks_url = \"https://id/certs\"\njwks_ca = \"/ca.pem\"\nissuer = \"i\"\naudience = \"a\"\npolicy = \"/p.csv\"\n";
 
     #[allow(clippy::unwrap_used)]
+    #[test]
+    fn signer_and_hawkbit_errors_name_key_and_line() {
+        let err = |src: &str| format!("{:#}", load_str(src).unwrap_err());
+        let e = err("listen = \"x\"\n[signer]\nbackend = \"step-ca\"\nurl = \"http://ca\"\n");
+        assert!(
+            e.ends_with(":4: key `signer.url`: must be an https:// URL"),
+            "{e}"
+        );
+        let e = err(
+            "[signer]\nbackend = \"step-ca\"\nurl = \"https://ca:9000\"\nprovisioner = \"p\"\nprovisioner_key = \"/k\"\n",
+        );
+        assert!(
+            e.ends_with(":1: key `signer.root`: required with backend = \"step-ca\""),
+            "{e}"
+        );
+        let e = err("[signer]\nurl = \"https://ca\"\n");
+        assert!(
+            e.contains(":2: key `signer.url`: only read with backend"),
+            "{e}"
+        );
+        let e = err("[signer]\nbackend = \"stepca\"\n");
+        assert!(e.contains(":2:") && e.contains("unknown variant"), "{e}");
+        let ok = format!(
+            "[signer]\nbackend = \"step-ca\"\nurl = \"https://ca:9000\"\nroot_fingerprint = \"{}\"\nprovisioner = \"p\"\nprovisioner_key = \"/k\"\n",
+            "a".repeat(64)
+        );
+        assert!(load_str(&ok).is_ok());
+        let hb = "[hawkbit]\nmgmt_url = \"https://hb\"\nmgmt_ca = \"/ca\"\nusername = \"u\"\npassword_file = \"/p\"\nddi_url = \"https://hb/\"\n";
+        let e = err(hb);
+        assert!(
+            e.contains(":6: key `hawkbit.ddi_url`: must be https://"),
+            "{e}"
+        );
+        let e = err(&hb
+            .replace("https://hb/", "https://hb")
+            .replace("\"u\"", "\"a:b\""));
+        assert!(e.contains(":4: key `hawkbit.username`"), "{e}");
+        let e = err(&format!(
+            "{}group_as = \"label\"\n",
+            hb.replace("https://hb/", "https://hb")
+        ));
+        assert!(e.contains(":7:") && e.contains("unknown variant"), "{e}");
+    }
+
     fn load_str(src: &str) -> anyhow::Result<BridgeConfig> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("bridge.toml");
