@@ -118,8 +118,8 @@ fn ca_params(cn: &str, path_len: u8) -> CertificateParams {
     p
 }
 
-/// A provisioner key as `step crypto jwk create` makes it: the private JWK (JSON) and, for
-/// the encrypted form, its JWE with `password`.
+/// A provisioner key as `step crypto jwk create --no-password --insecure` makes it: a private
+/// P-256 JWK whose `kid` is its RFC 7638 thumbprint (`encrypt_jwe` gives the encrypted form).
 pub fn provisioner_jwk() -> serde_json::Value {
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);

@@ -248,16 +248,17 @@ async fn production_topology_step_ca_broker_webhook_one_hawkbit_target_and_the_a
         serde_json::from_slice(&std::fs::read(agent.state().join("identity/ddi.json")).unwrap())
             .unwrap();
     assert_eq!(ddi["target_token"].as_str(), Some(token.as_str()));
-    let w = hb.world();
-    let creates = w
-        .requests
-        .iter()
-        .filter(|(m, p, _)| m == "POST" && p == "/rest/v1/targets")
-        .count();
-    assert_eq!(creates, 1, "{:?}", w.requests);
-    assert!(w.violations.is_empty(), "{:?}", w.violations);
+    {
+        let w = hb.world();
+        let creates = w
+            .requests
+            .iter()
+            .filter(|(m, p, _)| m == "POST" && p == "/rest/v1/targets")
+            .count();
+        assert_eq!(creates, 1, "{:?}", w.requests);
+        assert!(w.violations.is_empty(), "{:?}", w.violations);
+    }
     // The registry has the connect and what ThingsBoard said about the device.
-    drop(w);
     let dev: serde_json::Value = bridge
         .http()
         .unwrap()
@@ -288,6 +289,24 @@ async fn enroll(bridge: &Bridge, id: &str) -> serde_json::Value {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
+}
+
+/// Wait until device `id`'s hawkBit `last_error` contains `what`.
+async fn until(bridge: &Bridge, id: &str, what: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let d = device(bridge, id).await;
+            if d["hawkbit"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(what))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{id}: no {what:?} in hawkbit.last_error");
 }
 
 async fn device(bridge: &Bridge, id: &str) -> serde_json::Value {
@@ -444,25 +463,81 @@ async fn webhook_refuses_strangers_survives_a_hawkbit_outage_and_a_bridge_kill_a
                 .get("dev-b")
                 .is_some_and(|t| t.security_token == token_b)
     });
-    let w = hb.world();
-    assert_eq!(w.targets.len(), 2);
-    let tag = w.tags.iter().find(|(_, n)| n == "line-3").unwrap().0;
-    assert_eq!(w.targets["dev-a"].tags, [tag]);
-    assert_eq!(w.targets["dev-b"].id, 900, "updated, not created again");
-    let creates_ok = w
-        .requests
-        .iter()
-        .filter(|(m, p, s)| m == "POST" && p == "/rest/v1/targets" && *s == 201)
-        .count();
-    assert_eq!(creates_ok, 1, "{:?}", w.requests);
-    assert!(
-        w.requests
+    {
+        let w = hb.world();
+        assert_eq!(w.targets.len(), 2);
+        let tag = w.tags.iter().find(|(_, n)| n == "line-3").unwrap().0;
+        assert_eq!(w.targets["dev-a"].tags, [tag]);
+        assert_eq!(w.targets["dev-b"].id, 900, "updated, not created again");
+        let creates_ok = w
+            .requests
             .iter()
-            .any(|(m, p, s)| m == "PUT" && p == "/rest/v1/targets/dev-b" && *s == 200)
-    );
-    assert!(w.violations.is_empty(), "{:?}", w.violations);
-    drop(w);
+            .filter(|(m, p, s)| m == "POST" && p == "/rest/v1/targets" && *s == 201)
+            .count();
+        assert_eq!(creates_ok, 1, "{:?}", w.requests);
+        assert!(
+            w.requests
+                .iter()
+                .any(|(m, p, s)| m == "PUT" && p == "/rest/v1/targets/dev-b" && *s == 200)
+        );
+        assert!(w.violations.is_empty(), "{:?}", w.violations);
+    }
     let d = device(&bridge, "dev-a").await;
     assert_eq!(d["hawkbit"]["pending"], false, "{d}");
     assert_eq!(d["connection"]["connects"], 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_types_a_wrong_password_and_a_slow_hawkbit_are_retried_until_they_are_fixed() {
+    let t = tempfile::tempdir().unwrap();
+    let mut bridge = Bridge::init(&t.path().join("bridge")).unwrap();
+    let hb = hawkbit(&bridge, &t.path().join("hawkbit")).await;
+    append(
+        &bridge.config,
+        &provisioning_sections(&bridge, &hb, "group_as = \"type\"\ntimeout = \"1s\""),
+    );
+    // The operator typed the wrong password.
+    std::fs::write(bridge.dir.join("hawkbit.pass"), "not-the-password\n").unwrap();
+    hb.world().target_types.push((7, "line-7".into()));
+    bridge.start().unwrap();
+    for (id, group) in [("dev-t", "line-7"), ("dev-u", "no-such-type")] {
+        enroll(&bridge, id).await;
+        let r = bridge
+            .http()
+            .unwrap()
+            .put(format!("{}/devices/{id}/group", bridge.url()))
+            .bearer_auth(bridge.admin_token())
+            .json(&serde_json::json!({ "group": group }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let (s, _) = rule_chain_connect(&bridge, SECRET, "dev-t", "sensor").await;
+    assert_eq!(s, 202);
+    until(&bridge, "dev-t", "refused the bridge's user").await;
+    assert!(hb.world().requests.iter().all(|r| r.2 == 401));
+
+    // Fixed and restarted, but hawkBit is slow (2 s against the bridge's 1 s timeout).
+    bridge.proc.as_mut().unwrap().kill();
+    std::fs::write(bridge.dir.join("hawkbit.pass"), "hawkbit-password\n").unwrap();
+    hb.world().delay = Some(Duration::from_secs(2));
+    bridge.start().unwrap();
+    until(&bridge, "dev-t", "unavailable").await;
+    assert!(hb.world().targets.is_empty());
+    hb.world().delay = None;
+    wait_for("dev-t provisioned", Duration::from_secs(60), || {
+        hb.world().targets.contains_key("dev-t")
+    });
+    assert_eq!(hb.world().targets["dev-t"].target_type, Some(7));
+
+    // A group hawkBit has no target type for: the job waits with the reason, no target.
+    let (s, _) = rule_chain_connect(&bridge, SECRET, "dev-u", "sensor").await;
+    assert_eq!(s, 202);
+    until(&bridge, "dev-u", "no target type named \"no-such-type\"").await;
+    assert!(!hb.world().targets.contains_key("dev-u"));
+    let d = device(&bridge, "dev-t").await;
+    assert_eq!(d["hawkbit"]["pending"], false, "{d}");
+    let w = hb.world();
+    assert!(w.violations.is_empty(), "{:?}", w.violations);
 }

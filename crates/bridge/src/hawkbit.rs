@@ -322,7 +322,24 @@ impl Hawkbit {
                             .flatten()
                             .and_then(|c| c.metadata["deviceType"].as_str().map(String::from)),
                     ),
-                    _ => (None, None),
+                    Ok(None) => {
+                        // Revoked after its connect: it gets no target.
+                        tracing::info!(device = %job.device_id, "hawkBit job dropped: the device is no longer enrolled");
+                        if let Err(e) = st
+                            .store
+                            .target_abandoned(&job.device_id, "no longer enrolled")
+                        {
+                            tracing::error!(error = %format!("{e:#}"), "hawkBit job state not saved");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "registry unreadable; hawkBit job retried");
+                        let _ =
+                            st.store
+                                .target_failed(&job.device_id, "registry unreadable", now + 5);
+                        continue;
+                    }
                 };
                 let r = self
                     .provision(

@@ -172,6 +172,15 @@ impl Store {
         Ok(())
     }
 
+    /// The device is no longer enrolled (revoked since the connect): the job is dropped.
+    pub fn target_abandoned(&self, device_id: &str, why: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE hawkbit_targets SET pending = 0, last_error = ?2 WHERE device_id = ?1",
+            params![device_id, why],
+        )?;
+        Ok(())
+    }
+
     /// The job failed; it runs again at `next_at`.
     pub fn target_failed(&self, device_id: &str, error: &str, next_at: i64) -> anyhow::Result<()> {
         self.conn().execute(

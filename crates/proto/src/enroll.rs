@@ -36,9 +36,9 @@ pub struct EnrollResponse {
     pub ddi: Option<DdiAssignment>,
 }
 
-/// The DDI server a device is provisioned in (hawkBit), and its credential there.
+/// The DDI server a device is provisioned in (hawkBit), and its credential there. Unknown
+/// fields are ignored, as in the rest of the answer: a newer bridge may add some.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct DdiAssignment {
     /// `https://host[:port]` of hawkBit's DDI API (or of the TLS proxy in front of it).
     pub server_url: String,
