@@ -93,7 +93,9 @@ pub async fn enroll_until_done(
         match result {
             Ok(credentials) => return Ok(credentials),
             Err(e) if e.is_retryable() && !once => {
-                let delay = backoff.next_delay();
+                // The bridge's Retry-After (a quota, step-ca down) is a floor, spread by the
+                // jitter of the backoff on top.
+                let delay = backoff.next_delay() + e.retry_after().unwrap_or_default();
                 tracing::warn!(error = %e, retry_in = ?delay, "enrollment failed, will retry");
                 ctx.state.set_module(
                     MODULE,
@@ -145,7 +147,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
                 publish(&ctx, creds.clone());
             }
             Err(e) => {
-                let delay = backoff.next_delay();
+                let delay = backoff.next_delay() + e.retry_after().unwrap_or_default();
                 tracing::warn!(error = %e, retry_in = ?delay, "renewal failed");
                 ctx.state.set_module(
                     MODULE,

@@ -149,6 +149,11 @@ pub struct World {
     pub requests: Vec<(String, String, u16)>,
     /// (controllerId, authorized) of every DDI root poll.
     pub polls: Vec<(String, bool)>,
+    /// When each DDI root poll arrived (same order as `polls`).
+    pub poll_times: Vec<std::time::Instant>,
+    /// Answer DDI polls 429 with `Retry-After: <n>` while set (hawkBit's per-client read
+    /// limit, as devices behind one NAT meet it).
+    pub throttle_polls: Option<u64>,
     /// Answer every Management API request with this status (an outage) while set.
     pub fail_with: Option<u16>,
     /// Delay every Management API answer (a slow hawkBit).
@@ -279,6 +284,15 @@ fn ddi_poll(h: &Inner, method: &Method, path: &str, headers: &HeaderMap) -> Resp
         .and_then(|v| v.strip_prefix("TargetToken "))
         .unwrap_or_default();
     let mut w = h.world.lock().unwrap();
+    w.poll_times.push(std::time::Instant::now());
+    if let Some(secs) = w.throttle_polls {
+        w.polls.push((cid.to_string(), false));
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+        )
+            .into_response();
+    }
     let ok = w
         .targets
         .get(*cid)

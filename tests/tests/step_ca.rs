@@ -123,11 +123,18 @@ async fn agent_enrolls_through_step_ca_publishes_with_the_four_certificate_chain
     let first = agent.status()["identity"]["certificate"]["serial"].clone();
     wait_for("renewed certificate", Duration::from_secs(90), || {
         let s = agent.status();
-        s["identity"]["certificate"]["serial"] != first && s["state"]["credentials_generation"] == 2
+        s["identity"]["certificate"]["serial"] != first
+            && s["state"]["credentials_generation"]
+                .as_u64()
+                .is_some_and(|g| g >= 2)
     });
-    assert_eq!(
-        step.outcomes(),
-        [(201, "dev-step".to_string()), (201, "dev-step".to_string())]
+    // step-ca backdates by a minute, so a 60 s certificate is due at once: the agent renews
+    // every few seconds here, each time through step-ca.
+    let outcomes = step.outcomes();
+    assert!(outcomes.len() >= 2, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| *o == (201, "dev-step".to_string())),
+        "{outcomes:?}"
     );
     obs.next_where(Duration::from_secs(20), |t, v| {
         t == "v1/devices/me/attributes" && v["device_id"] == "dev-step"

@@ -16,14 +16,29 @@ impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
         let ApiFailure(status, code, message) = self;
         tracing::info!(%status, code, %message, "request refused");
-        (
-            status,
-            Json(ApiError {
-                error: code.to_string(),
-                message,
-            }),
-        )
-            .into_response()
+        let body = Json(ApiError {
+            error: code.to_string(),
+            message,
+        });
+        match retry_after(code) {
+            Some(secs) => (
+                status,
+                [(axum::http::header::RETRY_AFTER, secs.to_string())],
+                body,
+            )
+                .into_response(),
+            None => (status, body).into_response(),
+        }
+    }
+}
+
+/// `Retry-After` (seconds) for the refusals that pass by themselves: the fleet quota's window
+/// is a minute; step-ca is given a moment to come back. Devices wait at least this long.
+pub fn retry_after(code: &str) -> Option<u64> {
+    match code {
+        thingsly_proto::enroll::error_code::QUOTA_EXCEEDED => Some(60),
+        thingsly_proto::enroll::error_code::SIGNER_UNAVAILABLE => Some(15),
+        _ => None,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod config;
 pub mod device_state;
 pub mod log_fields;
+pub mod poll_schedule;
 pub mod spool;
 pub mod state_dir;
 

@@ -17,6 +17,8 @@ pub enum EnrollError {
         status: u16,
         code: String,
         message: String,
+        /// The bridge's `Retry-After` (429, 503): no retry before it.
+        retry_after: Option<Duration>,
     },
     #[error("malformed answer from the bridge: {0}")]
     Malformed(String),
@@ -27,6 +29,16 @@ pub enum EnrollError {
 impl EnrollError {
     /// Whether trying again later can help. A refusal for a bad token or CSR cannot:
     /// retrying it forever would only hide the problem.
+    /// The wait the server asked for, if it did: a retry waits at least this long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => {
+                retry_after.map(|d| d.min(thingsly_core::poll_schedule::MAX_RETRY_AFTER))
+            }
+            _ => None,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Network { .. } | Self::Malformed(_) => true,
@@ -81,6 +93,13 @@ impl EnrollClient {
             detail: thingsly_core::error_chain(&e),
         })?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                thingsly_core::poll_schedule::parse_retry_after(v, std::time::SystemTime::now())
+            });
         let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
             url: url.clone(),
             detail: thingsly_core::error_chain(&e),
@@ -97,6 +116,7 @@ impl EnrollClient {
                 status: status.as_u16(),
                 code,
                 message,
+                retry_after,
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| {

@@ -11,8 +11,31 @@ pub enum DdiError {
     Transport(String),
     /// The server answered with an error status (4xx are final for the request).
     Status(u16, String),
+    /// 429 or 503: the server is busy (hawkBit limits reads per client address); try again
+    /// later, not before its `Retry-After`.
+    Throttled {
+        status: u16,
+        retry_after: Option<std::time::Duration>,
+        message: String,
+    },
     /// A 2xx body that is not what DDI promises.
     Malformed(String),
+}
+
+impl DdiError {
+    /// What this failure means for the next poll ([`PollSchedule`]).
+    ///
+    /// [`PollSchedule`]: thingsly_core::poll_schedule::PollSchedule
+    pub fn poll_outcome(&self) -> thingsly_core::poll_schedule::PollOutcome {
+        use thingsly_core::poll_schedule::PollOutcome;
+        match self {
+            DdiError::Transport(_) | DdiError::Malformed(_) => PollOutcome::Failed,
+            DdiError::Throttled { retry_after, .. } => PollOutcome::Throttled(*retry_after),
+            DdiError::Status(408, _) => PollOutcome::Failed,
+            DdiError::Status(s, _) if *s >= 500 => PollOutcome::Failed,
+            DdiError::Status(..) => PollOutcome::Refused,
+        }
+    }
 }
 
 impl std::fmt::Display for DdiError {
@@ -20,6 +43,18 @@ impl std::fmt::Display for DdiError {
         match self {
             DdiError::Transport(m) => write!(f, "DDI server unreachable: {m}"),
             DdiError::Status(s, m) => write!(f, "DDI server answered HTTP {s}: {m}"),
+            DdiError::Throttled {
+                status,
+                retry_after,
+                message,
+            } => match retry_after {
+                Some(d) => write!(
+                    f,
+                    "DDI server busy (HTTP {status}, Retry-After {}s): {message}",
+                    d.as_secs()
+                ),
+                None => write!(f, "DDI server busy (HTTP {status}): {message}"),
+            },
             DdiError::Malformed(m) => write!(f, "malformed DDI reply: {m}"),
         }
     }
@@ -111,11 +146,25 @@ impl DdiClient {
         if status.is_success() || status == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                thingsly_core::poll_schedule::parse_retry_after(v, std::time::SystemTime::now())
+            });
         let body = resp.text().await.unwrap_or_default();
         let msg = serde_json::from_str::<thingsly_proto::ddi::ExceptionInfo>(&body)
             .map(|e| format!("{} {}", e.error_code, e.message).trim().to_string())
             .unwrap_or_else(|_| body.chars().take(200).collect());
-        Err(DdiError::Status(status.as_u16(), msg))
+        match status.as_u16() {
+            s @ (429 | 503) => Err(DdiError::Throttled {
+                status: s,
+                retry_after,
+                message: msg,
+            }),
+            s => Err(DdiError::Status(s, msg)),
+        }
     }
 
     async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, DdiError> {
@@ -167,5 +216,43 @@ impl DdiClient {
     /// The action's `deploymentBase` or `cancelAction` href on this server.
     pub fn action_href(&self, kind: &str, action_id: &str) -> String {
         format!("{}/{kind}/{action_id}", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thingsly_core::poll_schedule::PollOutcome;
+
+    #[test]
+    fn failures_map_to_what_the_next_poll_does() {
+        let busy = |status, secs: Option<u64>| DdiError::Throttled {
+            status,
+            retry_after: secs.map(std::time::Duration::from_secs),
+            message: String::new(),
+        };
+        assert_eq!(
+            busy(429, Some(7)).poll_outcome(),
+            PollOutcome::Throttled(Some(std::time::Duration::from_secs(7)))
+        );
+        assert_eq!(busy(503, None).poll_outcome(), PollOutcome::Throttled(None));
+        assert_eq!(
+            DdiError::Transport("x".into()).poll_outcome(),
+            PollOutcome::Failed
+        );
+        assert_eq!(
+            DdiError::Status(502, String::new()).poll_outcome(),
+            PollOutcome::Failed
+        );
+        assert_eq!(
+            DdiError::Status(408, String::new()).poll_outcome(),
+            PollOutcome::Failed
+        );
+        // A target hawkBit does not know yet: polled at the interval, not backed off.
+        assert_eq!(
+            DdiError::Status(401, String::new()).poll_outcome(),
+            PollOutcome::Refused
+        );
+        assert!(busy(429, Some(7)).to_string().contains("Retry-After 7s"));
     }
 }

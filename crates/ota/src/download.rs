@@ -241,6 +241,7 @@ pub async fn fetch(
 impl From<DdiError> for DownloadError {
     fn from(e: DdiError) -> Self {
         match e {
+            // 429 is Throttled, not here: a busy server is retried, not a failed download.
             DdiError::Status(s, _) if (400..500).contains(&s) => {
                 DownloadError::Fatal(e.to_string())
             }

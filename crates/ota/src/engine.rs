@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thingsly_core::StateHandle;
 use thingsly_core::config::{DdiAuth, OtaSection};
+use thingsly_core::poll_schedule::{PollOutcome, PollSchedule};
 use thingsly_core::state_dir::{MODE_SECRET, StateDir};
 use thingsly_enroll::Credentials;
 use thingsly_proto::ddi::{
@@ -336,22 +337,41 @@ impl Engine {
         self.set_status("idle", "polling");
         // An action in flight goes first: it may be mid-reboot.
         self.resume().await;
+        // A fleet powered up together spreads its first polls (PollSchedule::first).
+        let first = PollSchedule::first(self.sleep, fastrand::f64());
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(first) => {}
+        }
+        let mut schedule = PollSchedule::new(
+            self.cfg
+                .section
+                .max_poll_interval
+                .min(Duration::from_secs(600)),
+        );
         loop {
             let d = self.load();
-            if let Err(e) = self.poll_once(d).await {
-                tracing::warn!(error = %e, "DDI poll failed");
-                self.state.set_module(
-                    MODULE,
-                    "waiting",
-                    format!("{e}; retry in {}s", self.sleep.as_secs()),
-                );
-            }
+            let outcome = match self.poll_once(d).await {
+                Ok(()) => PollOutcome::Answered,
+                Err(e) => {
+                    let outcome = e.poll_outcome();
+                    let wait = schedule.clone().next(outcome, self.sleep, 0.5);
+                    tracing::warn!(error = %e, "DDI poll failed");
+                    self.state.set_module(
+                        MODULE,
+                        "waiting",
+                        format!("{e}; retry in about {}s", wait.as_secs()),
+                    );
+                    outcome
+                }
+            };
             if let Some(d) = self.load() {
                 self.drive(d).await;
             }
+            let wait = schedule.next(outcome, self.sleep, fastrand::f64());
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.sleep) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
