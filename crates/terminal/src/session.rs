@@ -442,8 +442,32 @@ fn spawn(
             .env("SHELL", &a.shell)
             .current_dir(&a.home);
     }
+    // SAFETY: `reset_signals` runs in the forked child before exec and only calls signal(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    #[allow(unsafe_code)]
+    let cmd = unsafe { cmd.pre_exec(reset_signals) };
     let child = cmd.spawn(pts).map_err(|e| format!("{program}: {e}"))?;
     Ok((child, pty))
+}
+
+/// Every signal back to its default disposition in the session's child. exec keeps ignored
+/// signals ignored, and an agent started from a shell with `&` has SIGINT and SIGQUIT ignored
+/// (POSIX, without job control): its operators' shells then ignored ^C, and a shell cannot
+/// even trap a signal that was ignored on entry. A login (sshd, ttyd) starts from defaults.
+/// (std already resets the signal mask and SIGPIPE.)
+#[allow(unsafe_code)]
+fn reset_signals() -> std::io::Result<()> {
+    for sig in 1..32 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: signal(2) with SIG_DFL, async-signal-safe; errors (none expected for the
+        // standard signals) leave that one as it was.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    Ok(())
 }
 
 /// SIGHUP to the session's process group (the shell is its leader), SIGKILL after `grace`.

@@ -132,11 +132,24 @@ async fn close_of(ws: &mut Ws, limit: Duration) -> (CloseCode, String) {
     }
 }
 
+#[allow(unsafe_code)]
+fn ignore_sigint_like_a_background_job() {
+    // SAFETY: setting a disposition to SIG_IGN installs no handler; nothing in this test
+    // binary relies on SIGINT.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+}
+
 /// Issue 17: ~16 kB of input the program does not read froze the session for good. Now the
 /// output keeps coming, and ^C reaches the program (the unread paste is discarded, as the
 /// terminal driver discards its input queue on INTR, so it does not run as commands).
 #[tokio::test]
 async fn unread_input_never_blocks_output_or_interrupt() {
+    // As a shell's `agent &` leaves it (and every clean-clone CI run here started in the
+    // background): SIGINT ignored in the agent. The operator's shell must still get ^C.
+    ignore_sigint_like_a_background_job();
     let s = server(
         sh("trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; echo tick; done"),
         1,
