@@ -183,7 +183,8 @@ fn exception(status: StatusCode, class: &str, code: &str, message: &str) -> Resp
 }
 
 impl HawkbitMgmt {
-    /// Serve on `listener` with TLS `cert` (chain PEM) and `key`; Basic `user`:`password`.
+    /// Serve on a free loopback port with TLS `cert` (chain PEM) and `key`; Basic
+    /// `user`:`password`.
     pub async fn start(cert: &Path, key: &Path, user: &str, password: &str) -> Self {
         use base64::Engine;
         use rustls_pki_types::pem::PemObject;
@@ -193,14 +194,7 @@ impl HawkbitMgmt {
                 .collect::<Result<_, _>>()
                 .unwrap();
         let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        let tls = crate::https::server_config(chain, key);
         let world: Arc<Mutex<World>> = Arc::default();
         let inner = Arc::new(Inner {
             world: world.clone(),
@@ -210,23 +204,7 @@ impl HawkbitMgmt {
             ),
         });
         let app = axum::Router::new().fallback(handle).with_state(inner);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
+        let (port, task) = crate::https::serve(app, tls).await;
         Self {
             port,
             world,

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 pub mod hawkbit_mgmt;
+mod https;
 mod idp;
 mod influx;
 pub mod proxy;
@@ -459,6 +460,8 @@ pub struct AgentOpts {
     pub mqtt_port: u16,
     pub interval: String,
     pub spool_max_messages: usize,
+    /// Extra lines inside `[enroll]` (e.g. `renew_fraction = 0.5`).
+    pub enroll_extra: String,
     /// Extra lines inside `[telemetry]`.
     pub telemetry_extra: String,
     pub rauc_enabled: bool,
@@ -482,6 +485,7 @@ impl Default for AgentOpts {
             mqtt_port: free_port(),
             interval: "1s".into(),
             spool_max_messages: 10_000,
+            enroll_extra: String::new(),
             telemetry_extra: String::new(),
             rauc_enabled: false,
             tunnel: None,
@@ -511,7 +515,7 @@ impl Agent {
             &config,
             format!(
                 "[device]\nid = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nsw_version = \"1.0.0\"\n\n\
-                 [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n\n\
+                 [enroll]\nserver_url = \"{}\"\nca_bundle = \"{}\"\nbootstrap_token = \"{}\"\ntimeout = \"5s\"\n{}\n\n\
                  [telemetry]\nhost = \"{}\"\nport = {}\ninterval = \"{}\"\nspool_max_messages = {}\n{}\n\n\
                  [rauc]\nenabled = {}\n\n[commands]\nreboot = {}\n\n[tunnel]\nenabled = {}\n{}\n{}\n",
                 o.device_id,
@@ -520,6 +524,7 @@ impl Agent {
                 o.server_url,
                 o.ca_bundle.display(),
                 o.token,
+                o.enroll_extra,
                 o.mqtt_host,
                 o.mqtt_port,
                 o.interval,

@@ -166,14 +166,7 @@ impl StepCa {
                 .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
                 .collect();
         let key = PrivateKeyDer::from_pem_slice(tls_kp.serialize_pem().as_bytes()).unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        let tls = crate::https::server_config(chain, key);
         let jwk_pub: jsonwebtoken::jwk::Jwk = serde_json::from_value(serde_json::json!({
             "kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"], "kid": jwk["kid"],
             "alg": "ES256", "use": "sig"}))
@@ -201,25 +194,9 @@ impl StepCa {
                 "/health",
                 axum::routing::get(|| async { Json(serde_json::json!({"status": "ok"})) }),
             )
-            .route("/root/{sha}", axum::routing::get(root_by_fingerprint))
+            .route("/1.0/root/{sha}", axum::routing::get(root_by_fingerprint))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
+        let (port, task) = crate::https::serve(app, tls).await;
         Self {
             port,
             dir: dir.to_path_buf(),
@@ -294,15 +271,14 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// `GET /root/{sha}` (api/api.go L379-390): the root with that SHA-256, `{"ca": PEM}`, or 404.
+/// `GET <url>/1.0/root/<sha>` (api/api.go L379-390, mounted under `/1.0` too by ca/ca.go
+/// L242-244): the root with that SHA-256, `{"ca": PEM}`, or 404.
 async fn root_by_fingerprint(
     State(ca): State<Arc<Inner>>,
     axum::extract::Path(sha): axum::extract::Path<String>,
 ) -> Response {
-    use sha2::Digest;
     let sum = sha.replace('-', "").to_ascii_lowercase();
-    let der = CertificateDer::from_pem_slice(ca.root_pem.as_bytes()).unwrap();
-    if hex::encode(sha2::Sha256::digest(der.as_ref())) == sum {
+    if thingsly_bridge::step_ca::pem_fingerprint(&ca.root_pem).as_deref() == Some(sum.as_str()) {
         Json(serde_json::json!({"ca": ca.root_pem})).into_response()
     } else {
         step_error(

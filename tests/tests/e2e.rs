@@ -464,14 +464,11 @@ async fn daemon_renews_its_certificate_and_reconnects_with_it() {
     broker.start().unwrap();
     let mut obs = observer(&bridge, &broker, "observer-renew");
     obs.wait_ready().await;
-    let o = opts(&bridge, broker.port, "dev-renew");
+    let o = AgentOpts {
+        enroll_extra: "renew_fraction = 0.5".into(),
+        ..opts(&bridge, broker.port, "dev-renew")
+    };
     let mut agent = Agent::new(&t.path().join("agent"), &o).unwrap();
-    let cfg = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        cfg.replace("timeout = \"5s\"", "timeout = \"5s\"\nrenew_fraction = 0.5"),
-    )
-    .unwrap();
     agent.start().unwrap();
     obs.next_where(Duration::from_secs(30), |t, _| {
         t == "v1/devices/me/telemetry"

@@ -70,6 +70,7 @@ async fn agent_enrolls_through_step_ca_publishes_with_the_four_certificate_chain
 
     let o = AgentOpts {
         device_id: "dev-step".into(),
+        enroll_extra: "renew_fraction = 0.5".into(),
         server_url: bridge.url(),
         token: bridge.fleet_token(),
         ca_bundle: bridge.ca_chain(),
@@ -77,12 +78,6 @@ async fn agent_enrolls_through_step_ca_publishes_with_the_four_certificate_chain
         ..Default::default()
     };
     let mut agent = Agent::new(&t.path().join("agent"), &o).unwrap();
-    let cfg = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        cfg.replace("timeout = \"5s\"", "timeout = \"5s\"\nrenew_fraction = 0.5"),
-    )
-    .unwrap();
     agent.start().unwrap();
     obs.next_where(Duration::from_secs(30), |t, v| {
         t == "v1/devices/me/attributes" && v["device_id"] == "dev-step"
@@ -470,17 +465,12 @@ async fn the_step_ca_stand_in_refuses_what_step_ca_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_given_by_fingerprint_is_fetched_checked_and_pinned() {
-    use sha2::Digest;
     let t = tempfile::tempdir().unwrap();
     let jwk = provisioner_jwk();
     let step = StepCa::start(&t.path().join("step"), PROVISIONER, &jwk, short_claims()).await;
     let key = t.path().join("provisioner.json");
     std::fs::write(&key, jwk.to_string()).unwrap();
-    let der = rustls_pki_types::pem::PemObject::from_pem_slice(step.root_pem.as_bytes())
-        .map(|d: rustls_pki_types::CertificateDer<'_>| {
-            hex::encode(sha2::Sha256::digest(d.as_ref()))
-        })
-        .unwrap();
+    let der = thingsly_bridge::step_ca::pem_fingerprint(&step.root_pem).unwrap();
     let by_fingerprint = |fp: &str| {
         step.signer_section(PROVISIONER, &key, None).replace(
             &format!("root = \"{}\"\n", step.root.display()),

@@ -140,7 +140,7 @@ pub struct SignerSection {
     pub root: Option<PathBuf>,
     /// SHA-256 of the root (hex, what `step certificate fingerprint` prints). With `root`:
     /// the bridge refuses to start when the file is another certificate. Alone: the root is
-    /// fetched from step-ca (`/root/<fingerprint>`, checked against the hash) at the first
+    /// fetched from step-ca (`<url>/1.0/root/<fingerprint>`, checked against the hash) at the first
     /// start and kept as `<data_dir>/step-ca-root.crt`.
     #[serde(default)]
     pub root_fingerprint: Option<String>,

@@ -299,10 +299,9 @@ impl Hawkbit {
     /// The worker: runs due jobs, sleeps until the next is due or the webhook wakes it.
     pub async fn run(
         self: Arc<Self>,
-        store: Arc<crate::state::AppState>,
+        st: Arc<crate::state::AppState>,
         shutdown: CancellationToken,
     ) {
-        let st = store;
         loop {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let jobs = match st.store.due_targets(now, BATCH) {

@@ -441,12 +441,12 @@ fn main() -> anyhow::Result<()> {
 async fn serve(cfg: BridgeConfig, config_path: &std::path::Path) -> anyhow::Result<()> {
     let ca = Ca::load(&cfg.data_dir)?;
     let paths = CaPaths::new(&cfg.data_dir);
-    // Client certificates chain to the issuing CA or to the root: the issuing CA is a trust
-    // anchor too, so a device that sends only its leaf (how many DDI clients are configured) is
-    // accepted like one that sends leaf + issuing CA. Nothing else is trusted more than before.
     let signer = thingsly_bridge::signer::Signer::from_config(&cfg.signer, &cfg.data_dir)
         .await
         .with_context(|| format!("{}: [signer]", config_path.display()))?;
+    // Client certificates chain to the issuing CA or to the root: the issuing CA is a trust
+    // anchor too, so a device that sends only its leaf (how many DDI clients are configured) is
+    // accepted like one that sends leaf + issuing CA; with step-ca, its root as well.
     let tls = tls_server::server_config(
         &paths.server_crt(),
         &paths.server_key(),

@@ -25,10 +25,37 @@ pub struct DeviceCert {
     pub chain_pem: String,
 }
 
+/// The root certificate's file: `signer.root`, or the root `signer.root_fingerprint` names,
+/// fetched once and kept in `data_dir` (`step-ca-root.crt`) so later starts do not need
+/// step-ca. Whether the file matches the fingerprint is checked by the caller, for both.
+async fn root_file(
+    s: &SignerSection,
+    url: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let fp = match (&s.root, &s.root_fingerprint) {
+        (Some(r), _) => return Ok(r.clone()),
+        (None, Some(fp)) => fp,
+        (None, None) => anyhow::bail!("[signer] step-ca needs root or root_fingerprint"),
+    };
+    let cached = data_dir.join("step-ca-root.crt");
+    let kept = std::fs::read_to_string(&cached)
+        .ok()
+        .and_then(|pem| crate::step_ca::pem_fingerprint(&pem));
+    if !kept.is_some_and(|k| k.eq_ignore_ascii_case(fp)) {
+        let pem = crate::step_ca::bootstrap_root(url, fp, s.timeout)
+            .await
+            .context("signer.root_fingerprint")?;
+        crate::ca::write_file(&cached, pem.as_bytes(), 0o644)?;
+        tracing::info!(fingerprint = %fp, path = %cached.display(), "step-ca root fetched and pinned");
+    }
+    Ok(cached)
+}
+
 impl Signer {
-    /// `[signer]` of bridge.toml (checked by `BridgeConfig::load`); reads the key and root.
-    /// A root given only by its fingerprint is fetched from step-ca once and kept in
-    /// `data_dir` (`step-ca-root.crt`), so later starts do not need step-ca.
+    /// `[signer]` of bridge.toml (checked by `BridgeConfig::load`); reads the key and the
+    /// root ([`root_file`]).
     pub async fn from_config(
         s: &SignerSection,
         data_dir: &std::path::Path,
@@ -42,32 +69,7 @@ impl Signer {
                 else {
                     anyhow::bail!("[signer] step-ca needs url, provisioner, provisioner_key");
                 };
-                let cached = data_dir.join("step-ca-root.crt");
-                let root = match (&s.root, &s.root_fingerprint) {
-                    (Some(r), _) => r.clone(),
-                    (None, Some(fp)) => {
-                        let fits = std::fs::read_to_string(&cached).ok().is_some_and(|pem| {
-                            rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
-                                .is_ok_and(|d: rustls_pki_types::CertificateDer<'_>| {
-                                    use sha2::Digest;
-                                    hex::encode(sha2::Sha256::digest(d.as_ref()))
-                                        .eq_ignore_ascii_case(fp)
-                                })
-                        });
-                        if !fits {
-                            let pem = crate::step_ca::bootstrap_root(url, fp, s.timeout)
-                                .await
-                                .context("signer.root_fingerprint")?;
-                            crate::ca::write_file(&cached, pem.as_bytes(), 0o644)?;
-                            tracing::info!(fingerprint = %fp, path = %cached.display(), "step-ca root fetched and pinned");
-                        }
-                        cached
-                    }
-                    (None, None) => {
-                        anyhow::bail!("[signer] step-ca needs root or root_fingerprint")
-                    }
-                };
-                let root = &root;
+                let root = root_file(s, url, data_dir).await?;
                 let password = match &s.provisioner_password_file {
                     Some(p) => Some(
                         std::fs::read(p)
@@ -84,7 +86,7 @@ impl Signer {
                 let key = ProvisionerKey::parse(&src, password.as_deref()).map_err(|e| {
                     anyhow::anyhow!("signer.provisioner_key {}: {e}", key.display())
                 })?;
-                let root_pem = std::fs::read_to_string(root)
+                let root_pem = std::fs::read_to_string(&root)
                     .with_context(|| format!("signer.root {}", root.display()))?;
                 let ca = StepCa::new(url, name, key, &root_pem, s.timeout)
                     .with_context(|| format!("signer.root {}", root.display()))?;

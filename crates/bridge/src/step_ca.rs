@@ -184,6 +184,18 @@ pub fn thumbprint(x: &str, y: &str) -> String {
     B64.encode(Sha256::digest(canonical.as_bytes()))
 }
 
+/// SHA-256 of a certificate (hex): how step names its root (`step certificate fingerprint`).
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// [`fingerprint`] of the first certificate in `pem`, if it holds one.
+pub fn pem_fingerprint(pem: &str) -> Option<String> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|d| fingerprint(d.as_ref()))
+}
+
 /// The five parts of a JWE, from either serialization.
 struct JweParts {
     protected: String,
@@ -504,7 +516,7 @@ impl rustls::client::danger::ServerCertVerifier for FingerprintBootstrap {
     }
 }
 
-/// The root whose SHA-256 is `fingerprint`, from step-ca's `GET /root/{sha}` (api/api.go
+/// The root whose SHA-256 is `fingerprint`, from step-ca's `GET <url>/1.0/root/<sha>` (api/api.go
 /// Root: `{"ca": PEM}`). Nothing of the answer is trusted until its hash matches.
 pub async fn bootstrap_root(
     url: &str,
@@ -526,7 +538,7 @@ pub async fn bootstrap_root(
         .build()?;
     let fp = fingerprint.to_ascii_lowercase();
     let resp = http
-        .get(format!("{}/root/{fp}", url.trim_end_matches('/')))
+        .get(format!("{}/1.0/root/{fp}", url.trim_end_matches('/')))
         .send()
         .await
         .with_context(|| format!("fetching the root from {url}"))?;
@@ -543,7 +555,7 @@ pub async fn bootstrap_root(
     }
     let r: RootResponse = serde_json::from_slice(&body).context("the root answer")?;
     let der = CertificateDer::from_pem_slice(r.ca.as_bytes()).context("the root answer's PEM")?;
-    let got = hex::encode(Sha256::digest(der.as_ref()));
+    let got = self::fingerprint(der.as_ref());
     anyhow::ensure!(
         got == fp,
         "{url} answered a root with fingerprint {got}, not {fp}: refused"
@@ -573,7 +585,7 @@ impl StepCa {
     ) -> anyhow::Result<Self> {
         let root = CertificateDer::from_pem_slice(root_pem.as_bytes())
             .context("signer.root: not a PEM certificate")?;
-        let root_fingerprint = hex::encode(Sha256::digest(root.as_ref()));
+        let root_fingerprint = fingerprint(root.as_ref());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root).context("signer.root")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
