@@ -82,8 +82,8 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
                 let m = d.modules.entry(MODULE.to_string()).or_default();
                 m.counters.insert("rx_bytes".into(), s.rx_bytes);
                 m.counters.insert("tx_bytes".into(), s.tx_bytes);
-                let age = s.last_handshake.map_or(0, |h| h.as_secs());
-                m.counters.insert("last_handshake_age_s".into(), age);
+                // No handshake age here: it grows every tick, so the state would change (and
+                // wake every reader) each time; `tunnel_last_handshake` says the same.
             });
         }
     };

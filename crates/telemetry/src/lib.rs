@@ -4,6 +4,7 @@
 //! it (QoS 1), so an outage, a restart or a power cut loses nothing within the spool's bound.
 //! It reads `DeviceState` and credentials; it never enrolls, never touches RAUC.
 
+mod attributes;
 mod dialect;
 mod sample;
 mod session;

@@ -2,6 +2,7 @@
 //! spool in order with a bounded window of unacknowledged QoS 1 publishes, answer the server.
 
 use crate::RemoteSettings;
+use crate::attributes::AttributeTracker;
 use crate::dialect::{self, Inbound};
 use crate::sample::Sampler;
 use rumqttc::{
@@ -98,7 +99,7 @@ pub async fn run(
         reconnects: 0,
     };
     let mut state_rx = state.subscribe();
-    let mut last_attrs = attribute_view(&state_rx.borrow_and_update());
+    let mut attrs = AttributeTracker::new(attribute_view(&state_rx.borrow_and_update()));
     let mut conn: Option<Conn> = None;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     // When to try connecting next; immediately at start.
@@ -130,17 +131,24 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "cannot spool telemetry"),
                 }
                 if let Some(c) = conn.as_mut() { pump(c, &mut spool, &cfg); }
+                if attrs.due(tokio::time::Instant::now())
+                    && let Some(c) = conn.as_mut().filter(|c| c.connected)
+                {
+                    msg_id += 1;
+                    attrs.published(publish_attributes(c, &cfg, &state.get(), &settings, msg_id));
+                }
                 report(&state, &spool, &counters, conn.as_ref().is_some_and(|c| c.connected));
             }
             changed = state_rx.changed() => {
                 if changed.is_err() { continue; }
-                let attrs = attribute_view(&state_rx.borrow_and_update());
-                if attrs != last_attrs {
-                    last_attrs = attrs;
+                let view = attribute_view(&state_rx.borrow_and_update());
+                if attrs.changed(&view, tokio::time::Instant::now()) {
                     // Registration data changed (new slot, OTA status …): tell the server now.
+                    // Offline, the next connection publishes them anyway.
+                    attrs.published(view);
                     if let Some(c) = conn.as_mut().filter(|c| c.connected) {
                         msg_id += 1;
-                        publish_attributes(c, &cfg, &state.get(), &settings, msg_id);
+                        attrs.published(publish_attributes(c, &cfg, &state.get(), &settings, msg_id));
                     }
                     let values = sample_values(&mut sampler, &state.get());
                     let body = dialect::telemetry_payload(cfg.dialect, now_ms(), values);
@@ -187,7 +195,7 @@ pub async fn run(
                             let _ = c.client.try_subscribe(t, QoS::AtLeastOnce);
                         }
                         msg_id += 1;
-                        publish_attributes(c, &cfg, &state.get(), &settings, msg_id);
+                        attrs.published(publish_attributes(c, &cfg, &state.get(), &settings, msg_id));
                         msg_id += 1;
                         if let Some((topic, body)) = dialect::attribute_request(cfg.dialect, msg_id) {
                             publish_other(c, topic, body);
@@ -219,11 +227,11 @@ pub async fn run(
                         if reply.interval_changed {
                             interval = new_interval(&cfg, &settings);
                             msg_id += 1;
-                            publish_attributes(c, &cfg, &state.get(), &settings, msg_id);
+                            attrs.published(publish_attributes(c, &cfg, &state.get(), &settings, msg_id));
                         }
                         if reply.attributes_requested {
                             msg_id += 1;
-                            publish_attributes(c, &cfg, &state.get(), &settings, msg_id);
+                            attrs.published(publish_attributes(c, &cfg, &state.get(), &settings, msg_id));
                         }
                     }
                     Ok(_) => {}
@@ -341,8 +349,9 @@ fn publish_attributes(
     s: &DeviceState,
     settings: &RemoteSettings,
     msg_id: u64,
-) {
-    let mut attrs = attribute_view(s);
+) -> serde_json::Value {
+    let view = attribute_view(s);
+    let mut attrs = view.clone();
     if let Some(o) = attrs.as_object_mut() {
         let secs = settings
             .telemetry_interval
@@ -354,6 +363,8 @@ fn publish_attributes(
         );
     }
     publish_other(c, dialect::attributes_topic(cfg.dialect, msg_id), attrs);
+    // What the broker now has, for the tracker (without the settings added above).
+    view
 }
 
 fn sample_values(sampler: &mut Sampler, s: &DeviceState) -> serde_json::Value {

@@ -10,7 +10,7 @@ use crate::{Node, NodeConfig, PeerConfig, PeerStats, TunnelError, keys};
 use ipnet::Ipv4Net;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
@@ -156,23 +156,30 @@ impl DeviceTunnel {
         }
     }
 
+    /// How much longer the hub counts as alive without news ([`hub_alive`](Self::hub_alive));
+    /// `None` when it is not alive now.
+    fn alive_for(&self, s: Option<&PeerStats>) -> Option<Duration> {
+        let s = s?;
+        match self.cfg.dead_after() {
+            Some(limit) => s.last_received.and_then(|quiet| limit.checked_sub(quiet)),
+            None => s
+                .last_handshake
+                .and_then(|h| REJECT_AFTER.checked_sub(h))
+                .filter(|d| !d.is_zero()),
+        }
+    }
+
     /// Until `shutdown`; the interface disappears when this returns and `self` is dropped.
+    /// Wakes only when something can have changed: the next re-resolve, the moment the hub
+    /// would count as gone, or every [`RETRY_DOWN`] while it does not answer.
     pub async fn run(&self, shutdown: CancellationToken) {
         let engine = tokio::spawn(self.node.clone().run(shutdown.clone()));
         let hub = self.cfg.hub_public_key;
         self.node.force_handshake(&hub).await;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut since_resolve = Duration::ZERO;
-        let mut since_forced = Duration::MAX;
+        let mut last_resolve = Instant::now();
+        let mut last_forced = Instant::now();
         let mut was_up = false;
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            since_resolve += Duration::from_secs(1);
-            since_forced = since_forced.saturating_add(Duration::from_secs(1));
             let stats = self.node.stats().into_iter().next();
             let endpoint = stats.as_ref().and_then(|s| s.endpoint);
             let silent = stats.as_ref().and_then(|s| s.last_received);
@@ -187,27 +194,53 @@ impl DeviceTunnel {
                 }
                 was_up = up;
             }
-            let need_resolve = endpoint.is_none()
-                || since_resolve >= self.cfg.resolve_interval
-                || (dead && since_forced >= Duration::from_secs(5));
-            if need_resolve {
-                since_resolve = Duration::ZERO;
+            let retry_due = dead && last_forced.elapsed() >= RETRY_DOWN;
+            if endpoint.is_none()
+                || last_resolve.elapsed() >= self.cfg.resolve_interval
+                || retry_due
+            {
+                last_resolve = Instant::now();
                 if let Some(addr) = resolve(&self.cfg.endpoint).await
                     && Some(addr) != endpoint
                 {
                     tracing::info!(from = ?endpoint, to = %addr, "hub endpoint changed");
                     self.node.set_endpoint(&hub, addr);
                     self.node.force_handshake(&hub).await;
-                    since_forced = Duration::ZERO;
+                    last_forced = Instant::now();
                 }
             }
-            if dead && since_forced >= Duration::from_secs(5) {
+            if dead && last_forced.elapsed() >= RETRY_DOWN {
                 self.node.force_handshake(&hub).await;
-                since_forced = Duration::ZERO;
+                last_forced = Instant::now();
+            }
+            let until_resolve = self
+                .cfg
+                .resolve_interval
+                .saturating_sub(last_resolve.elapsed());
+            let wait = next_check(until_resolve, self.alive_for(stats.as_ref()));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         let _ = engine.await;
     }
+}
+
+/// While the hub does not answer: how often to look again and, with keepalives, re-resolve and
+/// re-handshake.
+const RETRY_DOWN: Duration = Duration::from_secs(5);
+/// Looked at this long after the hub would count as gone, so it has.
+const PAST_DEADLINE: Duration = Duration::from_millis(500);
+
+/// How long the device loop sleeps: until the next re-resolve, and while the hub is alive until
+/// it would count as gone (each keepalive from it pushes that back: the loop wakes, finds it
+/// alive, sleeps again), else [`RETRY_DOWN`].
+fn next_check(until_resolve: Duration, alive_for: Option<Duration>) -> Duration {
+    let state_change = alive_for.map_or(RETRY_DOWN, |d| d + PAST_DEADLINE);
+    until_resolve
+        .min(state_change)
+        .max(Duration::from_millis(100))
 }
 
 async fn resolve(endpoint: &str) -> Option<SocketAddr> {
@@ -224,6 +257,19 @@ async fn resolve(endpoint: &str) -> Option<SocketAddr> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_loop_sleeps_until_something_can_change() {
+        let s = Duration::from_secs;
+        // Hub alive for 40 s more, re-resolve in 60 s: look again just after 40 s.
+        assert_eq!(next_check(s(60), Some(s(40))), s(40) + PAST_DEADLINE);
+        // Re-resolve sooner than that.
+        assert_eq!(next_check(s(3), Some(s(40))), s(3));
+        // Hub gone: every RETRY_DOWN.
+        assert_eq!(next_check(s(60), None), RETRY_DOWN);
+        // Never a busy loop.
+        assert_eq!(next_check(Duration::ZERO, None), Duration::from_millis(100));
+    }
 
     #[test]
     fn enrolled_config_gets_the_prefix_of_its_network() {

@@ -7,6 +7,7 @@
 pub mod device;
 pub mod keys;
 mod node;
+pub mod timers;
 mod tun;
 
 pub use node::{Node, NodeConfig, PeerConfig, PeerStats};

@@ -1,22 +1,31 @@
 //! One WireGuard node: a TUN interface, a UDP socket and any number of peers, each a boringtun
 //! `noise::Tunn`, driven by three tasks on the caller's tokio runtime (TUN → UDP, UDP → TUN,
-//! timers every 250 ms). The device runs a node with one peer (the hub); the bridge's hub runs
-//! one with a peer per enrolled device.
+//! timers). The device runs a node with one peer (the hub); the bridge's hub runs one with a
+//! peer per enrolled device.
+//!
+//! The timer task sleeps until the earliest moment any peer's timers can act
+//! ([`crate::timers::PeerClock`]), kept in a heap of (due, peer); an idle tunnel wakes only for
+//! its keepalives and session deadlines, not every 250 ms. The packet tasks run a peer's timers
+//! around each packet (see `timers`), so a threshold an event crosses acts at once.
 //!
 //! Locks are std mutexes held only around `Tunn` calls, never across an await: the packet is
 //! produced into the task's own buffer, the lock dropped, then the I/O awaited.
 
 use crate::TunnelError;
+use crate::timers::{Message, Outcome, PeerClock};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::Ipv4Net;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -24,7 +33,12 @@ use x25519_dalek::{PublicKey, StaticSecret};
 const BUF: usize = 65_535;
 /// Handshakes per second before the node answers with cookies (WireGuard's DoS mitigation).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
-const TIMER_TICK: Duration = Duration::from_millis(250);
+/// The handshake rate limiter counts per this window (boringtun's own device resets it every
+/// second); reset when a datagram arrives, so an idle node does not wake for it.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Large enough for anything `update_timers` or a forced handshake produce (an initiation is
+/// 148 bytes, a keepalive 32).
+const TIMER_PACKET: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -66,10 +80,72 @@ pub struct PeerStats {
     pub tx_bytes: u64,
 }
 
+/// A peer's protocol state and the mirror of its timers, under one lock.
+struct Crypto {
+    tunn: Tunn,
+    clock: PeerClock,
+    /// The due time of this peer's live entry in the node's timer heap.
+    scheduled: Option<Instant>,
+}
+
+/// A datagram the timers produced (a retried or new initiation, or a keepalive).
+struct TimerPacket {
+    buf: [u8; TIMER_PACKET],
+    len: usize,
+}
+
+impl Crypto {
+    /// Run boringtun's timers at `now`; what they produced, to be sent.
+    fn run_timers(&mut self, now: Instant) -> Option<TimerPacket> {
+        let mut buf = [0u8; TIMER_PACKET];
+        let (outcome, len) = match self.tunn.update_timers(&mut buf) {
+            TunnResult::WriteToNetwork(p) => (
+                Outcome::Sent(Message::of(p).unwrap_or(Message::Keepalive)),
+                p.len(),
+            ),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => (Outcome::Expired, 0),
+            _ => (Outcome::Nothing, 0),
+        };
+        self.clock.ran(now, outcome);
+        if let Outcome::Sent(m) = outcome {
+            self.clock.sent(now, m);
+            return Some(TimerPacket { buf, len });
+        }
+        None
+    }
+
+    /// Before an event: boringtun stamps events with its last timer run, so refresh it.
+    fn refresh(&mut self, now: Instant) -> Option<TimerPacket> {
+        if self.clock.stale(now) {
+            self.run_timers(now)
+        } else {
+            None
+        }
+    }
+
+    fn sent(&mut self, now: Instant, datagram: &[u8]) {
+        if let Some(m) = Message::of(datagram) {
+            self.clock.sent(now, m);
+        }
+    }
+
+    fn received(&mut self, now: Instant, datagram: &[u8]) {
+        let Some(m) = Message::of(datagram) else {
+            return;
+        };
+        self.clock.received(now, m);
+        // Also after data: a responder's new session becomes boringtun's current one only
+        // with the first data packet on it.
+        if let Some(age) = self.tunn.time_since_last_handshake() {
+            self.clock.established(now.checked_sub(age).unwrap_or(now));
+        }
+    }
+}
+
 struct Peer {
     config: PeerConfig,
     index: u32,
-    tunn: Mutex<Tunn>,
+    crypto: Mutex<Crypto>,
     endpoint: Mutex<Option<SocketAddr>>,
     last_rx: Mutex<Option<Instant>>,
     rx_bytes: AtomicU64,
@@ -77,6 +153,9 @@ struct Peer {
 }
 
 impl Peer {
+    fn crypto(&self) -> std::sync::MutexGuard<'_, Crypto> {
+        self.crypto.lock().unwrap_or_else(|e| e.into_inner())
+    }
     fn endpoint(&self) -> Option<SocketAddr> {
         *self.endpoint.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -134,6 +213,13 @@ pub struct Node {
     peers: RwLock<PeerTable>,
     next_index: AtomicU32,
     rate_limiter: Arc<RateLimiter>,
+    rate_window_start: Mutex<Instant>,
+    /// (due, peer index): when each peer's timers next need a run. Entries go stale when a
+    /// peer is rescheduled or removed; a popped entry counts only if it is the peer's
+    /// `scheduled`.
+    schedule: Mutex<BinaryHeap<Reverse<(Instant, u32)>>>,
+    /// A peer's due time moved before the heap's earliest: the timer task sleeps too long.
+    schedule_changed: Notify,
     udp: UdpSocket,
     tun: tun_rs::AsyncDevice,
     interface: String,
@@ -149,6 +235,9 @@ impl Node {
         let public = PublicKey::from(&secret);
         Ok(Self {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            rate_window_start: Mutex::new(Instant::now()),
+            schedule: Mutex::new(BinaryHeap::new()),
+            schedule_changed: Notify::new(),
             secret,
             public,
             peers: RwLock::new(PeerTable::default()),
@@ -182,18 +271,51 @@ impl Node {
             index,
             Some(self.rate_limiter.clone()),
         );
+        let clock = PeerClock::new(Instant::now(), config.persistent_keepalive);
         let peer = Arc::new(Peer {
             endpoint: Mutex::new(config.endpoint),
             config,
             index,
-            tunn: Mutex::new(tunn),
+            crypto: Mutex::new(Crypto {
+                tunn,
+                clock,
+                scheduled: None,
+            }),
             last_rx: Mutex::new(None),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
         });
+        self.reschedule(peer.index, &mut peer.crypto());
         let mut t = self.peers.write().unwrap_or_else(|e| e.into_inner());
         t.remove(&peer.config.public_key);
         t.insert(peer);
+    }
+
+    /// Put the peer's next due time in the heap if it is earlier than its live entry, and wake
+    /// the timer task if it is the earliest of all. Later times need no entry: the live one
+    /// fires early and reschedules.
+    fn reschedule(&self, index: u32, c: &mut Crypto) {
+        let Some(due) = c.clock.next_due() else {
+            return;
+        };
+        if c.scheduled.is_some_and(|s| s <= due) {
+            return;
+        }
+        c.scheduled = Some(due);
+        let mut heap = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        let earliest = heap.peek().is_none_or(|Reverse((t, _))| due < *t);
+        heap.push(Reverse((due, index)));
+        drop(heap);
+        if earliest {
+            self.schedule_changed.notify_one();
+        }
+    }
+
+    /// After an event: run the timers (a threshold the event crossed acts now) and reschedule.
+    fn after_event(&self, index: u32, c: &mut Crypto, now: Instant) -> Option<TimerPacket> {
+        let out = c.run_timers(now);
+        self.reschedule(index, c);
+        out
     }
 
     pub fn remove_peer(&self, key: &[u8; 32]) -> bool {
@@ -235,7 +357,7 @@ impl Node {
         t.by_key
             .values()
             .map(|p| {
-                let (last_handshake, ..) = p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                let (last_handshake, ..) = p.crypto().tunn.stats();
                 PeerStats {
                     public_key: p.config.public_key,
                     endpoint: p.endpoint(),
@@ -256,18 +378,30 @@ impl Node {
     /// restarted and lost our session; the endpoint changed).
     pub async fn force_handshake(&self, key: &[u8; 32]) {
         let Some(peer) = self.peer(key) else { return };
-        let mut out = vec![0u8; 256];
-        let len = match peer
-            .tunn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .format_handshake_initiation(&mut out, true)
-        {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return,
+        let mut out = [0u8; TIMER_PACKET];
+        let (before, len) = {
+            let mut c = peer.crypto();
+            let now = Instant::now();
+            let before = c.refresh(now);
+            let len = match c.tunn.format_handshake_initiation(&mut out, true) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => 0,
+            };
+            c.sent(now, &out[..len]);
+            self.reschedule(peer.index, &mut c);
+            (before, len)
         };
         if let Some(ep) = peer.endpoint() {
-            self.send(&out[..len], ep).await;
+            self.send_timer_packet(before, ep).await;
+            if len > 0 {
+                self.send(&out[..len], ep).await;
+            }
+        }
+    }
+
+    async fn send_timer_packet(&self, packet: Option<TimerPacket>, to: SocketAddr) {
+        if let Some(p) = packet {
+            self.send(&p.buf[..p.len], to).await;
         }
     }
 
@@ -322,23 +456,32 @@ impl Node {
             else {
                 continue;
             };
-            let len = match peer
-                .tunn
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .encapsulate(&packet[..n], &mut out)
-            {
-                TunnResult::WriteToNetwork(p) => p.len(),
-                TunnResult::Err(e) => {
-                    tracing::debug!(error = ?e, "encapsulate failed");
-                    continue;
-                }
-                _ => continue, // queued until the handshake completes
+            let (before, len, after) = {
+                let mut c = peer.crypto();
+                let now = Instant::now();
+                let before = c.refresh(now);
+                let len = match c.tunn.encapsulate(&packet[..n], &mut out) {
+                    TunnResult::WriteToNetwork(p) => p.len(),
+                    TunnResult::Err(e) => {
+                        tracing::debug!(error = ?e, "encapsulate failed");
+                        0
+                    }
+                    _ => 0, // queued until the handshake completes
+                };
+                c.sent(now, &out[..len]);
+                let after = self.after_event(peer.index, &mut c, now);
+                (before, len, after)
             };
-            if let Some(ep) = peer.endpoint() {
-                peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            let Some(ep) = peer.endpoint() else { continue };
+            self.send_timer_packet(before, ep).await;
+            if len > 0 {
+                // An initiation started for this packet carries none of its bytes yet.
+                if Message::of(&out[..len]) == Some(Message::Data) {
+                    peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 self.send(&out[..len], ep).await;
             }
+            self.send_timer_packet(after, ep).await;
         }
     }
 
@@ -354,6 +497,7 @@ impl Node {
                     continue;
                 }
             };
+            self.rate_window();
             let peer =
                 match self
                     .rate_limiter
@@ -368,6 +512,10 @@ impl Node {
                     Err(_) => continue,
                 };
             let Some(peer) = peer else { continue };
+            let before = peer.crypto().refresh(Instant::now());
+            if let Some(to) = peer.endpoint() {
+                self.send_timer_packet(before, to).await;
+            }
             let mut first = true;
             loop {
                 enum Next {
@@ -376,15 +524,17 @@ impl Node {
                     Done,
                     Failed,
                 }
-                let next = {
-                    let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let (next, after) = {
+                    let mut c = peer.crypto();
                     let r = if first {
-                        t.decapsulate(Some(from.ip()), &datagram[..n], &mut out)
+                        c.tunn
+                            .decapsulate(Some(from.ip()), &datagram[..n], &mut out)
                     } else {
                         // Flush what was queued while the handshake was under way.
-                        t.decapsulate(None, &[], &mut out)
+                        c.tunn.decapsulate(None, &[], &mut out)
                     };
-                    match r {
+                    let next = match r {
                         TunnResult::WriteToNetwork(p) => Next::Network(p.len()),
                         TunnResult::WriteToTunnelV4(p, src) => Next::Tunnel(p.len(), src),
                         TunnResult::Done => Next::Done,
@@ -393,14 +543,28 @@ impl Node {
                             Next::Failed
                         }
                         TunnResult::WriteToTunnelV6(..) => Next::Done,
+                    };
+                    if first && !matches!(next, Next::Failed) {
+                        c.received(now, &datagram[..n]);
                     }
+                    if let Next::Network(len) = next {
+                        c.sent(now, &out[..len]);
+                    }
+                    let after = if first || matches!(next, Next::Network(_)) {
+                        self.after_event(peer.index, &mut c, now)
+                    } else {
+                        None
+                    };
+                    (next, after)
                 };
                 if first && !matches!(next, Next::Failed) {
                     // Authenticated: this is where the peer is now (roaming).
                     *peer.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-                    *peer.last_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    *peer.last_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 }
                 first = false;
+                self.send_timer_packet(after, peer.endpoint().unwrap_or(from))
+                    .await;
                 match next {
                     Next::Network(len) => {
                         let to = peer.endpoint().unwrap_or(from);
@@ -437,37 +601,71 @@ impl Node {
         }
     }
 
+    /// Restart the handshake limiter's window once it is over (on arrival, not on a tick).
+    fn rate_window(&self) {
+        let mut start = self
+            .rate_window_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if start.elapsed() >= RATE_WINDOW {
+            self.rate_limiter.reset_count();
+            *start = Instant::now();
+        }
+    }
+
+    /// Sleep until the earliest due peer, run its timers, send what they produce.
     async fn timers(&self) {
-        let mut out = vec![0u8; BUF];
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_reset = Instant::now();
         loop {
-            tick.tick().await;
-            if last_reset.elapsed() >= Duration::from_secs(1) {
-                self.rate_limiter.reset_count();
-                last_reset = Instant::now();
-            }
-            let peers: Vec<Arc<Peer>> = self
-                .peers
-                .read()
+            let next = self
+                .schedule
+                .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .by_key
-                .values()
-                .cloned()
-                .collect();
-            for peer in peers {
-                let len = match peer
-                    .tunn
-                    .lock()
+                .peek()
+                .map(|Reverse((t, _))| *t);
+            match next {
+                None => self.schedule_changed.notified().await,
+                Some(t) if t > Instant::now() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(t)) => {}
+                        _ = self.schedule_changed.notified() => continue,
+                    }
+                }
+                Some(_) => {}
+            }
+            let now = Instant::now();
+            loop {
+                let entry = {
+                    let mut heap = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+                    match heap.peek() {
+                        Some(Reverse((t, _))) if *t <= now => heap.pop(),
+                        _ => None,
+                    }
+                };
+                let Some(Reverse((due, index))) = entry else {
+                    break;
+                };
+                let Some(peer) = self
+                    .peers
+                    .read()
                     .unwrap_or_else(|e| e.into_inner())
-                    .update_timers(&mut out)
-                {
-                    TunnResult::WriteToNetwork(p) => p.len(),
-                    _ => continue,
+                    .by_index
+                    .get(&index)
+                    .cloned()
+                else {
+                    continue; // removed
+                };
+                let packet = {
+                    let mut c = peer.crypto();
+                    if c.scheduled != Some(due) {
+                        continue; // superseded by an earlier entry, which already ran
+                    }
+                    c.scheduled = None;
+                    let packet = c.run_timers(now);
+                    self.reschedule(index, &mut c);
+                    packet
                 };
                 if let Some(ep) = peer.endpoint() {
-                    self.send(&out[..len], ep).await;
+                    self.send_timer_packet(packet, ep).await;
                 }
             }
         }
