@@ -30,7 +30,11 @@ target directory and one vendored crate tree when their crates.inc agree, which 
 minutes (each still builds with its own flags). CI runs it with --debug-build (DEBUG_BUILD = "1",
 which the cargo class also supports: no --release), measured 3 min 52 s for both instead of 11 min 28 s on 2 cores; the
 problems it looks for do not depend on the optimisation level.
-Usage: scripts/recipe-build.py [--srcrev COMMIT] [--debug-build]   (DEBUG_BUILD = "1": no --release)
+With --release (the default) it also writes the binary as the package ships it (stripped the way
+OE's do_package strips) to target/recipe-build/NAME.stripped: what scripts/bench-footprint.sh
+measures. The recipe's `export` lines (the CARGO_PROFILE_RELEASE_* size settings) are in the
+build's environment, as bitbake exports them to do_compile.
+Usage: scripts/recipe-build.py [--srcrev COMMIT] [--debug-build] [--only thingsly-agent|thingsly-bridge]
 """
 import concurrent.futures
 import hashlib
@@ -66,6 +70,19 @@ def layer_var(path: pathlib.Path, name: str) -> str:
     if not m:
         fail(f"{path.relative_to(ROOT)}: no {name}")
     return m.group(1)
+
+
+def recipe_exports(recipe: str) -> dict[str, str]:
+    """`export NAME = "VALUE"` of the recipe and the layer includes it requires: what bitbake
+    puts in do_compile's environment (the CARGO_PROFILE_RELEASE_* size settings)."""
+    bb = LAYER / recipe / f"{recipe}_0.1.0.bb"
+    texts = [bb.read_text()]
+    for inc in re.findall(r"^require (recipes-thingsly/\S+\.inc)$", texts[0], re.M):
+        texts.append((LAYER.parent / inc).read_text())
+    out = {}
+    for text in texts:
+        out.update(re.findall(r'^export (\w+) = "([^"]*)"', text, re.M))
+    return out
 
 
 def crates_of(recipe: str) -> list[tuple[str, str, str]]:
@@ -180,6 +197,7 @@ def build_recipe(recipe: str, src: pathlib.Path, rust: str, release: bool, targe
         CC_aarch64_unknown_linux_gnu=LINKER,
         AR_aarch64_unknown_linux_gnu="aarch64-linux-gnu-ar",
     )
+    env.update(recipe_exports(recipe))
     cmd = ["cargo", "build", "-v", "--frozen", "--target", TARGET, *(["--release"] if release else []),
            f"--manifest-path={manifest}", *feature_args]
     log = rdir / "compile.log"
@@ -212,7 +230,13 @@ def build_recipe(recipe: str, src: pathlib.Path, rust: str, release: bool, targe
     want = (LAYER / recipe / f"{recipe}-licenses.inc").read_text()
     if got.stdout != want:
         fail(f"{recipe}-licenses.inc does not match the crates at SRCREV (run scripts/gen-crates-inc.py)")
+    # What the package ships: OE's do_package strips executables this way (oe.package.runstrip).
+    shipped = WORK / f"{package}.stripped"
+    subprocess.run(["aarch64-linux-gnu-strip", "--remove-section=.comment", "--remove-section=.note",
+                    "-o", str(shipped), str(binary)], check=True)
     size = binary.stat().st_size / 1e6
+    print(f"{recipe}: shipped (stripped as OE strips) {shipped.stat().st_size / 1e6:.2f} MB: "
+          f"{shipped.relative_to(ROOT)}")
     print(f"{recipe}: fetched and checked {len(crates)} crates, built {package} ({size:.1f} MB, "
           f"{' '.join(feature_args) or 'default features'}) with Rust {rust} in "
           f"{time.monotonic() - started:.0f} s; licenses match")
@@ -249,7 +273,12 @@ def main() -> int:
     src.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", srcrev], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    for recipe in RECIPES:
+    recipes = RECIPES
+    if "--only" in argv:
+        recipes = [argv[argv.index("--only") + 1]]
+        if recipes[0] not in RECIPES:
+            fail(f"--only: one of {', '.join(RECIPES)}")
+    for recipe in recipes:
         build_recipe(recipe, src, rust, release, WORK / "target")
     return 0
 

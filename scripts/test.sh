@@ -48,6 +48,9 @@ release_pid=$!
 # A failing phase ends this script: take the background build (its own session) with it.
 trap 'kill -- -"$release_pid" 2>/dev/null || true' EXIT
 if grep -q '^name = "aws-lc' Cargo.lock; then echo "aws-lc found in Cargo.lock: ring is the only crypto provider" >&2; exit 1; fi
+# Size: idna_adapter 1.0 (no Unicode back end; host names are ASCII, IDNs as xn--) instead of ICU4X's
+# tables, which `cargo update` would bring back (README "Footprint as shipped").
+if grep -q '^name = "icu_normalizer' Cargo.lock; then echo "ICU4X (icu_normalizer) found in Cargo.lock: pin idna_adapter with 'cargo update -p idna_adapter --precise 1.0.0'" >&2; exit 1; fi
 phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every module can be compiled out: the smallest agent must build cleanly too.

@@ -56,19 +56,39 @@ enum Cmd {
 fn init_logging(level: &str) {
     // Under journald: no timestamps (journald adds them) and no colours.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .fmt_fields(thingsly_core::log_fields::EscapedFields)
         .with_ansi(false);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
     if journald {
-        b.without_time().with_target(false).init();
+        b.without_time()
+            .with_target(false)
+            .finish()
+            .with(filter)
+            .init();
     } else {
-        b.init();
+        b.finish().with(filter).init();
     }
+}
+
+/// `RUST_LOG` if set and valid, else the configured level, else `info`. `target=level` lists
+/// as in `RUST_LOG`, without env-filter's span and field matching (and its regex engine).
+fn log_filter(rust_log: Option<&str>, level: &str) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::Targets;
+    // An empty list parses, and would silence everything.
+    let parse = |v: &str| {
+        Some(v.trim())
+            .filter(|v| !v.is_empty())
+            .and_then(|v| v.parse::<Targets>().ok())
+    };
+    rust_log
+        .and_then(parse)
+        .or_else(|| parse(level))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
@@ -322,4 +342,25 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         modules.push((thingsly_ota::MODULE, ota_module));
     }
     supervisor::run(ctx, modules).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_then_the_configured_level_then_info() {
+        let f = log_filter(None, "debug");
+        assert!(f.would_enable("thingsly_ota", &Level::DEBUG));
+        let f = log_filter(Some("warn,thingsly_tunnel=trace"), "debug");
+        assert!(!f.would_enable("thingsly_ota", &Level::INFO));
+        assert!(f.would_enable("thingsly_tunnel::node", &Level::TRACE));
+        // Not a filter: the configured level.
+        let f = log_filter(Some("thingsly=loud"), "error");
+        assert!(!f.would_enable("thingsly_ota", &Level::WARN));
+        let f = log_filter(Some(""), " ");
+        assert!(f.would_enable("x", &Level::INFO));
+        assert!(!f.would_enable("x", &Level::DEBUG));
+    }
 }
