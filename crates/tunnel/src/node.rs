@@ -550,7 +550,9 @@ impl Node {
                     if let Next::Network(len) = next {
                         c.sent(now, &out[..len]);
                     }
-                    let after = if first || matches!(next, Next::Network(_)) {
+                    // Not for what failed to authenticate: a forged datagram costs no timer run.
+                    let authentic = first && !matches!(next, Next::Failed);
+                    let after = if authentic || matches!(next, Next::Network(_)) {
                         self.after_event(peer.index, &mut c, now)
                     } else {
                         None
