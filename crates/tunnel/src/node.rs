@@ -95,8 +95,10 @@ struct TimerPacket {
 }
 
 impl Crypto {
-    /// Run boringtun's timers at `now`; what they produced, to be sent.
-    fn run_timers(&mut self, now: Instant) -> Option<TimerPacket> {
+    /// Run boringtun's timers; what they produced, to be sent. The clock reads the time
+    /// after the call: the mirror's stamps must never be earlier than boringtun's, or a
+    /// wake-up at the mirror's deadline finds boringtun not due yet and the deadline is lost.
+    fn run_timers(&mut self) -> Option<TimerPacket> {
         let mut buf = [0u8; TIMER_PACKET];
         let (outcome, len) = match self.tunn.update_timers(&mut buf) {
             TunnResult::WriteToNetwork(p) => (
@@ -106,6 +108,7 @@ impl Crypto {
             TunnResult::Err(WireGuardError::ConnectionExpired) => (Outcome::Expired, 0),
             _ => (Outcome::Nothing, 0),
         };
+        let now = Instant::now();
         self.clock.ran(now, outcome);
         if let Outcome::Sent(m) = outcome {
             self.clock.sent(now, m);
@@ -117,7 +120,7 @@ impl Crypto {
     /// Before an event: boringtun stamps events with its last timer run, so refresh it.
     fn refresh(&mut self, now: Instant) -> Option<TimerPacket> {
         if self.clock.stale(now) {
-            self.run_timers(now)
+            self.run_timers()
         } else {
             None
         }
@@ -312,8 +315,8 @@ impl Node {
     }
 
     /// After an event: run the timers (a threshold the event crossed acts now) and reschedule.
-    fn after_event(&self, index: u32, c: &mut Crypto, now: Instant) -> Option<TimerPacket> {
-        let out = c.run_timers(now);
+    fn after_event(&self, index: u32, c: &mut Crypto) -> Option<TimerPacket> {
+        let out = c.run_timers();
         self.reschedule(index, c);
         out
     }
@@ -387,7 +390,7 @@ impl Node {
                 TunnResult::WriteToNetwork(p) => p.len(),
                 _ => 0,
             };
-            c.sent(now, &out[..len]);
+            c.sent(Instant::now(), &out[..len]);
             self.reschedule(peer.index, &mut c);
             (before, len)
         };
@@ -468,8 +471,8 @@ impl Node {
                     }
                     _ => 0, // queued until the handshake completes
                 };
-                c.sent(now, &out[..len]);
-                let after = self.after_event(peer.index, &mut c, now);
+                c.sent(Instant::now(), &out[..len]);
+                let after = self.after_event(peer.index, &mut c);
                 (before, len, after)
             };
             let Some(ep) = peer.endpoint() else { continue };
@@ -544,16 +547,18 @@ impl Node {
                         }
                         TunnResult::WriteToTunnelV6(..) => Next::Done,
                     };
+                    // Stamped after boringtun's call (see run_timers).
+                    let stamp = Instant::now();
                     if first && !matches!(next, Next::Failed) {
-                        c.received(now, &datagram[..n]);
+                        c.received(stamp, &datagram[..n]);
                     }
                     if let Next::Network(len) = next {
-                        c.sent(now, &out[..len]);
+                        c.sent(stamp, &out[..len]);
                     }
                     // Not for what failed to authenticate: a forged datagram costs no timer run.
                     let authentic = first && !matches!(next, Next::Failed);
                     let after = if authentic || matches!(next, Next::Network(_)) {
-                        self.after_event(peer.index, &mut c, now)
+                        self.after_event(peer.index, &mut c)
                     } else {
                         None
                     };
@@ -662,7 +667,7 @@ impl Node {
                         continue; // superseded by an earlier entry, which already ran
                     }
                     c.scheduled = None;
-                    let packet = c.run_timers(now);
+                    let packet = c.run_timers();
                     self.reschedule(index, &mut c);
                     packet
                 };

@@ -416,9 +416,11 @@ mod tests {
             c.ran(now, Outcome::Nothing);
             let r = a.format_handshake_initiation(&mut buf, false);
             assert_eq!(kind(&r), Some(Message::Initiation));
-            c.sent(now, Message::Initiation); // and dropped on the way
+            // Stamped after the call, as the node does: never earlier than boringtun's stamp.
+            let sent = Instant::now();
+            c.sent(sent, Message::Initiation); // and dropped on the way
             let due = c.next_due().unwrap();
-            assert_eq!(due, now + REKEY_TIMEOUT);
+            assert_eq!(due, sent + REKEY_TIMEOUT);
             sleep_until(due - Duration::from_millis(400));
             assert_eq!(kind(&a.update_timers(&mut buf)), None, "nothing due yet");
             c.ran(Instant::now(), Outcome::Nothing);
@@ -440,13 +442,13 @@ mod tests {
             else {
                 panic!("no initiation")
             };
-            c.sent(t0, Message::Initiation);
+            c.sent(Instant::now(), Message::Initiation);
             let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, init, &mut out) else {
                 panic!("no response")
             };
             let resp = resp.to_vec();
             let r = a.decapsulate(None, &resp, &mut buf);
-            let now = Instant::now();
+            let now = Instant::now(); // after the call, as the node stamps
             c.received(now, Message::Response);
             c.established(now - a.time_since_last_handshake().unwrap());
             if let Some(m) = kind(&r) {
