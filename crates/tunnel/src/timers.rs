@@ -232,6 +232,14 @@ mod tests {
         Duration::from_secs(n)
     }
 
+    /// A clock whose peer has had a session since its creation.
+    fn session_at_start(keepalive: Option<u16>) -> (Instant, PeerClock) {
+        let t0 = Instant::now();
+        let mut c = PeerClock::new(t0, keepalive);
+        c.established(t0);
+        (t0, c)
+    }
+
     #[test]
     fn message_kinds_from_the_first_byte_and_the_length() {
         assert_eq!(Message::of(&[1; 148]), Some(Message::Initiation));
@@ -271,9 +279,7 @@ mod tests {
 
     #[test]
     fn persistent_keepalive_moves_only_when_it_fires() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, Some(25));
-        c.established(t0);
+        let (t0, mut c) = session_at_start(Some(25));
         assert_eq!(c.next_due(), Some(t0 + s(25)));
         // Traffic does not move it (boringtun's TimePersistentKeepalive is set only when it fires).
         c.sent(t0 + s(3), Message::Data);
@@ -290,9 +296,7 @@ mod tests {
 
     #[test]
     fn data_in_without_an_answer_wakes_for_the_keepalive() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, None);
-        c.established(t0);
+        let (t0, mut c) = session_at_start(None);
         c.sent(t0 + s(1), Message::Keepalive);
         c.received(t0 + s(4), Message::Data);
         c.ran(t0 + s(4), Outcome::Nothing);
@@ -306,9 +310,7 @@ mod tests {
 
     #[test]
     fn data_out_without_an_answer_wakes_for_a_new_handshake() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, None);
-        c.established(t0);
+        let (t0, mut c) = session_at_start(None);
         c.received(t0 + s(2), Message::Keepalive);
         c.sent(t0 + s(3), Message::Data);
         c.ran(t0 + s(3), Outcome::Nothing);
@@ -317,9 +319,7 @@ mod tests {
 
     #[test]
     fn rekey_deadlines_of_a_session_that_carried_data() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, None);
-        c.established(t0);
+        let (t0, mut c) = session_at_start(None);
         c.sent(t0 + s(1), Message::Data);
         c.received(t0 + s(1), Message::Data);
         c.sent(t0 + s(1), Message::Data);
@@ -335,9 +335,7 @@ mod tests {
 
     #[test]
     fn each_kept_session_is_dropped_on_time() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, None);
-        c.established(t0);
+        let (t0, mut c) = session_at_start(None);
         // Re-reading the same session's time is not a new session.
         c.established(t0 + Duration::from_millis(3));
         c.established(t0 + s(120));
@@ -349,9 +347,7 @@ mod tests {
 
     #[test]
     fn an_expired_tunnel_sleeps_until_a_new_initiation() {
-        let t0 = Instant::now();
-        let mut c = PeerClock::new(t0, Some(25));
-        c.established(t0);
+        let (t0, mut c) = session_at_start(Some(25));
         c.ran(t0 + s(540), Outcome::Expired);
         assert_eq!(c.next_due(), None);
         // New traffic starts a handshake; boringtun clears its timers, keepalive included.
