@@ -17,10 +17,21 @@
 #   ttyd          ttyd listening, idle (TTYD_BIN, default `ttyd` on PATH; Debian has no ttyd
 #                 package: build 1.7.7 from its source; the row says so when absent)
 #   sleep         a bare process (the floor of any process)
+#   agent-a64     agent-all's configuration, run by the aarch64 binary the recipe builds, under
+#                 qemu-aarch64 (qemu-user): the guest's resident pages, counted as below
+#   agent-qx86    the same under qemu-x86_64 with the x86_64 binary: checks the counting against
+#                 agent-all's native figures in the same run
 # and prints, per process: RSS and PSS (smaps_rollup), the RSS that is file-backed, CPU seconds
 # per hour over the window, and the size of the executable as shipped; then where agent-all's
 # resident pages are (smaps by mapping), and how many MQTT messages agent-all published in the
 # window against the number of telemetry intervals in it.
+#
+# A guest's memory under qemu-user: qemu is started with a fixed guest base (-B) and a reserved
+# guest address space (-R), so every page the guest maps lies in [base, base + size) of qemu's
+# own address space and nothing of qemu's (its code, heap, translation buffer) does; the guest's
+# RSS and PSS are the sums over qemu's smaps entries inside that range. File pages come from the
+# same files (the executable, the aarch64 libc) through the same page cache and fault-around as
+# a native process. CPU time under emulation says nothing about a board and is not given.
 #
 # Needs root (namespaces, TUN). Everything started is stopped and the namespaces removed on exit.
 #   RUN_SECONDS=600 scripts/bench-footprint.sh        SKIP_AARCH64=1 to leave out the recipe build
@@ -76,6 +87,8 @@ device_ns() {
   nsx "$name" ip route add default via "192.0.2.$((4 * n + 1))"
 }
 device_ns all 0; device_ns tun 1; device_ns wgo 2
+[[ -z ${SKIP_AARCH64:-} ]] && device_ns a64 3
+device_ns qx86 4
 HUB_IP=192.0.2.1 # the hub side of the first pair; every device routes to it
 
 mkdir -p "$W/influx"
@@ -142,6 +155,8 @@ agent_config agent-tunnel tunnel
 agent_config agent-enroll
 agent_config wgo tunnel # enrolled for its WireGuard key and address, then run by wireguard-go
 agent_config counter   # its certificate lets mosquitto_sub count what agent-all publishes
+agent_config agent-a64 telemetry metrics tunnel terminal rauc ota
+agent_config agent-qx86 telemetry metrics tunnel terminal rauc ota
 
 start() { # NS NAME ARGV... -> sets LAST_PID
   local ns=$1 name=$2; shift 2
@@ -166,6 +181,15 @@ if [[ -n $TTYD ]]; then
   start "$tag-all" ttyd "$TTYD" -p 7690 -i lo /bin/sh; pid[ttyd]=$LAST_PID
 fi
 start "$tag-all" sleep sleep infinity; pid[sleep]=$LAST_PID
+GUEST_BASE=0x2000000000 GUEST_SIZE=0x100000000 # 4 GiB of guest address space from 128 GiB up
+guest() { # NS NAME QEMU BINARY SYSROOT: agent NAME under qemu-user -> pid[NAME]
+  start "$1" "$2" env RUST_LOG=warn "DBUS_SYSTEM_BUS_ADDRESS=$DBUS_SYSTEM_BUS_ADDRESS" \
+    "$3" -B "$GUEST_BASE" -R "$GUEST_SIZE" -L "$5" "$4" --config "$W/$2.toml" run
+  pid[$2]=$LAST_PID
+}
+A64_BIN=$ROOT/target/recipe-build/thingsly-agent.stripped
+[[ -z ${SKIP_AARCH64:-} ]] && guest "$tag-a64" agent-a64 qemu-aarch64 "$A64_BIN" /usr/aarch64-linux-gnu
+guest "$tag-qx86" agent-qx86 qemu-x86_64 "$SHIPPED" /
 ip netns exec "$HUB" mosquitto_sub -h "$HUB_IP" -p 8883 --cafile "$W/ca.pem" --cert "$W/counter/identity/device.crt" \
   --key "$W/counter/identity/device.key" -t 'v1/devices/me/#' -F '%U %t' >"$W/mqtt.log" 2>&1 & pids+=($!)
 
@@ -181,6 +205,20 @@ t1=$(date +%s.%N)
 # --- report ---------------------------------------------------------------------------------
 kib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k/1024}'; }
 rollup() { awk -v f="$2" '$1 == f":" {print $2}' "/proc/$1/smaps_rollup"; }
+guest_rollup() { # PID FIELD: FIELD (kB) summed over qemu's mappings inside the guest's range
+  python3 - "$1" "$2" "$GUEST_BASE" "$GUEST_SIZE" <<'PY'
+import re, sys
+pid, field, base, size = sys.argv[1], sys.argv[2], int(sys.argv[3], 16), int(sys.argv[4], 16)
+total, inside = 0, False
+for line in open(f"/proc/{pid}/smaps"):
+    m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+    if m:
+        inside = base <= int(m[1], 16) and int(m[2], 16) <= base + size
+    elif inside and line.startswith(field + ":"):
+        total += int(line.split()[1])
+print(total)
+PY
+}
 exe_size() { # the executable, as shipped for ours; ttyd with its shared libraries
   case $1 in
     agent-*) stat -c %s "$SHIPPED" | awk '{printf "%.2f MB", $1/1e6}' ;;
@@ -195,10 +233,16 @@ echo "x86_64, ${RUN} s after ${SETTLE} s of settling, in one run:"
 echo
 echo "| process | RSS | PSS | of the RSS file-backed | CPU s/h | executable as shipped |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for n in agent-all agent-tunnel agent-enroll wireguard-go ttyd sleep; do
-  [[ -n ${pid[$n]:-} ]] || { echo "| $n | not run: no ttyd binary (TTYD_BIN) | | | | |"; continue; }
+for n in agent-all agent-tunnel agent-enroll wireguard-go ttyd sleep agent-qx86 agent-a64; do
+  [[ -n ${pid[$n]:-} ]] || { echo "| $n | not run ($( [[ $n == ttyd ]] && echo 'no ttyd binary: TTYD_BIN' || echo SKIP_AARCH64)) | | | | |"; continue; }
   p=${pid[$n]}
   if ! kill -0 "$p" 2>/dev/null; then echo "| $n | exited (see its log) | | | | |"; continue; fi
+  if [[ $n == agent-a64 || $n == agent-qx86 ]]; then
+    rss=$(guest_rollup "$p" Rss); pss=$(guest_rollup "$p" Pss); anon=$(guest_rollup "$p" Anonymous)
+    size=$([[ $n == agent-a64 ]] && echo "$A64_SIZE" || exe_size agent-all)
+    echo "| $n (guest pages under qemu-user) | $(kib "$rss") | $(kib "$pss") | $(kib $((rss - anon))) | emulated | $size |"
+    continue
+  fi
   rss=$(rollup "$p" Rss); pss=$(rollup "$p" Pss); anon=$(rollup "$p" Anonymous)
   used=$(( $(cpu "$p") - ${cpu0[$n]} ))
   cph=$(awk -v c="$used" -v t="$tick" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", c / t / (b - a) * 3600}')
@@ -220,4 +264,8 @@ in0=$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b' "$W/mqtt.log" | wc -l)
 tel=$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b && $2 ~ /telemetry$/' "$W/mqtt.log" | wc -l)
 echo "agent-all published $in0 MQTT messages in the ${RUN} s window ($tel telemetry, $((in0 - tel)) other) at one telemetry interval per 10 s: $((RUN / 10)) intervals"
 up=$("$SHIPPED" --config "$W/agent-all.toml" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"]["tunnel_state"], s["state"]["modules"]["ota"]["state"], s["state"]["modules"]["terminal"]["state"], s["state"]["modules"]["metrics"]["state"], s["state"]["modules"]["telemetry"]["state"])' 2>/dev/null || echo "status unreadable")
+for n in agent-a64 agent-qx86; do
+  [[ -n ${pid[$n]:-} ]] || continue
+  echo "$n at the end: tunnel, ota, terminal, metrics, telemetry = $("$SHIPPED" --config "$W/$n.toml" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["state"]; m=s["modules"]; print(s["tunnel_state"], *(m[k]["state"] for k in ("ota", "terminal", "metrics", "telemetry")))' 2>/dev/null || echo "status unreadable")"
+done
 echo "agent-all at the end: tunnel, ota, terminal, metrics, telemetry = $up; wireguard-go: $(nsx "$tag-wgo" wg show wgo0 latest-handshakes | awk '{print ($2 > 0) ? "handshake done" : "no handshake"}')"

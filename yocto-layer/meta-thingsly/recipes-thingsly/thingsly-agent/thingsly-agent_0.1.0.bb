@@ -33,6 +33,17 @@ PACKAGECONFIG[rauc] = "--features=rauc"
 PACKAGECONFIG[ota] = "--features=ota"
 CARGO_BUILD_FLAGS += "--no-default-features ${PACKAGECONFIG_CONFARGS}"
 
+# panic = "abort" for the agent: 0.85 MB less on aarch64 (5.52 -> 4.66 MB stripped; no landing
+# pads, no .gcc_except_table). Unwinding stays where it is needed: cargo builds build scripts and
+# proc-macros with unwind whatever the profile says, OE's libstd-rs (built with panic-unwind)
+# links into an abort binary as rustup's std does, and .eh_frame stays for backtraces and the
+# -dbg package. The cost: a panic (a bug) ends the whole agent, which systemd restarts
+# (Restart=on-failure, 5 s) with its persisted state, instead of the supervisor restarting only
+# that module. A bbappend that prefers module isolation to 0.85 MB sets it back:
+#   CARGO_PROFILE_RELEASE_PANIC = "unwind"
+# The bridge keeps unwind: a panic in one request must not drop every device's connection.
+export CARGO_PROFILE_RELEASE_PANIC = "abort"
+
 USERADD_PACKAGES = "${PN}"
 # thingsly-terminal: the operators' remote sessions (terminal.user), apart from the agent's
 # user, which can read the device key.
