@@ -5,7 +5,11 @@
 use crate::MODULE;
 use crate::ddi_client::{Auth, DdiClient, DdiError, Poll};
 use crate::download::{self, DownloadError};
-use crate::rauc::Rauc;
+use crate::machine::{
+    self, AfterDownload, AfterReboot, AfterReport, AfterRollback, Health, InstallFacts,
+    InstallResume, Now, OnCancel, OnDeployment, OtaStatus, Window,
+};
+use crate::rauc::{InstallArgs, Installer, Rauc};
 use crate::state::{ArtifactRef, DEPLOYMENT, Deployment, LAST, Last, MARKED_GOOD, Phase, Report};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,10 +58,10 @@ enum Step {
     Done,
 }
 
-struct Engine {
+struct Engine<R: Installer> {
     cfg: OtaConfig,
     ddi: DdiClient,
-    rauc: Rauc,
+    rauc: R,
     state: StateHandle,
     dir: StateDir,
     shutdown: CancellationToken,
@@ -68,12 +72,6 @@ struct Engine {
     /// The installedBase version last warned about.
     installed_mismatch: Option<String>,
 }
-
-/// `InstallBundle` calls for one action when power cuts keep interrupting them.
-const MAX_INSTALL_ATTEMPTS: u32 = 3;
-
-/// How long a reboot command may take to bring the system down before it is run again.
-const REBOOT_GRACE_SECS: i64 = 120;
 
 fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -275,17 +273,15 @@ fn read_boot_id(path: &std::path::Path) -> String {
 /// BOOT_x_LEFT) count every boot of a slot as an attempt until it is marked good. Not while an
 /// update waits for its verdict: then the engine decides (good after the health checks, or
 /// bad and back).
-async fn mark_good_on_boot(cfg: &OtaConfig, rauc: &Rauc, dir: &StateDir) {
+async fn mark_good_on_boot(cfg: &OtaConfig, rauc: &impl Installer, dir: &StateDir) {
     let boot = read_boot_id(&cfg.section.boot_id_path);
-    if std::fs::read_to_string(dir.path(MARKED_GOOD)).is_ok_and(|b| b.trim() == boot) {
-        return;
-    }
-    if let Ok(Some(d)) = dir.read_json::<Deployment>(DEPLOYMENT)
-        && matches!(
-            d.phase,
-            Phase::Rebooting | Phase::Verifying | Phase::RollingBack
-        )
-    {
+    let marked = std::fs::read_to_string(dir.path(MARKED_GOOD)).ok();
+    let phase = dir
+        .read_json::<Deployment>(DEPLOYMENT)
+        .ok()
+        .flatten()
+        .map(|d| d.phase);
+    if !machine::mark_good_on_boot(marked.as_deref().map(str::trim), &boot, phase) {
         return;
     }
     let Ok(slot) = rauc.boot_slot().await else {
@@ -305,11 +301,11 @@ async fn mark_good_on_boot(cfg: &OtaConfig, rauc: &Rauc, dir: &StateDir) {
     }
 }
 
-impl Engine {
-    fn set_status(&self, ota_status: &str, detail: impl Into<String>) {
+impl<R: Installer> Engine<R> {
+    fn set_status(&self, ota_status: OtaStatus, detail: impl Into<String>) {
         let detail = detail.into();
         self.state.update(|s| {
-            s.ota_status = ota_status.to_string();
+            s.ota_status = ota_status.as_str().to_string();
             let m = s.modules.entry(MODULE.to_string()).or_default();
             m.state = "running".into();
             m.detail = detail;
@@ -334,7 +330,7 @@ impl Engine {
     }
 
     async fn run(&mut self) {
-        self.set_status("idle", "polling");
+        self.set_status(OtaStatus::Idle, "polling");
         // An action in flight goes first: it may be mid-reboot.
         self.resume().await;
         // A fleet powered up together spreads its first polls (PollSchedule::first).
@@ -415,18 +411,34 @@ impl Engine {
         }
         if let Some(href) = root.href("deploymentBase") {
             let base: DeploymentBase = self.ddi.get(href).await?;
-            match current {
-                Some(mut d) if d.action_id == base.id => {
-                    // Same action: only the maintenance window may have changed.
-                    if d.phase == Phase::Downloaded {
+            let last = match current {
+                None => self.dir.read_json::<Last>(LAST).ok().flatten(),
+                Some(_) => None,
+            };
+            let last_id = last.as_ref().map(|l| l.action_id.as_str());
+            match machine::on_deployment(current.as_ref(), last_id, &base.id) {
+                OnDeployment::Same { refresh_window } => {
+                    if let Some(mut d) = current.filter(|_| refresh_window) {
                         d.href = href.to_string();
                         self.save(&d).map_err(DdiError::Transport)?;
                     }
                 }
-                Some(d) => {
-                    tracing::info!(current = %d.action_id, new = %base.id, "new action while one is in flight; finishing the current one first");
+                OnDeployment::FinishCurrent => {
+                    let current = current.map(|d| d.action_id).unwrap_or_default();
+                    tracing::info!(%current, new = %base.id, "new action while one is in flight; finishing the current one first");
                 }
-                None => self.start(href, base).await,
+                OnDeployment::ResendLast => {
+                    // A final report the server did not get (a crash after sending, or lost).
+                    if let Some(last) = last {
+                        let r = last.report;
+                        let f = ActionFeedback::new(r.execution, r.finished, r.details);
+                        match self.ddi.feedback(href, &f).await {
+                            Ok(()) | Err(DdiError::Status(410, _)) => {}
+                            Err(e) => tracing::warn!(error = %e, "final report resend failed"),
+                        }
+                    }
+                }
+                OnDeployment::Start => self.start(href, base).await,
             }
         }
         Ok(())
@@ -453,7 +465,7 @@ impl Engine {
         let action: ddi::ConfirmationBaseAction = self.ddi.get(href).await?;
         if !self.cfg.section.auto_confirm {
             self.set_status(
-                "idle",
+                OtaStatus::Idle,
                 format!(
                     "action {} waits for confirmation (ota.auto_confirm = false)",
                     action.id
@@ -516,46 +528,41 @@ impl Engine {
     ) -> Result<(), DdiError> {
         let cancel: ddi::Cancel = self.ddi.get(href).await?;
         let stop = cancel.cancel_action.stop_id;
-        let cancelable = match current {
-            Some(d) if d.action_id == stop => {
-                matches!(d.phase, Phase::Downloading | Phase::Downloaded)
+        match machine::on_cancel(current, &stop) {
+            OnCancel::Accept { discard } => {
+                if let Some(d) = current.filter(|_| discard) {
+                    let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
+                    let _ = std::fs::remove_file(&d.bundle_path);
+                    self.dir
+                        .remove(DEPLOYMENT)
+                        .map_err(|e| DdiError::Transport(e.to_string()))?;
+                }
+                self.ddi
+                    .feedback(
+                        href,
+                        &fb(
+                            Execution::Closed,
+                            Finished::Success,
+                            "canceled before installation",
+                        ),
+                    )
+                    .await?;
+                tracing::info!(action = %stop, "OTA action canceled");
+                self.set_status(OtaStatus::Idle, format!("action {stop} canceled"));
             }
-            // Nothing of it here (never started, or already over): nothing to stop.
-            _ => true,
-        };
-        if cancelable {
-            if let Some(d) = current.filter(|d| d.action_id == stop) {
-                let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
-                let _ = std::fs::remove_file(&d.bundle_path);
-                self.dir
-                    .remove(DEPLOYMENT)
-                    .map_err(|e| DdiError::Transport(e.to_string()))?;
+            OnCancel::Reject { phase } => {
+                self.ddi
+                    .feedback(
+                        href,
+                        &fb(
+                            Execution::Rejected,
+                            Finished::None,
+                            format!("cannot cancel: installation already started ({phase:?})"),
+                        ),
+                    )
+                    .await?;
+                tracing::info!(action = %stop, ?phase, "OTA cancel rejected: installation already started");
             }
-            self.ddi
-                .feedback(
-                    href,
-                    &fb(
-                        Execution::Closed,
-                        Finished::Success,
-                        "canceled before installation",
-                    ),
-                )
-                .await?;
-            tracing::info!(action = %stop, "OTA action canceled");
-            self.set_status("idle", format!("action {stop} canceled"));
-        } else {
-            let phase = current.map(|d| d.phase);
-            self.ddi
-                .feedback(
-                    href,
-                    &fb(
-                        Execution::Rejected,
-                        Finished::None,
-                        format!("cannot cancel: installation already started ({phase:?})"),
-                    ),
-                )
-                .await?;
-            tracing::info!(action = %stop, ?phase, "OTA cancel rejected: installation already started");
         }
         Ok(())
     }
@@ -563,21 +570,6 @@ impl Engine {
     /// A new action: check its shape, persist it, then drive it.
     async fn start(&mut self, href: &str, base: DeploymentBase) {
         let id = base.id.clone();
-        // A final report the server did not get (we crashed after sending, or it was lost).
-        if let Ok(Some(last)) = self.dir.read_json::<Last>(LAST)
-            && last.action_id == id
-        {
-            let f = ActionFeedback::new(
-                last.report.execution,
-                last.report.finished,
-                last.report.details,
-            );
-            match self.ddi.feedback(href, &f).await {
-                Ok(()) | Err(DdiError::Status(410, _)) => {}
-                Err(e) => tracing::warn!(error = %e, "final report resend failed"),
-            }
-            return;
-        }
         let dep = &base.deployment;
         let shape = the_bundle(dep);
         let (chunk, artifact, url) = match shape {
@@ -588,7 +580,7 @@ impl Engine {
                 if self.ddi.feedback(href, &f).await.is_ok() {
                     self.remember(&id, &f);
                 }
-                self.set_status("failed", why);
+                self.set_status(OtaStatus::Failed, why);
                 return;
             }
         };
@@ -623,6 +615,7 @@ impl Engine {
             boot_id: String::new(),
             reboots: 0,
             reboot_at: 0,
+            verifying_since: 0,
             by_url: false,
             report: None,
         };
@@ -694,11 +687,11 @@ impl Engine {
         if finished == Finished::Failure {
             tracing::error!(action = %d.action_id, reason = %detail, "OTA action failed");
             self.state.update(|s| s.ota_error = detail.clone());
-            self.set_status("failed", detail);
+            self.set_status(OtaStatus::Failed, detail);
         } else {
             tracing::info!(action = %d.action_id, %detail, "OTA action succeeded");
             self.state.update(|s| s.ota_error.clear());
-            self.set_status("success", detail);
+            self.set_status(OtaStatus::Success, detail);
         }
         self.persist(d)
     }
@@ -724,7 +717,7 @@ impl Engine {
             );
         }
         self.set_status(
-            "downloading",
+            OtaStatus::Downloading,
             format!("downloading {} {}", d.name, d.version),
         );
         if tokio::fs::metadata(&d.bundle_path).await.is_ok() {
@@ -844,36 +837,26 @@ impl Engine {
     }
 
     /// `InstallBundle` arguments for RAUC fetching the bundle: our trust anchors and credentials.
-    fn url_install_args(
-        &self,
-    ) -> std::collections::HashMap<&'static str, zbus::zvariant::Value<'static>> {
+    fn url_install_args(&self) -> InstallArgs {
         use thingsly_enroll::paths;
-        let mut args = std::collections::HashMap::new();
         let path = |p: &str| self.dir.path(p).display().to_string();
-        let ca = match &self.cfg.section.ca_bundle {
+        let tls_ca = Some(match &self.cfg.section.ca_bundle {
             Some(p) => p.display().to_string(),
             None => path(paths::CA_CHAIN),
-        };
-        args.insert("tls-ca", zbus::zvariant::Value::from(ca));
+        });
         match self.ddi.auth_header() {
-            Some(h) => {
-                args.insert(
-                    "http-headers",
-                    zbus::zvariant::Value::from(vec![format!("Authorization: {h}")]),
-                );
-            }
-            None => {
-                args.insert(
-                    "tls-cert",
-                    zbus::zvariant::Value::from(path(paths::DEVICE_CERT)),
-                );
-                args.insert(
-                    "tls-key",
-                    zbus::zvariant::Value::from(path(paths::DEVICE_KEY)),
-                );
-            }
+            Some(h) => InstallArgs {
+                tls_ca,
+                http_headers: vec![format!("Authorization: {h}")],
+                ..InstallArgs::default()
+            },
+            None => InstallArgs {
+                tls_ca,
+                tls_cert: Some(path(paths::DEVICE_CERT)),
+                tls_key: Some(path(paths::DEVICE_KEY)),
+                http_headers: Vec::new(),
+            },
         }
-        args
     }
 
     /// A download-only action ends with the bundle downloaded: report `downloaded`, success.
@@ -886,19 +869,33 @@ impl Engine {
             details: vec![detail.clone()],
         });
         d.phase = Phase::Reporting;
-        self.set_status("idle", detail);
+        self.set_status(OtaStatus::Idle, detail);
         self.persist(d)
     }
 
     async fn after_download(&mut self, d: &mut Deployment) -> Step {
-        if d.download_only {
-            return self.conclude_download_only(d);
+        let mut decision = machine::after_download(d, None);
+        if decision == AfterDownload::AskWindow {
+            // Ask again: the window may have opened (or closed) since the action arrived.
+            let window = match self.ddi.get::<DeploymentBase>(&d.href).await {
+                Ok(b)
+                    if b.deployment.maintenance_window == Some(MaintenanceWindow::Unavailable) =>
+                {
+                    Window::Closed
+                }
+                // hawkBit says `skip` both for download-only and for a closed window.
+                Ok(b) if is_download_only(&b.deployment) => Window::DownloadOnly,
+                Ok(_) => Window::Open,
+                Err(DdiError::Status(404 | 410, m)) => Window::Vanished(m),
+                Err(e) => Window::Unknown(e.to_string()),
+            };
+            decision = machine::after_download(d, Some(window));
         }
-        // Ask again: the window may have opened (or closed) since the action arrived.
-        match self.ddi.get::<DeploymentBase>(&d.href).await {
-            Ok(b) if b.deployment.maintenance_window == Some(MaintenanceWindow::Unavailable) => {
+        match decision {
+            AfterDownload::DownloadOnly => self.conclude_download_only(d),
+            AfterDownload::WaitForWindow => {
                 self.set_status(
-                    "downloading",
+                    OtaStatus::Downloading,
                     "downloaded; waiting for the maintenance window",
                 );
                 self.feedback(
@@ -910,34 +907,26 @@ impl Engine {
                     ),
                 )
                 .await;
-                return Step::Wait;
+                Step::Wait
             }
-            // The window is open now, and the action was download-only all along (hawkBit says
-            // `skip` both for that and for a closed window).
-            Ok(b) if is_download_only(&b.deployment) => return self.conclude_download_only(d),
-            Ok(_) => {}
-            Err(DdiError::Status(404 | 410, m)) => {
-                return self.conclude(
-                    d,
-                    Finished::Failure,
-                    format!("action vanished on the server: {m}"),
-                );
+            AfterDownload::Fail(why) => self.conclude(d, Finished::Failure, why),
+            AfterDownload::AskWindow | AfterDownload::Retry(_) => {
+                tracing::warn!(reason = ?decision, "cannot check the maintenance window; retrying at the next poll");
+                Step::Wait
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the maintenance window; retrying at the next poll");
-                return Step::Wait;
+            AfterDownload::Install => {
+                d.phase = Phase::Installing;
+                d.install_started_at = now_unix();
+                self.persist(d)
             }
         }
-        d.phase = Phase::Installing;
-        d.install_started_at = now_unix();
-        self.persist(d)
     }
 
     async fn install(&mut self, d: &mut Deployment) -> Step {
         // After a restart: RAUC may still be busy with the install we started.
         if self.rauc.operation().await.as_deref() == Ok("installing") {
             self.set_status(
-                "installing",
+                OtaStatus::Installing,
                 "waiting for RAUC to finish the install in progress",
             );
             if let Err(e) = self.rauc.wait_idle(Duration::from_secs(3600)).await {
@@ -948,7 +937,10 @@ impl Engine {
         if let Some(done) = self.install_outcome_after_restart(d).await {
             return done;
         }
-        self.set_status("installing", format!("installing {} {}", d.name, d.version));
+        self.set_status(
+            OtaStatus::Installing,
+            format!("installing {} {}", d.name, d.version),
+        );
         self.feedback(d, fb(Execution::Proceeding, Finished::None, "installing"))
             .await;
         let (source, args) = if d.by_url {
@@ -1016,50 +1008,52 @@ impl Engine {
         let called = std::fs::read_to_string(&marker)
             .ok()
             .is_some_and(|s| s.trim() == d.action_id);
-        if !called {
-            return self.install_attempt(d, &marker);
-        }
-        let slots = self.rauc.slots().await.ok()?;
-        let primary = self.rauc.primary().await.ok();
-        let booted = self.rauc.boot_slot().await.unwrap_or_default();
-        let fresh = slots.iter().find(|s| {
-            s.bootname != booted
-                && Some(&s.name) == primary.as_ref()
-                && s.status == "ok"
-                && timestamp_after(&s.installed_timestamp, d.install_started_at)
-        });
-        if fresh.is_none() && d.install_attempts < MAX_INSTALL_ATTEMPTS {
-            // RAUC is idle and no slot was completed: either a power cut took RAUC down with
-            // the install, or the agent died between marking the attempt and calling
-            // InstallBundle. Either way the bundle on disk is complete and verified and the
-            // half-written slot was never activated: install again (bounded).
-            let cause = if d.install_boot_id != self.boot_id() {
-                "cut short by a reboot or power cut"
-            } else {
-                "cut short by an agent restart"
-            };
-            tracing::warn!(action = %d.action_id, attempt = d.install_attempts + 1, "the install was {cause}; installing again");
-            return self.install_attempt(d, &marker);
-        }
-        let _ = std::fs::remove_file(&marker);
-        let why = match self.rauc.last_error().await {
-            Ok(e) if !e.is_empty() => format!(": RAUC says {e}"),
-            _ => String::new(),
+        let (slots, primary, booted, last_error) = if called {
+            (
+                self.rauc.slots().await.ok(),
+                self.rauc.primary().await.ok(),
+                self.rauc.boot_slot().await.unwrap_or_default(),
+                self.rauc.last_error().await.unwrap_or_default(),
+            )
+        } else {
+            Default::default()
         };
-        Some(match fresh {
-            Some(s) => {
-                tracing::info!(action = %d.action_id, slot = %s.name, "the install started before the restart completed");
-                d.target_slot = s.bootname.clone();
+        let facts = InstallFacts {
+            called,
+            slots: slots.as_deref(),
+            primary: primary.as_deref(),
+            last_error: &last_error,
+        };
+        let boot_id = self.boot_id();
+        let now = Now {
+            boot_id: &boot_id,
+            booted: &booted,
+            unix: now_unix(),
+        };
+        match machine::install_resume(d, &facts, &now) {
+            InstallResume::Install { cause } => {
+                if let Some(cause) = cause {
+                    tracing::warn!(action = %d.action_id, attempt = d.install_attempts + 1, "the install was {cause}; installing again");
+                }
+                self.install_attempt(d, &marker)
+            }
+            InstallResume::Wait(why) => {
+                tracing::warn!(action = %d.action_id, reason = %why, "install outcome unknown; asking RAUC again at the next poll");
+                Some(Step::Wait)
+            }
+            InstallResume::Completed { target } => {
+                let _ = std::fs::remove_file(&marker);
+                tracing::info!(action = %d.action_id, slot = %target, "the install started before the restart completed");
+                d.target_slot = target;
                 d.phase = Phase::Installed;
                 let _ = std::fs::remove_file(&d.bundle_path);
-                self.persist(d)
+                Some(self.persist(d))
             }
-            None => self.conclude(
-                d,
-                Finished::Failure,
-                format!("installation did not complete in {} attempts (each cut short by a restart or power cut){why}; the new slot is not complete, the device stays on its current slot", d.install_attempts),
-            ),
-        })
+            InstallResume::Fail(why) => {
+                let _ = std::fs::remove_file(&marker);
+                Some(self.conclude(d, Finished::Failure, why))
+            }
+        }
     }
 
     /// Persist that `InstallBundle` is about to be called (attempt count, boot id, marker), so
@@ -1088,7 +1082,7 @@ impl Engine {
         if let Step::Wait = self.persist(d) {
             return Step::Wait;
         }
-        self.set_status("rebooting", why.to_string());
+        self.set_status(OtaStatus::Rebooting, why.to_string());
         self.feedback(
             d,
             fb(Execution::Proceeding, Finished::None, why.to_string()),
@@ -1115,62 +1109,67 @@ impl Engine {
                 return Step::Wait;
             }
         };
-        let rebooted = self.boot_id() != d.boot_id || booted != d.previous_slot;
-        if !rebooted {
-            // The system may be going down right now: give the command time before retrying.
-            if now_unix() - d.reboot_at < REBOOT_GRACE_SECS {
-                return Step::Wait;
-            }
-            if d.reboots >= 3 {
-                return self.conclude(
-                    d,
-                    Finished::Failure,
-                    format!(
-                        "the reboot command ({:?}) did not reboot the device ({} tries)",
-                        self.cfg.reboot, d.reboots
-                    ),
-                );
-            }
-            return self
-                .reboot(
+        let boot_id = self.boot_id();
+        let now = Now {
+            boot_id: &boot_id,
+            booted: &booted,
+            unix: now_unix(),
+        };
+        let command = format!("{:?}", self.cfg.reboot);
+        match machine::after_reboot(d, &now, &command) {
+            // The system may be going down right now: the command gets time before a retry.
+            AfterReboot::Wait => Step::Wait,
+            AfterReboot::RebootAgain => {
+                self.reboot(
                     d,
                     "the device did not reboot; running the reboot command again",
                 )
-                .await;
+                .await
+            }
+            AfterReboot::Fail(why) => self.conclude(d, Finished::Failure, why),
+            AfterReboot::Verify => {
+                d.phase = Phase::Verifying;
+                d.verifying_since = now.unix;
+                self.set_status(
+                    OtaStatus::Verifying,
+                    format!("running slot {booted}; health checks"),
+                );
+                self.persist(d)
+            }
+            AfterReboot::FellBack(why) => {
+                // The new slot did not come up: take it out of the boot order for good and
+                // keep the running slot first (and marked good).
+                self.mark_back_on(&booted).await;
+                self.conclude(d, Finished::Failure, why)
+            }
         }
-        if booted == d.target_slot || (d.target_slot.is_empty() && booted != d.previous_slot) {
-            d.phase = Phase::Verifying;
-            self.set_status("verifying", format!("running slot {booted}; health checks"));
-            return self.persist(d);
-        }
-        // The bootloader chose the old slot: the new one did not come up. Take it out of the
-        // boot order for good and keep the running slot first (and marked good).
-        self.mark_back_on(&booted).await;
-        self.conclude(
-            d,
-            Finished::Failure,
-            format!(
-                "rolled back: booted slot {booted} again instead of {} (the new slot failed to boot); still running {}",
-                d.target_slot, d.previous_version
-            ),
-        )
     }
 
     async fn verify(&mut self, d: &mut Deployment) -> Step {
-        let deadline = tokio::time::Instant::now() + self.cfg.section.health_deadline;
+        // The deadline runs from when the new slot was first found running, across agent
+        // restarts (an action persisted before `verifying_since` existed starts it now).
+        if d.verifying_since == 0 {
+            d.verifying_since = now_unix();
+            if let Step::Wait = self.persist(d) {
+                return Step::Wait;
+            }
+        }
+        let deadline = d.verifying_since
+            + i64::try_from(self.cfg.section.health_deadline.as_secs()).unwrap_or(i64::MAX / 2);
         let mut last_failure = String::new();
         loop {
-            match self.health().await {
-                Ok(()) => break,
-                Err(why) => {
-                    if why != last_failure {
-                        self.set_status("verifying", format!("health check pending: {why}"));
-                        last_failure = why;
-                    }
-                }
+            let result = self.health().await;
+            let passed = result.is_ok();
+            if let Err(why) = result
+                && why != last_failure
+            {
+                self.set_status(OtaStatus::Verifying, format!("health check pending: {why}"));
+                last_failure = why;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return self.fail_health(d, last_failure).await;
+            match machine::health(passed, now_unix(), deadline) {
+                Health::Good => break,
+                Health::Failed => return self.fail_health(d, last_failure).await,
+                Health::Pending => {}
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Step::Wait,
@@ -1267,40 +1266,27 @@ impl Engine {
 
     async fn after_rollback(&mut self, d: &mut Deployment) -> Step {
         let booted = self.rauc.boot_slot().await.unwrap_or_default();
-        if booted != d.previous_slot {
-            let same_boot = self.boot_id() == d.boot_id;
-            if same_boot && now_unix() - d.reboot_at < REBOOT_GRACE_SECS {
-                return Step::Wait;
+        let boot_id = self.boot_id();
+        let now = Now {
+            boot_id: &boot_id,
+            booted: &booted,
+            unix: now_unix(),
+        };
+        match machine::after_rollback(d, &now) {
+            AfterRollback::Wait => Step::Wait,
+            AfterRollback::RebootAgain => {
+                self.reboot(d, "health checks failed; rebooting into the previous slot")
+                    .await
             }
-            if d.reboots >= 6 {
-                let detail = d
-                    .report
-                    .as_ref()
-                    .and_then(|r| r.details.first().cloned())
-                    .unwrap_or_default();
-                return self.conclude(
-                    d,
-                    Finished::Failure,
-                    format!(
-                        "{detail}; the device did not get back to slot {} ({} reboots)",
-                        d.previous_slot, d.reboots
-                    ),
-                );
+            AfterRollback::Fail(why) => self.conclude(d, Finished::Failure, why),
+            AfterRollback::Back(detail) => {
+                // GRUB counted this boot of the old slot as a try: it must be marked good again.
+                if let Err(e) = self.rauc.mark("good", "booted").await {
+                    tracing::warn!(error = %e, "cannot mark the slot rolled back to good");
+                }
+                self.conclude(d, Finished::Failure, detail)
             }
-            return self
-                .reboot(d, "health checks failed; rebooting into the previous slot")
-                .await;
         }
-        // GRUB counted this boot of the old slot as a try: it must be marked good again.
-        if let Err(e) = self.rauc.mark("good", "booted").await {
-            tracing::warn!(error = %e, "cannot mark the slot rolled back to good");
-        }
-        let detail = d
-            .report
-            .as_ref()
-            .and_then(|r| r.details.first().cloned())
-            .unwrap_or_else(|| "health checks failed; rolled back".into());
-        self.conclude(d, Finished::Failure, detail)
     }
 
     async fn report(&mut self, d: &mut Deployment) -> Step {
@@ -1308,9 +1294,9 @@ impl Engine {
             return self.conclude(d, Finished::Failure, "outcome lost".into());
         };
         let f = ActionFeedback::new(r.execution, r.finished, r.details.clone());
-        match self.ddi.feedback(&d.href, &f).await {
-            // 410: the server already has a final state (ours, or a cancel) for this action.
-            Ok(()) | Err(DdiError::Status(410, _)) => {
+        let sent = self.ddi.feedback(&d.href, &f).await;
+        match machine::after_report(sent.as_ref().map(|_| ())) {
+            AfterReport::Sent => {
                 self.remember(&d.action_id, &f);
                 if let Err(e) = self.dir.remove(DEPLOYMENT) {
                     tracing::error!(error = %e, "cannot clear the OTA state");
@@ -1322,13 +1308,15 @@ impl Engine {
                 self.etag = None;
                 Step::Done
             }
-            Err(DdiError::Status(s, m)) if (400..500).contains(&s) => {
-                tracing::error!(status = s, message = %m, "final OTA report refused; dropping it");
+            AfterReport::Refused => {
+                let why = sent.err().map(|e| e.to_string()).unwrap_or_default();
+                tracing::error!(error = %why, "final OTA report refused; dropping it");
                 let _ = self.dir.remove(DEPLOYMENT);
                 Step::Done
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "final OTA report not sent; retried at the next poll");
+            AfterReport::Retry => {
+                let why = sent.err().map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(error = %why, "final OTA report not sent; retried at the next poll");
                 Step::Wait
             }
         }
@@ -1356,13 +1344,6 @@ pub fn the_bundle(dep: &ddi::Deployment) -> Result<(&ddi::Chunk, &ddi::Artifact,
     }
 }
 
-/// RAUC's `installed.timestamp` (ISO 8601 UTC) at or after `unix`.
-fn timestamp_after(ts: &str, unix: i64) -> bool {
-    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Iso8601::DEFAULT)
-        .map(|t| t.unix_timestamp() >= unix - 1)
-        .unwrap_or(false)
-}
-
 /// A download-only action, told apart from an install waiting for its window: hawkBit sends
 /// `update: skip` for both (its `calculateUpdateType`), and `maintenanceWindow: unavailable`
 /// only for the second. While the window is closed the agent downloads and waits; once it
@@ -1375,6 +1356,347 @@ fn is_download_only(dep: &thingsly_proto::ddi::Deployment) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rauc::Slot;
+    use std::sync::Mutex;
+
+    /// RAUC as the tests set it up; records every `InstallBundle` and `Mark`. At each
+    /// `InstallBundle` it also records what was persisted at that moment (the attempt count in
+    /// `ota/deployment.json` and whether the install marker exists), which is what a kill right
+    /// then would leave behind.
+    #[derive(Default)]
+    struct FakeRauc {
+        booted: String,
+        slots: Option<Vec<Slot>>,
+        primary: String,
+        state_dir: PathBuf,
+        installs: Mutex<Vec<(String, u32, bool)>>,
+        marks: Mutex<Vec<(String, String)>>,
+    }
+
+    impl Installer for FakeRauc {
+        async fn boot_slot(&self) -> Result<String, String> {
+            Ok(self.booted.clone())
+        }
+        async fn operation(&self) -> Result<String, String> {
+            Ok("idle".into())
+        }
+        async fn last_error(&self) -> Result<String, String> {
+            Ok(String::new())
+        }
+        async fn slots(&self) -> Result<Vec<Slot>, String> {
+            self.slots
+                .clone()
+                .ok_or_else(|| "RAUC GetSlotStatus: timeout".into())
+        }
+        async fn primary(&self) -> Result<String, String> {
+            Ok(self.primary.clone())
+        }
+        async fn mark(&self, state: &str, slot: &str) -> Result<(), String> {
+            self.marks.lock().unwrap().push((state.into(), slot.into()));
+            Ok(())
+        }
+        async fn streams_with_tls_options(&self) -> bool {
+            false
+        }
+        async fn install(
+            &self,
+            bundle: &str,
+            _args: InstallArgs,
+            mut progress: impl FnMut(i32, &str) + Send,
+        ) -> Result<(), String> {
+            let persisted: Deployment =
+                serde_json::from_slice(&std::fs::read(self.state_dir.join(DEPLOYMENT)).unwrap())
+                    .unwrap();
+            let marker = self.state_dir.join("ota/install-called").exists();
+            self.installs
+                .lock()
+                .unwrap()
+                .push((bundle.into(), persisted.install_attempts, marker));
+            progress(100, "Installing done.");
+            Ok(())
+        }
+    }
+
+    const T: i64 = 1_795_428_000; // 2026-11-23T10:00:00Z
+
+    /// An engine on a fresh state directory, with a DDI server that is not there (feedback
+    /// fails fast and is only logged) and the boot id `boot`.
+    fn engine(dir: &tempfile::TempDir, rauc: FakeRauc, boot: &str) -> Engine<FakeRauc> {
+        let state_dir = StateDir::open(dir.path().join("state")).unwrap();
+        state_dir.subdir("ota").unwrap();
+        std::fs::write(dir.path().join("boot_id"), boot).unwrap();
+        let section = OtaSection {
+            boot_id_path: dir.path().join("boot_id"),
+            ..OtaSection::default()
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let ddi = DdiClient::new(
+            "https://127.0.0.1:9",
+            "DEFAULT",
+            "dev1",
+            tls,
+            Auth::Certificate,
+        )
+        .unwrap();
+        let rauc = FakeRauc {
+            state_dir: state_dir.path(""),
+            ..rauc
+        };
+        Engine {
+            cfg: OtaConfig {
+                section,
+                device_id: "dev1".into(),
+                server_url: "https://127.0.0.1:9".into(),
+                reboot: vec!["true".into()],
+                telemetry_enabled: false,
+            },
+            ddi,
+            rauc,
+            state: StateHandle::new(Default::default()),
+            download_dir: dir.path().join("state/ota"),
+            dir: state_dir,
+            shutdown: CancellationToken::new(),
+            sleep: Duration::from_secs(60),
+            etag: None,
+            config_sent: None,
+            installed_mismatch: None,
+        }
+    }
+
+    /// Action 7, from slot A (1.0.0) to 2.0.0, at `phase`.
+    fn action(e: &Engine<FakeRauc>, phase: Phase) -> Deployment {
+        let d = Deployment {
+            action_id: "7".into(),
+            href: "https://127.0.0.1:9/DEFAULT/controller/v1/dev1/deploymentBase/7".into(),
+            name: "os".into(),
+            version: "2.0.0".into(),
+            artifact: ArtifactRef {
+                filename: "os.raucb".into(),
+                url: "https://127.0.0.1:9/os.raucb".into(),
+                size: Some(1),
+                sha256: None,
+                sha1: None,
+                md5: None,
+            },
+            download_only: false,
+            phase,
+            bundle_path: e.download_dir.join("os.raucb"),
+            previous_slot: "A".into(),
+            previous_version: "1.0.0".into(),
+            target_slot: String::new(),
+            install_started_at: T,
+            install_attempts: 0,
+            install_boot_id: String::new(),
+            boot_id: String::new(),
+            reboots: 0,
+            reboot_at: 0,
+            verifying_since: 0,
+            by_url: false,
+            report: None,
+        };
+        e.save(&d).unwrap();
+        d
+    }
+
+    fn slots(b_installed: &str) -> Vec<Slot> {
+        let slot = |name: &str, bootname: &str, installed: &str| Slot {
+            name: name.into(),
+            bootname: bootname.into(),
+            status: "ok".into(),
+            installed_timestamp: installed.into(),
+            ..Slot::default()
+        };
+        vec![
+            slot("rootfs.0", "A", "2026-11-01T10:00:00Z"),
+            slot("rootfs.1", "B", b_installed),
+        ]
+    }
+
+    fn b_primary(slots: Vec<Slot>) -> FakeRauc {
+        FakeRauc {
+            booted: "A".into(),
+            slots: Some(slots),
+            primary: "rootfs.1".into(),
+            ..FakeRauc::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_install_is_counted_and_marked_before_installbundle_is_called() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(&dir, b_primary(slots("2026-11-23T10:05:00Z")), "boot-1");
+        let mut d = action(&e, Phase::Installing);
+        let mut e = e;
+        assert!(matches!(e.install(&mut d).await, Step::Next));
+        let installs = e.rauc.installs.lock().unwrap().clone();
+        assert_eq!(
+            installs,
+            [(d.bundle_path.display().to_string(), 1, true)],
+            "one InstallBundle, with attempt 1 and the marker already persisted"
+        );
+        assert_eq!((d.phase, d.target_slot.as_str()), (Phase::Installed, "B"));
+        let persisted = e.load().unwrap();
+        assert_eq!(
+            (persisted.phase, persisted.install_boot_id.as_str()),
+            (Phase::Installed, "boot-1")
+        );
+        assert!(!e.dir.path("ota/install-called").exists());
+    }
+
+    #[tokio::test]
+    async fn an_install_rauc_completed_before_a_kill_is_not_installed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(&dir, b_primary(slots("2026-11-23T10:05:00Z")), "boot-2");
+        let mut d = action(&e, Phase::Installing);
+        d.install_attempts = 1;
+        d.install_boot_id = "boot-1".into();
+        e.save(&d).unwrap();
+        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        assert!(matches!(e.install(&mut d).await, Step::Next));
+        assert!(
+            e.rauc.installs.lock().unwrap().is_empty(),
+            "no second InstallBundle"
+        );
+        assert_eq!((d.phase, d.target_slot.as_str()), (Phase::Installed, "B"));
+        assert_eq!(e.load().unwrap().phase, Phase::Installed);
+    }
+
+    #[tokio::test]
+    async fn rauc_unreadable_after_a_kill_installs_nothing_and_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rauc = FakeRauc {
+            slots: None,
+            ..b_primary(vec![])
+        };
+        let mut e = engine(&dir, rauc, "boot-1");
+        let mut d = action(&e, Phase::Installing);
+        d.install_attempts = 1;
+        e.save(&d).unwrap();
+        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        assert!(matches!(e.install(&mut d).await, Step::Wait));
+        assert!(e.rauc.installs.lock().unwrap().is_empty());
+        let persisted = e.load().unwrap();
+        assert_eq!(
+            (persisted.phase, persisted.install_attempts),
+            (Phase::Installing, 1)
+        );
+        assert!(
+            e.dir.path("ota/install-called").exists(),
+            "asked again next time"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_is_repeated_and_then_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // B was last written before this action's install started: the install was cut short.
+        let mut e = engine(&dir, b_primary(slots("2026-11-01T10:00:00Z")), "boot-2");
+        let mut d = action(&e, Phase::Installing);
+        d.install_attempts = 1;
+        d.install_boot_id = "boot-1".into();
+        e.save(&d).unwrap();
+        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        // The fake's InstallBundle "completes" but B still looks old: the engine takes RAUC's
+        // answer (Completed) and asks GetPrimary, as after any install.
+        assert!(matches!(e.install(&mut d).await, Step::Next));
+        assert_eq!(e.rauc.installs.lock().unwrap().len(), 1);
+        assert_eq!(
+            e.rauc.installs.lock().unwrap()[0].1,
+            2,
+            "the second attempt, counted first"
+        );
+
+        let mut d = action(&e, Phase::Installing);
+        d.install_attempts = machine::MAX_INSTALL_ATTEMPTS;
+        e.save(&d).unwrap();
+        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        assert!(matches!(e.install(&mut d).await, Step::Next));
+        assert_eq!(
+            e.rauc.installs.lock().unwrap().len(),
+            1,
+            "not a fourth time"
+        );
+        assert_eq!(d.phase, Phase::Reporting);
+        let report = d.report.unwrap();
+        assert_eq!(report.finished, Finished::Failure);
+        assert!(report.details[0].starts_with("installation did not complete in 3 attempts"));
+    }
+
+    #[tokio::test]
+    async fn a_bootloader_fallback_takes_the_new_slot_out_and_reports_a_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(&dir, b_primary(slots("2026-11-23T10:05:00Z")), "boot-2");
+        let mut d = action(&e, Phase::Rebooting);
+        d.target_slot = "B".into();
+        d.boot_id = "boot-1".into();
+        d.reboots = 1;
+        d.reboot_at = now_unix() - 30;
+        e.save(&d).unwrap();
+        assert!(matches!(e.after_reboot(&mut d).await, Step::Next));
+        let marks = e.rauc.marks.lock().unwrap().clone();
+        let marks: Vec<(&str, &str)> = marks
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(
+            marks,
+            [("bad", "other"), ("active", "booted"), ("good", "booted")]
+        );
+        assert_eq!(d.phase, Phase::Reporting);
+        assert_eq!(
+            e.load().unwrap().report.unwrap().details,
+            [
+                "rolled back: booted slot A again instead of B (the new slot failed to boot); still running 1.0.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_health_deadline_runs_from_the_first_verification_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let rauc = FakeRauc {
+            booted: "B".into(),
+            ..b_primary(slots("2026-11-23T10:05:00Z"))
+        };
+        let mut e = engine(&dir, rauc, "boot-2");
+        e.cfg.section.health_deadline = Duration::from_secs(300);
+        e.cfg.section.health_command = vec!["false".into()];
+        e.cfg.section.health_ddi = false;
+        // Verifying since 301 s ago (an earlier run of the agent): the deadline has passed,
+        // the first failing check fails the update at once.
+        let mut d = action(&e, Phase::Verifying);
+        d.target_slot = "B".into();
+        d.verifying_since = now_unix() - 301;
+        e.save(&d).unwrap();
+        let step = tokio::time::timeout(Duration::from_secs(20), e.verify(&mut d))
+            .await
+            .expect("no second deadline");
+        assert!(matches!(step, Step::Wait | Step::Next));
+        assert_eq!(d.phase, Phase::RollingBack);
+        let marks = e.rauc.marks.lock().unwrap().clone();
+        assert_eq!(marks[0], ("bad".to_string(), "booted".to_string()));
+        assert!(d.report.unwrap().details[0].starts_with("health checks failed on slot B"));
+    }
+
+    #[tokio::test]
+    async fn the_booted_slot_is_marked_good_once_per_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(&dir, b_primary(vec![]), "boot-1");
+        mark_good_on_boot(&e.cfg, &e.rauc, &e.dir).await;
+        mark_good_on_boot(&e.cfg, &e.rauc, &e.dir).await;
+        assert_eq!(e.rauc.marks.lock().unwrap().len(), 1);
+        // A new boot in the middle of a verdict: the engine decides, not the start-up mark.
+        std::fs::write(dir.path().join("boot_id"), "boot-2").unwrap();
+        action(&e, Phase::Verifying);
+        mark_good_on_boot(&e.cfg, &e.rauc, &e.dir).await;
+        assert_eq!(e.rauc.marks.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn skip_is_download_only_unless_the_window_is_closed() {
@@ -1394,12 +1716,5 @@ mod tests {
         );
         assert!(!is_download_only(&dep(Forced, Some(Available))));
         assert!(!is_download_only(&dep(Attempt, None)));
-    }
-
-    #[test]
-    fn rauc_timestamps_compare_to_the_install_start() {
-        assert!(timestamp_after("2026-11-23T10:00:05Z", 1_795_428_000));
-        assert!(!timestamp_after("2026-11-23T09:00:00Z", 1_795_428_000));
-        assert!(!timestamp_after("", 0));
     }
 }

@@ -5,11 +5,14 @@
 //! - [`download`]: resumable, verified bundle download.
 //! - [`rauc`]: RAUC's installer over D-Bus.
 //! - [`state`]: `ota/deployment.json`, the persisted phase of the action in flight.
-//! - [`engine`]: the state machine that drives one action from poll to final report.
+//! - [`machine`]: the engine's decisions without I/O (phase + facts -> next step), table-tested.
+//! - [`engine`]: the driver: does the I/O those decisions ask for, one action from poll to
+//!   final report.
 
 pub mod ddi_client;
 pub mod download;
 pub mod engine;
+pub mod machine;
 pub mod rauc;
 pub mod state;
 

@@ -3,8 +3,96 @@
 //! every RAUC since works; newer properties are read only where their absence is harmless.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 use zbus::zvariant::OwnedValue;
+
+/// What the update engine needs from RAUC: [`Rauc`] on the system bus, or a fake in tests.
+/// Errors are RAUC's words (or the bus's), for the log and the report.
+pub trait Installer: Send + Sync {
+    /// `BootSlot`: the boot name of the slot running now (`A`).
+    fn boot_slot(&self) -> impl Future<Output = Result<String, String>> + Send;
+    /// `Operation`: `idle` or `installing`.
+    fn operation(&self) -> impl Future<Output = Result<String, String>> + Send;
+    /// `LastError`: why the last install failed (empty after a success).
+    fn last_error(&self) -> impl Future<Output = Result<String, String>> + Send;
+    /// `GetSlotStatus`, sorted by slot name.
+    fn slots(&self) -> impl Future<Output = Result<Vec<Slot>, String>> + Send;
+    /// `GetPrimary`: the primary slot's name (`rootfs.1`).
+    fn primary(&self) -> impl Future<Output = Result<String, String>> + Send;
+    /// `Mark(state, slot)`: state `good`/`bad`/`active`, slot `booted`/`other`/a name.
+    fn mark(&self, state: &str, slot: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Whether this RAUC streams bundles from a URL with the TLS and header options applied.
+    fn streams_with_tls_options(&self) -> impl Future<Output = bool> + Send;
+    /// Install `bundle` (an absolute path or a URL); `progress(percent, message)` as RAUC
+    /// reports it; the result is RAUC's `Completed`, with `LastError` on failure.
+    fn install(
+        &self,
+        bundle: &str,
+        args: InstallArgs,
+        progress: impl FnMut(i32, &str) + Send,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Wait (bounded) until RAUC is not installing: after an agent restart an install it
+    /// started may still be running in RAUC.
+    fn wait_idle(&self, limit: Duration) -> impl Future<Output = Result<(), String>> + Send {
+        async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            while self.operation().await? != "idle" {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("RAUC still installing after {limit:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(())
+        }
+    }
+
+    /// Boot name of a slot name (`rootfs.1` → `B`).
+    fn bootname_of(&self, slot: &str) -> impl Future<Output = Result<String, String>> + Send {
+        async move {
+            self.slots()
+                .await?
+                .into_iter()
+                .find(|s| s.name == slot)
+                .map(|s| s.bootname)
+                .ok_or_else(|| format!("RAUC has no slot {slot}"))
+        }
+    }
+}
+
+/// `InstallBundle`'s optional arguments, for a bundle RAUC fetches itself (RAUC ≥ 1.9). None
+/// for a local path, so every RAUC since 1.8 takes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstallArgs {
+    /// `tls-ca`: the CA file RAUC verifies the server with.
+    pub tls_ca: Option<String>,
+    /// `tls-cert` and `tls-key`: the client certificate and key files (mTLS).
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// `http-headers`: e.g. `Authorization: TargetToken …`.
+    pub http_headers: Vec<String>,
+}
+
+impl InstallArgs {
+    fn to_dbus(&self) -> HashMap<&'static str, zbus::zvariant::Value<'static>> {
+        use zbus::zvariant::Value;
+        let mut args = HashMap::new();
+        for (key, v) in [
+            ("tls-ca", &self.tls_ca),
+            ("tls-cert", &self.tls_cert),
+            ("tls-key", &self.tls_key),
+        ] {
+            if let Some(v) = v {
+                args.insert(key, Value::from(v.clone()));
+            }
+        }
+        if !self.http_headers.is_empty() {
+            args.insert("http-headers", Value::from(self.http_headers.clone()));
+        }
+        args
+    }
+}
 
 const DEST: &str = "de.pengutronix.rauc";
 const IFACE: &str = "de.pengutronix.rauc.Installer";
@@ -51,27 +139,30 @@ impl Rauc {
         Ok(Self { conn, installer })
     }
 
+    pub async fn compatible(&self) -> Result<String, String> {
+        self.prop("Compatible").await
+    }
+
     async fn prop(&self, name: &str) -> Result<String, String> {
         self.installer
             .get_property::<String>(name)
             .await
             .map_err(|x| format!("RAUC {name}: {x}"))
     }
+}
 
-    pub async fn boot_slot(&self) -> Result<String, String> {
+impl Installer for Rauc {
+    async fn boot_slot(&self) -> Result<String, String> {
         self.prop("BootSlot").await
     }
-    pub async fn operation(&self) -> Result<String, String> {
+    async fn operation(&self) -> Result<String, String> {
         self.prop("Operation").await
     }
-    pub async fn last_error(&self) -> Result<String, String> {
+    async fn last_error(&self) -> Result<String, String> {
         self.prop("LastError").await
     }
-    pub async fn compatible(&self) -> Result<String, String> {
-        self.prop("Compatible").await
-    }
 
-    pub async fn slots(&self) -> Result<Vec<Slot>, String> {
+    async fn slots(&self) -> Result<Vec<Slot>, String> {
         let raw: Vec<(String, HashMap<String, OwnedValue>)> = self
             .installer
             .call("GetSlotStatus", &())
@@ -99,16 +190,14 @@ impl Rauc {
         Ok(slots)
     }
 
-    /// The primary slot's name (`rootfs.1`).
-    pub async fn primary(&self) -> Result<String, String> {
+    async fn primary(&self) -> Result<String, String> {
         self.installer
             .call("GetPrimary", &())
             .await
             .map_err(|x| format!("RAUC GetPrimary: {x}"))
     }
 
-    /// `Mark(state, slot)`: state `good`/`bad`/`active`, slot `booted`/`other`/a name.
-    pub async fn mark(&self, state: &str, slot: &str) -> Result<(), String> {
+    async fn mark(&self, state: &str, slot: &str) -> Result<(), String> {
         let _: (String, String) = self
             .installer
             .call("Mark", &(state, slot))
@@ -117,10 +206,9 @@ impl Rauc {
         Ok(())
     }
 
-    /// Whether this RAUC streams bundles from a URL with the TLS and header options applied.
     /// RAUC 1.8 (no `InspectBundle`, added in 1.9 together with working `tls-*` options in the
     /// streaming code) downloads without them, which fails against a private CA.
-    pub async fn streams_with_tls_options(&self) -> bool {
+    async fn streams_with_tls_options(&self) -> bool {
         let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
         let r: Result<HashMap<String, OwnedValue>, zbus::Error> =
             self.installer.call("InspectBundle", &("", args)).await;
@@ -133,16 +221,15 @@ impl Rauc {
         }
     }
 
-    /// Install `bundle` (an absolute path or a URL) with `InstallBundle` arguments (none for a
-    /// path, so every RAUC since 1.8 takes it). `progress(percent, message)` follows the
-    /// `Progress` property; the result is RAUC's `Completed`, with `LastError` on failure.
-    pub async fn install(
+    /// `progress` follows the `Progress` property.
+    async fn install(
         &self,
         bundle: &str,
-        args: HashMap<&str, zbus::zvariant::Value<'_>>,
-        mut progress: impl FnMut(i32, &str),
+        args: InstallArgs,
+        mut progress: impl FnMut(i32, &str) + Send,
     ) -> Result<(), String> {
         use futures_util::StreamExt;
+        let args = args.to_dbus();
         // Subscribe before calling: a quick failure completes before the reply is read.
         let mut completed = self
             .installer
@@ -181,28 +268,5 @@ impl Rauc {
                 }
             }
         }
-    }
-
-    /// Wait (bounded) until RAUC is not installing: after an agent restart an install it
-    /// started may still be running in RAUC.
-    pub async fn wait_idle(&self, limit: Duration) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.operation().await? != "idle" {
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("RAUC still installing after {limit:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Ok(())
-    }
-
-    /// Boot name of a slot name (`rootfs.1` → `B`).
-    pub async fn bootname_of(&self, slot: &str) -> Result<String, String> {
-        self.slots()
-            .await?
-            .into_iter()
-            .find(|s| s.name == slot)
-            .map(|s| s.bootname)
-            .ok_or_else(|| format!("RAUC has no slot {slot}"))
     }
 }

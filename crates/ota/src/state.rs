@@ -84,6 +84,10 @@ pub struct Deployment {
     /// Unix seconds when the reboot command last ran.
     #[serde(default)]
     pub reboot_at: i64,
+    /// Unix seconds when the new slot was first found running: the health deadline runs from
+    /// here, across agent restarts. 0: not verifying yet (or persisted by an older agent).
+    #[serde(default)]
+    pub verifying_since: i64,
     /// RAUC installs from the artifact URL itself (`ota.rauc_url_install` on a RAUC that can).
     #[serde(default)]
     pub by_url: bool,
