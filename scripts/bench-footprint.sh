@@ -19,8 +19,8 @@
 #   sleep         a bare process (the floor of any process)
 #   agent-a64     agent-all's configuration, run by the aarch64 binary the recipe builds, under
 #                 qemu-aarch64 (qemu-user): the guest's resident pages, counted as below
-#   agent-qx86    the same under qemu-x86_64 with the x86_64 binary: checks the counting against
-#                 agent-all's native figures in the same run
+#   calib-x86, calib-a64  the counting's check: one C program (touches 4 MiB, then sleeps),
+#                 native on x86_64 and for aarch64 under qemu-aarch64; the two RSS must agree
 # and prints, per process: RSS and PSS (smaps_rollup), the RSS that is file-backed, CPU seconds
 # per hour over the window, and the size of the executable as shipped; then where agent-all's
 # resident pages are (smaps by mapping), and how many MQTT messages agent-all published in the
@@ -88,7 +88,6 @@ device_ns() {
 }
 device_ns all 0; device_ns tun 1; device_ns wgo 2
 [[ -z ${SKIP_AARCH64:-} ]] && device_ns a64 3
-device_ns qx86 4
 HUB_IP=192.0.2.1 # the hub side of the first pair; every device routes to it
 
 mkdir -p "$W/influx"
@@ -108,7 +107,10 @@ EOF
 "$BRIDGE" --config "$W/bridge.toml" init >/dev/null
 "$BRIDGE" --config "$W/bridge.toml" issue-server-cert --name "$HUB_IP" --out-cert "$W/m.crt" --out-key "$W/m.key" >/dev/null
 cp "$W/bridge/ca/chain.pem" "$W/ca.pem"; chmod 644 "$W/m.crt" "$W/m.key" "$W/ca.pem"
-printf 'persistence false\nallow_anonymous false\nlistener 8883 0.0.0.0\ncafile %s/ca.pem\ncertfile %s/m.crt\nkeyfile %s/m.key\nrequire_certificate true\nuse_identity_as_username true\n' "$W" "$W" "$W" > "$W/m.conf"
+tls_listener() { printf 'cafile %s/ca.pem\ncertfile %s/m.crt\nkeyfile %s/m.key\nrequire_certificate true\nuse_identity_as_username true\n' "$W" "$W" "$W"; }
+# 8884: agent-a64's, under its own mount point, so that what agent-all publishes is counted alone.
+{ printf 'persistence false\nallow_anonymous false\nlistener 8883 0.0.0.0\n'; tls_listener
+  printf 'listener 8884 0.0.0.0\nmount_point a64/\n'; tls_listener; } > "$W/m.conf"
 ip netns exec "$HUB" /usr/sbin/mosquitto -c "$W/m.conf" >/dev/null 2>&1 & pids+=($!)
 ip netns exec "$HUB" "$BRIDGE" --config "$W/bridge.toml" serve >"$W/bridge.log" 2>&1 & pids+=($!)
 eval "$(RAUC_SANDBOX_DIR="$W/rauc" tests/rauc/rauc-sandbox.sh start)"
@@ -156,7 +158,7 @@ agent_config agent-enroll
 agent_config wgo tunnel # enrolled for its WireGuard key and address, then run by wireguard-go
 agent_config counter   # its certificate lets mosquitto_sub count what agent-all publishes
 agent_config agent-a64 telemetry metrics tunnel terminal rauc ota
-agent_config agent-qx86 telemetry metrics tunnel terminal rauc ota
+sed -i 's/^port = 8883$/port = 8884/' "$W/agent-a64.toml"
 
 start() { # NS NAME ARGV... -> sets LAST_PID
   local ns=$1 name=$2; shift 2
@@ -189,15 +191,32 @@ guest() { # NS NAME QEMU BINARY SYSROOT: agent NAME under qemu-user -> pid[NAME]
 }
 A64_BIN=$ROOT/target/recipe-build/thingsly-agent.stripped
 [[ -z ${SKIP_AARCH64:-} ]] && guest "$tag-a64" agent-a64 qemu-aarch64 "$A64_BIN" /usr/aarch64-linux-gnu
-guest "$tag-qx86" agent-qx86 qemu-x86_64 "$SHIPPED" /
+# (qemu-x86_64 cannot check the counting with our x86_64 binary: an x86_64 guest needs the
+# vsyscall page at the top of the address space, outside any -R range.)
+printf '#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\nint main(void) { char *p = malloc(4 << 20); memset(p, 1, 4 << 20); pause(); return p[0]; }\n' > "$W/calib.c"
+gcc -O2 -o "$W/calib-x86" "$W/calib.c"
+aarch64-linux-gnu-gcc -O2 -o "$W/calib-a64" "$W/calib.c"
+start "$tag-all" calib-x86 "$W/calib-x86"; pid[calib-x86]=$LAST_PID
+start "$tag-all" calib-a64 qemu-aarch64 -B "$GUEST_BASE" -R "$GUEST_SIZE" -L /usr/aarch64-linux-gnu "$W/calib-a64"
+pid[calib-a64]=$LAST_PID
 ip netns exec "$HUB" mosquitto_sub -h "$HUB_IP" -p 8883 --cafile "$W/ca.pem" --cert "$W/counter/identity/device.crt" \
   --key "$W/counter/identity/device.key" -t 'v1/devices/me/#' -F '%U %t' >"$W/mqtt.log" 2>&1 & pids+=($!)
 
 sleep "$SETTLE"
 tick=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-declare -A cpu0
-for n in "${!pid[@]}"; do cpu0[$n]=$(cpu "${pid[$n]}"); done
+# Context switches of all the process's threads: how often it wakes up, whatever the CPU. Under
+# qemu-user the guest's sleeps are qemu's host syscalls, so this counts for the emulated agents
+# too (plus qemu's own RCU thread, a few per hour).
+wakeups() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+declare -A cpu0 wake0
+for n in "${!pid[@]}"; do
+  if ! kill -0 "${pid[$n]}" 2>/dev/null; then
+    echo "$n exited before the window; its log:" >&2; tail -n 20 "$W/$n.log" >&2 || true
+    cpu0[$n]=0; wake0[$n]=0; continue
+  fi
+  cpu0[$n]=$(cpu "${pid[$n]}"); wake0[$n]=$(wakeups "${pid[$n]}")
+done
 t0=$(date +%s.%N)
 sleep "$RUN"
 t1=$(date +%s.%N)
@@ -231,22 +250,23 @@ exe_size() { # the executable, as shipped for ours; ttyd with its shared librari
 echo
 echo "x86_64, ${RUN} s after ${SETTLE} s of settling, in one run:"
 echo
-echo "| process | RSS | PSS | of the RSS file-backed | CPU s/h | executable as shipped |"
-echo "| --- | --- | --- | --- | --- | --- |"
-for n in agent-all agent-tunnel agent-enroll wireguard-go ttyd sleep agent-qx86 agent-a64; do
-  [[ -n ${pid[$n]:-} ]] || { echo "| $n | not run ($( [[ $n == ttyd ]] && echo 'no ttyd binary: TTYD_BIN' || echo SKIP_AARCH64)) | | | | |"; continue; }
+echo "| process | RSS | PSS | of the RSS file-backed | CPU s/h | wakeups/h | executable as shipped |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for n in agent-all agent-tunnel agent-enroll wireguard-go ttyd sleep agent-a64 calib-x86 calib-a64; do
+  [[ -n ${pid[$n]:-} ]] || { echo "| $n | not run ($( [[ $n == ttyd ]] && echo 'no ttyd binary: TTYD_BIN' || echo SKIP_AARCH64)) | | | | | |"; continue; }
   p=${pid[$n]}
-  if ! kill -0 "$p" 2>/dev/null; then echo "| $n | exited (see its log) | | | | |"; continue; fi
-  if [[ $n == agent-a64 || $n == agent-qx86 ]]; then
+  if ! kill -0 "$p" 2>/dev/null; then echo "| $n | exited (see its log) | | | | | |"; continue; fi
+  wph=$(awk -v w="$(( $(wakeups "$p") - ${wake0[$n]} ))" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", w / (b - a) * 3600}')
+  if [[ $n == *-a64 ]]; then
     rss=$(guest_rollup "$p" Rss); pss=$(guest_rollup "$p" Pss); anon=$(guest_rollup "$p" Anonymous)
-    size=$([[ $n == agent-a64 ]] && echo "$A64_SIZE" || exe_size agent-all)
-    echo "| $n (guest pages under qemu-user) | $(kib "$rss") | $(kib "$pss") | $(kib $((rss - anon))) | emulated | $size |"
+    size=$([[ $n == agent-a64 ]] && echo "$A64_SIZE" || echo "")
+    echo "| $n (guest pages under qemu-user) | $(kib "$rss") | $(kib "$pss") | $(kib $((rss - anon))) | emulated | $wph | $size |"
     continue
   fi
   rss=$(rollup "$p" Rss); pss=$(rollup "$p" Pss); anon=$(rollup "$p" Anonymous)
   used=$(( $(cpu "$p") - ${cpu0[$n]} ))
   cph=$(awk -v c="$used" -v t="$tick" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", c / t / (b - a) * 3600}')
-  echo "| $n | $(kib "$rss") | $(kib "$pss") | $(kib $((rss - anon))) | $cph | $(exe_size "$n") |"
+  echo "| $n | $(kib "$rss") | $(kib "$pss") | $(kib $((rss - anon))) | $cph | $wph | $(exe_size "$n") |"
 done
 echo
 echo "aarch64 (scripts/recipe-build.py: the recipe's build with Rust 1.91, stripped as OE strips): $A64_SIZE"
@@ -264,7 +284,7 @@ in0=$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b' "$W/mqtt.log" | wc -l)
 tel=$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b && $2 ~ /telemetry$/' "$W/mqtt.log" | wc -l)
 echo "agent-all published $in0 MQTT messages in the ${RUN} s window ($tel telemetry, $((in0 - tel)) other) at one telemetry interval per 10 s: $((RUN / 10)) intervals"
 up=$("$SHIPPED" --config "$W/agent-all.toml" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"]["tunnel_state"], s["state"]["modules"]["ota"]["state"], s["state"]["modules"]["terminal"]["state"], s["state"]["modules"]["metrics"]["state"], s["state"]["modules"]["telemetry"]["state"])' 2>/dev/null || echo "status unreadable")
-for n in agent-a64 agent-qx86; do
+for n in agent-a64; do
   [[ -n ${pid[$n]:-} ]] || continue
   echo "$n at the end: tunnel, ota, terminal, metrics, telemetry = $("$SHIPPED" --config "$W/$n.toml" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["state"]; m=s["modules"]; print(s["tunnel_state"], *(m[k]["state"] for k in ("ota", "terminal", "metrics", "telemetry")))' 2>/dev/null || echo "status unreadable")"
 done

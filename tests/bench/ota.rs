@@ -92,60 +92,7 @@ pub fn run(large_mib: u64) -> anyhow::Result<()> {
     );
     println!("| --- | --- | --- | --- | --- |");
     for mib in [64, large_mib] {
-        let blob = dir.join(format!("blob-{mib}.bin"));
-        let st = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "head -c {}M /dev/urandom > {}",
-                mib,
-                blob.display()
-            ))
-            .status()?;
-        anyhow::ensure!(st.success(), "making the test file");
-        let m: serde_json::Value = serde_json::from_str(&bridge.cli(&[
-            "ota",
-            "upload",
-            blob.to_str().unwrap_or_default(),
-            "--name",
-            "blob",
-            "--version",
-            &mib.to_string(),
-        ])?)?;
-        std::fs::remove_file(&blob)?;
-        let module = m["id"].as_i64().unwrap_or_default();
-        let filename = m["filename"].as_str().unwrap_or_default().to_string();
-        let a: serde_json::Value = serde_json::from_str(&bridge.cli(&[
-            "ota",
-            "assign",
-            "--module",
-            &module.to_string(),
-            "--device",
-            "bench-dev",
-            "--type",
-            "downloadonly",
-        ])?)?;
-        let action = a[0]["id"].as_i64().unwrap_or_default().to_string();
-        let show = || -> serde_json::Value {
-            bridge
-                .cli(&["ota", "show", &action])
-                .ok()
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default()
-        };
-        wait_for(
-            "download-only action closed",
-            Duration::from_secs(900),
-            || show()["action"]["status"] == "closed",
-        );
-        let fb = show()["feedback"].as_array().cloned().unwrap_or_default();
-        let at = |needle: &str| -> anyhow::Result<time::OffsetDateTime> {
-            let f = fb
-                .iter()
-                .find(|f| f["body"]["status"]["details"].to_string().contains(needle))
-                .ok_or_else(|| anyhow::anyhow!("no feedback {needle}"))?;
-            rfc3339(f["at"].as_str().unwrap_or_default())
-        };
-        let secs = (at("hash verified")? - at("accepted")?).as_seconds_f64();
+        let (secs, module, filename) = download_only(&bridge, dir, "bench-dev", mib)?;
         let url = format!(
             "{}/DEFAULT/controller/v1/bench-dev/softwaremodules/{module}/artifacts/{filename}",
             bridge.url()
@@ -162,6 +109,49 @@ pub fn run(large_mib: u64) -> anyhow::Result<()> {
             vm_hwm_kib(pid) as f64 / 1024.0
         );
     }
+
+    // The download rate cap: one agent per cap (ota.download_rate_limit), about 10 s each.
+    println!();
+    println!("| download with `ota.download_rate_limit` | cap | measured | off by |");
+    println!("| --- | --- | --- | --- |");
+    let mut capped = Vec::new();
+    for (i, cap_kib) in [256u64, 1024, 4096].into_iter().enumerate() {
+        let id = format!("bench-cap-{i}");
+        let mut a = Agent::new(
+            &dir.join(&id),
+            &AgentOpts {
+                device_id: id.clone(),
+                server_url: bridge.url(),
+                token: bridge.fleet_token(),
+                ca_bundle: bridge.ca_chain(),
+                telemetry_extra: "enabled = false".into(),
+                rauc_enabled: true,
+                extra: format!(
+                    "[ota]\npoll_interval = \"1s\"\nhealth_mqtt = false\ndownload_rate_limit = {}\n",
+                    cap_kib * 1024
+                ),
+                ..Default::default()
+            },
+        )?;
+        a.env = vec![("DBUS_SYSTEM_BUS_ADDRESS".into(), rauc.bus.clone())];
+        a.start()?;
+        wait_for("capped agent enrolled", Duration::from_secs(30), || {
+            bridge
+                .cli(&["devices"])
+                .map(|d| d.contains(&id))
+                .unwrap_or(false)
+        });
+        // Ten seconds at the cap.
+        let mib = (cap_kib * 10).div_ceil(1024);
+        let (secs, _, _) = download_only(&bridge, dir, &id, mib)?;
+        let rate = (mib * 1024) as f64 / secs;
+        println!(
+            "| {mib} MiB | {cap_kib} KiB/s | {rate:.0} KiB/s ({secs:.2} s) | {:+.1} % |",
+            (rate / cap_kib as f64 - 1.0) * 100.0
+        );
+        capped.push(a);
+    }
+    drop(capped);
 
     // The bridge's DDI root: many devices polling at once.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -216,4 +206,70 @@ pub fn run(large_mib: u64) -> anyhow::Result<()> {
         println!("| {label} | {:.0} |", n as f64 / 5.0);
     }
     Ok(())
+}
+
+/// Uploads `mib` MiB of random data, assigns it download-only to `device`, waits until the
+/// action is closed; returns the seconds from "accepted" to "hash verified" (the agent's own
+/// feedback, timed by the bridge), the module id and the artifact's file name.
+fn download_only(
+    bridge: &Bridge,
+    dir: &std::path::Path,
+    device: &str,
+    mib: u64,
+) -> anyhow::Result<(f64, i64, String)> {
+    let blob = dir.join(format!("blob-{device}-{mib}.bin"));
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {}M /dev/urandom > {}",
+            mib,
+            blob.display()
+        ))
+        .status()?;
+    anyhow::ensure!(st.success(), "making the test file");
+    let m: serde_json::Value = serde_json::from_str(&bridge.cli(&[
+        "ota",
+        "upload",
+        blob.to_str().unwrap_or_default(),
+        "--name",
+        &format!("blob-{device}"),
+        "--version",
+        &mib.to_string(),
+    ])?)?;
+    std::fs::remove_file(&blob)?;
+    let module = m["id"].as_i64().unwrap_or_default();
+    let filename = m["filename"].as_str().unwrap_or_default().to_string();
+    let a: serde_json::Value = serde_json::from_str(&bridge.cli(&[
+        "ota",
+        "assign",
+        "--module",
+        &module.to_string(),
+        "--device",
+        device,
+        "--type",
+        "downloadonly",
+    ])?)?;
+    let action = a[0]["id"].as_i64().unwrap_or_default().to_string();
+    let show = || -> serde_json::Value {
+        bridge
+            .cli(&["ota", "show", &action])
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default()
+    };
+    wait_for(
+        "download-only action closed",
+        Duration::from_secs(900),
+        || show()["action"]["status"] == "closed",
+    );
+    let fb = show()["feedback"].as_array().cloned().unwrap_or_default();
+    let at = |needle: &str| -> anyhow::Result<time::OffsetDateTime> {
+        let f = fb
+            .iter()
+            .find(|f| f["body"]["status"]["details"].to_string().contains(needle))
+            .ok_or_else(|| anyhow::anyhow!("no feedback {needle}"))?;
+        rfc3339(f["at"].as_str().unwrap_or_default())
+    };
+    let secs = (at("hash verified")? - at("accepted")?).as_seconds_f64();
+    Ok((secs, module, filename))
 }

@@ -647,6 +647,42 @@ fn a_connection_cut_mid_download_resumes_with_range() {
 }
 
 #[test]
+fn the_download_rate_limit_caps_the_bundle_download() {
+    // A correctness check, not a speed target: the download cannot be faster than the cap
+    // allows (a slower machine only makes it slower). The cap's accuracy is measured by
+    // `thingsly-bench ota`.
+    const CAP: u64 = 1024 * 1024;
+    let mut rig = Rig::with_proxy(&format!("download_rate_limit = {CAP}"));
+    let bundle = rig
+        .rauc
+        .bundle("r.raucb", "11.0.0", &["--size-mib", "4"])
+        .unwrap();
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    let module = rig.upload(&bundle, "11.0.0");
+    // The polls before it are small: the download has started once 64 KiB more went down.
+    const HEAD: u64 = 64 * 1024;
+    let before = rig.proxy().down_bytes();
+    let action = rig.assign(module, &[]);
+    wait_for("the download to start", Duration::from_secs(60), || {
+        rig.proxy().down_bytes() > before + HEAD
+    });
+    let started = std::time::Instant::now();
+    wait_for("the download to end", Duration::from_secs(120), || {
+        rig.feedback_text(action).contains("download complete")
+    });
+    let took = started.elapsed().as_secs_f64();
+    // Unpaused: a tenth of a second's worth after the start, and 50 ms of polling above.
+    let least = (size - HEAD) as f64 / CAP as f64 - 0.15;
+    assert!(
+        took >= least,
+        "{size} bytes in {took:.2} s: faster than {CAP} B/s allows (at least {least:.2} s)"
+    );
+    rig.reboot();
+    rig.wait_status(action, "closed", Duration::from_secs(60));
+    assert_eq!(rig.installs_into_b(), 1);
+}
+
+#[test]
 fn cancel_during_download_stops_it_and_leaves_nothing_behind() {
     let rig = Rig::with_proxy("");
     let bundle = rig

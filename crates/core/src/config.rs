@@ -472,6 +472,10 @@ pub struct OtaSection {
     /// Download attempts after a cut or a 5xx before the action is reported failed.
     #[serde(default = "default_download_attempts")]
     pub download_attempts: u32,
+    /// Bundle downloads at most this many bytes per second (0: no cap). The server's shared
+    /// attribute `ota_download_rate_limit` (telemetry on) overrides it.
+    #[serde(default)]
+    pub download_rate_limit: u64,
     /// Confirm actions that ask for the device's consent (hawkBit's confirmationBase); off:
     /// they wait, shown in `status`, until confirmed elsewhere.
     #[serde(default = "yes")]
@@ -516,6 +520,7 @@ impl Default for OtaSection {
             max_poll_interval: default_ota_max_poll(),
             download_dir: None,
             download_attempts: default_download_attempts(),
+            download_rate_limit: 0,
             auto_confirm: true,
             rauc_url_install: false,
             health_deadline: default_health_deadline(),

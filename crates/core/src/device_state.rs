@@ -33,6 +33,10 @@ pub struct DeviceState {
     pub credentials_generation: u64,
     pub certificate_not_after: Option<String>,
     pub modules: BTreeMap<String, ModuleState>,
+    /// The server's cap on bundle downloads (shared attribute `ota_download_rate_limit`),
+    /// bytes per second, 0 none; `None`: the config's `ota.download_rate_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_rate_limit: Option<u64>,
 }
 
 /// What a module says about itself, shown by `status` and sent as telemetry attributes.

@@ -3,6 +3,7 @@
 //! is all the server gives) before the file is renamed into place.
 
 use crate::ddi_client::{DdiClient, DdiError};
+use crate::rate_limit::TokenBucket;
 use crate::state::ArtifactRef;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -83,11 +84,13 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Download `a` to `dest` (via `dest.part`), calling `progress(done, total)` as data arrives.
-/// An existing `.part` is continued with `Range`; its bytes are hashed first.
+/// An existing `.part` is continued with `Range`; its bytes are hashed first. `rate_limit()`:
+/// the cap in bytes per second (0: none), asked after every chunk, so a change applies at once.
 pub async fn fetch(
     ddi: &DdiClient,
     a: &ArtifactRef,
     dest: &Path,
+    rate_limit: impl Fn() -> u64,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<(), DownloadError> {
     let exp = expected(a).ok_or_else(|| {
@@ -177,6 +180,7 @@ pub async fn fetch(
         let mut stream = resp.bytes_stream();
         use futures_util::StreamExt;
         let mut since_sync = 0u64;
+        let mut bucket = TokenBucket::new(rate_limit(), std::time::Instant::now());
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
                 DownloadError::Retry(format!(
@@ -190,6 +194,12 @@ pub async fn fetch(
                 .map_err(|e| DownloadError::Fatal(format!("{}: {e}", part.display())))?;
             have += chunk.len() as u64;
             since_sync += chunk.len() as u64;
+            let now = std::time::Instant::now();
+            bucket.set_rate(rate_limit(), now);
+            let pause = bucket.take(chunk.len(), now);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             // Bound what a power cut can take back to 8 MiB.
             if since_sync >= 8 * 1024 * 1024 {
                 file.sync_data()

@@ -709,6 +709,17 @@ impl<R: Installer> Engine<R> {
                 d.by_url = true;
                 d.phase = Phase::Downloaded;
                 tracing::info!(action = %d.action_id, "RAUC installs from the URL (ota.rauc_url_install)");
+                let cap = self
+                    .state
+                    .get()
+                    .download_rate_limit
+                    .unwrap_or(self.cfg.section.download_rate_limit);
+                if cap > 0 {
+                    tracing::warn!(
+                        cap,
+                        "RAUC fetches this bundle itself: the download rate limit does not apply to it"
+                    );
+                }
                 return self.persist(d);
             }
             tracing::warn!(
@@ -734,16 +745,25 @@ impl<R: Installer> Engine<R> {
             let ddi = &self.ddi;
             let href = d.href.clone();
             let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, i32)>(4);
-            let fetch = download::fetch(ddi, &d.artifact, &d.bundle_path, move |done, total| {
-                if let Some(t) = total.filter(|t| *t > 0) {
-                    let pct = done * 10 / t;
-                    if last_pct != Some(pct) {
-                        last_pct = Some(pct);
-                        // pct is 0..=10 (done <= total), so the cast cannot truncate.
-                        let _ = tx.try_send((pct.min(10) as i32 * 10, 100));
+            let state = self.state.subscribe();
+            let configured = self.cfg.section.download_rate_limit;
+            let rate_limit = move || state.borrow().download_rate_limit.unwrap_or(configured);
+            let fetch = download::fetch(
+                ddi,
+                &d.artifact,
+                &d.bundle_path,
+                rate_limit,
+                move |done, total| {
+                    if let Some(t) = total.filter(|t| *t > 0) {
+                        let pct = done * 10 / t;
+                        if last_pct != Some(pct) {
+                            last_pct = Some(pct);
+                            // pct is 0..=10 (done <= total), so the cast cannot truncate.
+                            let _ = tx.try_send((pct.min(10) as i32 * 10, 100));
+                        }
                     }
-                }
-            });
+                },
+            );
             let progress = async {
                 while let Some((cnt, of)) = rx.recv().await {
                     let f = fb(

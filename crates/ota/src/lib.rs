@@ -3,6 +3,7 @@
 //!
 //! - [`ddi_client`]: hawkBit's DDI API (poll, deploymentBase, feedback, configData, cancel).
 //! - [`download`]: resumable, verified bundle download.
+//! - [`rate_limit`]: the download rate cap (a token bucket, time passed in).
 //! - [`rauc`]: RAUC's installer over D-Bus.
 //! - [`state`]: `ota/deployment.json`, the persisted phase of the action in flight.
 //! - [`machine`]: the engine's decisions without I/O (phase + facts -> next step), table-tested.
@@ -13,6 +14,7 @@ pub mod ddi_client;
 pub mod download;
 pub mod engine;
 pub mod machine;
+pub mod rate_limit;
 pub mod rauc;
 pub mod state;
 

@@ -90,6 +90,7 @@ pub async fn run(
             RemoteSettings::default()
         }
     };
+    publish_settings(&settings, &state);
     let mut interval = new_interval(&cfg, &settings);
     let mut sampler = Sampler::new();
     let mut counters = Counters {
@@ -411,19 +412,30 @@ struct Reply {
     attributes_requested: bool,
 }
 
+/// Applies the shared attributes we understand; returns whether the telemetry interval changed.
 fn apply_settings(
     attrs: &serde_json::Map<String, serde_json::Value>,
     settings: &mut RemoteSettings,
     state_dir: &StateDir,
+    state: &StateHandle,
 ) -> Result<bool, String> {
+    let interval_before = settings.telemetry_interval;
     let changed = settings.apply(attrs)?;
     if changed {
         state_dir
             .write_json(SETTINGS_FILE, settings, MODE_PUBLIC)
             .map_err(|e| e.to_string())?;
         tracing::info!(?settings, "applied settings from shared attributes");
+        publish_settings(settings, state);
     }
-    Ok(changed)
+    Ok(settings.telemetry_interval != interval_before)
+}
+
+/// The settings other modules act on, into the device state (the download cap, for OTA).
+fn publish_settings(settings: &RemoteSettings, state: &StateHandle) {
+    if state.get().download_rate_limit != settings.ota_download_rate_limit {
+        state.update(|s| s.download_rate_limit = settings.ota_download_rate_limit);
+    }
 }
 
 fn handle_inbound(
@@ -436,12 +448,14 @@ fn handle_inbound(
 ) -> Reply {
     let mut reply = Reply::default();
     match inbound {
-        Inbound::SharedAttributes(attrs) => match apply_settings(&attrs, settings, state_dir) {
-            Ok(changed) => reply.interval_changed = changed,
-            Err(e) => tracing::warn!(error = %e, "shared attributes refused"),
-        },
+        Inbound::SharedAttributes(attrs) => {
+            match apply_settings(&attrs, settings, state_dir, state) {
+                Ok(changed) => reply.interval_changed = changed,
+                Err(e) => tracing::warn!(error = %e, "shared attributes refused"),
+            }
+        }
         Inbound::SetAttributes { attrs, reply_to } => {
-            let result = apply_settings(&attrs, settings, state_dir);
+            let result = apply_settings(&attrs, settings, state_dir, state);
             reply.interval_changed = matches!(result, Ok(true));
             let body = match result {
                 Ok(_) => {
