@@ -41,6 +41,20 @@ enum Cmd {
     },
     /// Validate the config file and exit (0 when valid).
     CheckConfig,
+    /// Install a RAUC bundle from a local file (a USB stick, a service laptop) through the
+    /// running agent: the same persisted update as a server's (install, reboot, health checks,
+    /// mark good or back); the server learns the new version at the next poll.
+    #[cfg(feature = "ota")]
+    Install {
+        /// The bundle (.raucb); it stays where it is.
+        bundle: PathBuf,
+        /// The software name the server is told (default: the bundle's RAUC compatible).
+        #[arg(long)]
+        name: Option<String>,
+        /// The version the server is told (default: the bundle's version).
+        #[arg(long)]
+        version: Option<String>,
+    },
     /// Print the metrics line protocol exactly as it would be written to InfluxDB.
     #[cfg(feature = "metrics")]
     Metrics {
@@ -104,6 +118,19 @@ fn main() -> std::process::ExitCode {
         Cmd::Status { json } => load(&cli.config).and_then(|c| status::print(&c, *json)),
         #[cfg(feature = "metrics")]
         Cmd::Metrics { interval, .. } => load(&cli.config).and_then(|c| metrics_once(c, *interval)),
+        #[cfg(feature = "ota")]
+        Cmd::Install {
+            bundle,
+            name,
+            version,
+        } => load(&cli.config).and_then(|c| {
+            let req = thingsly_ota::local::LocalInstall {
+                bundle: bundle.clone(),
+                name: name.clone(),
+                version: version.clone(),
+            };
+            local_install(&c, &req)
+        }),
         Cmd::Run | Cmd::Enroll => (|| {
             let cfg = load(&cli.config)?;
             init_logging(&cfg.log.level);
@@ -278,7 +305,31 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
     })
 }
 
+/// `thingsly-agent install`: hands the bundle to the agent (see `thingsly_ota::local`).
+#[cfg(feature = "ota")]
+fn local_install(cfg: &AgentConfig, req: &thingsly_ota::local::LocalInstall) -> anyhow::Result<()> {
+    if !cfg.ota.enabled {
+        anyhow::bail!("ota.enabled = false in the config: the agent would never install it");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let said = rt
+        .block_on(thingsly_ota::local::hand_over(
+            req,
+            &cfg.device.state_dir,
+            &cfg.device.runtime_dir,
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{said}");
+    Ok(())
+}
+
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // `thingsly-agent install` wakes the OTA module with SIGUSR1, whose default action ends the
+    // process: hooked before anything could send it (tokio keeps the handler for good).
+    #[cfg(feature = "ota")]
+    let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
     let ctx = context(cfg).await?;
     #[cfg_attr(
         not(any(

@@ -683,6 +683,56 @@ fn the_download_rate_limit_caps_the_bundle_download() {
 }
 
 #[test]
+fn a_local_install_goes_through_the_same_update_and_the_server_learns_it() {
+    let mut rig = Rig::new("");
+    let bundle = rig.rauc.bundle("usb.raucb", "12.0.0", &[]).unwrap();
+    // The server has that software: the device's report names it ("rootfs", as uploaded).
+    rig.upload(&bundle, "12.0.0");
+    let path = bundle.to_str().unwrap();
+    let (ok, out, err) = rig.agent.cmd(&["install", path, "--name", "rootfs"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("handed rootfs 12.0.0"), "{out}");
+    // A second one while it is in flight is refused, and names the one in flight.
+    let (ok, _, err) = rig.agent.cmd(&["install", path]);
+    assert!(
+        !ok && err.contains("in flight") && err.contains("rootfs 12.0.0"),
+        "{err}"
+    );
+    // The command woke the agent (SIGUSR1) rather than leaving it to the next poll.
+    wait_for("the agent woken", Duration::from_secs(10), || {
+        rig.log().contains("woken up (SIGUSR1)")
+    });
+    rig.reboot();
+    wait_for("local install verified", Duration::from_secs(60), || {
+        !rig.agent.state().join("ota/deployment.json").exists()
+    });
+    wait_for(
+        "12.0.0 running, update a success",
+        Duration::from_secs(10),
+        || {
+            let s = rig.status();
+            s["state"]["sw_version"] == "12.0.0" && s["state"]["ota_status"] == "success"
+        },
+    );
+    assert_eq!(rig.installs_into_b(), 1);
+    assert!(bundle.exists(), "the user's bundle is left where it was");
+    wait_for("installedBase reported", Duration::from_secs(30), || {
+        rig.bridge
+            .log_text()
+            .contains("installed version reported by the device")
+    });
+    assert!(!rig.agent.state().join("ota/installed-base.json").exists());
+    // A bundle for another board is refused before anything is persisted.
+    let other = rig
+        .rauc
+        .bundle("other.raucb", "13.0.0", &["--compatible", "another-board"])
+        .unwrap();
+    let (ok, _, err) = rig.agent.cmd(&["install", other.to_str().unwrap()]);
+    assert!(!ok && err.contains("another-board"), "{err}");
+    assert!(!rig.agent.state().join("ota/deployment.json").exists());
+}
+
+#[test]
 fn cancel_during_download_stops_it_and_leaves_nothing_behind() {
     let rig = Rig::with_proxy("");
     let bundle = rig

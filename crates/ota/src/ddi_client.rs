@@ -213,6 +213,22 @@ impl DdiClient {
         Ok(())
     }
 
+    /// hawkBit's `PUT installedBase` (`DdiAssignedVersion`): what the device runs now without
+    /// an action of the server's (a local install).
+    pub async fn put_installed_base(
+        &self,
+        v: &crate::state::InstalledBase,
+    ) -> Result<(), DdiError> {
+        let r = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("{}/installedBase", self.base),
+            )
+            .json(v);
+        Self::check(r.send().await.map_err(transport)?).await?;
+        Ok(())
+    }
+
     /// The action's `deploymentBase` or `cancelAction` href on this server.
     pub fn action_href(&self, kind: &str, action_id: &str) -> String {
         format!("{}/{kind}/{action_id}", self.base)

@@ -10,7 +10,10 @@ use crate::machine::{
     InstallResume, Now, OnCancel, OnDeployment, OtaStatus, Window,
 };
 use crate::rauc::{InstallArgs, Installer, Rauc};
-use crate::state::{ArtifactRef, DEPLOYMENT, Deployment, LAST, Last, MARKED_GOOD, Phase, Report};
+use crate::state::{
+    ArtifactRef, DEPLOYMENT, Deployment, INSTALLED_BASE, InstalledBase, LAST, Last, MARKED_GOOD,
+    Phase, Report,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +74,18 @@ struct Engine<R: Installer> {
     config_sent: Option<ConfigData>,
     /// The installedBase version last warned about.
     installed_mismatch: Option<String>,
+    /// SIGUSR1: `thingsly-agent install` wrote a local action.
+    wake: Option<tokio::signal::unix::Signal>,
+}
+
+/// Resolves at the next SIGUSR1; never, when the signal could not be hooked.
+async fn wake_up(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn now_unix() -> i64 {
@@ -258,6 +273,9 @@ pub async fn run(
         etag: None,
         config_sent: None,
         installed_mismatch: None,
+        wake: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            .map_err(|e| tracing::warn!(error = %e, "SIGUSR1 not hooked: a local install waits for the next poll"))
+            .ok(),
     };
     e.run().await;
     Ok(())
@@ -368,6 +386,8 @@ impl<R: Installer> Engine<R> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                // `thingsly-agent install` handed over a local action: take it up now.
+                _ = wake_up(&mut self.wake) => tracing::info!("woken up (SIGUSR1): looking for a local install"),
             }
         }
     }
@@ -393,6 +413,7 @@ impl<R: Installer> Engine<R> {
         }
         self.send_config_data(root.href("configData").is_some())
             .await;
+        self.report_installed_base().await;
         if current.is_none()
             && let Some(href) = root.href("installedBase")
         {
@@ -532,7 +553,7 @@ impl<R: Installer> Engine<R> {
             OnCancel::Accept { discard } => {
                 if let Some(d) = current.filter(|_| discard) {
                     let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
-                    let _ = std::fs::remove_file(&d.bundle_path);
+                    remove_bundle(d);
                     self.dir
                         .remove(DEPLOYMENT)
                         .map_err(|e| DdiError::Transport(e.to_string()))?;
@@ -617,6 +638,7 @@ impl<R: Installer> Engine<R> {
             reboot_at: 0,
             verifying_since: 0,
             by_url: false,
+            local: false,
             report: None,
         };
         tracing::info!(action = %id, name = %d.name, version = %d.version, size = ?d.artifact.size, download_only = d.download_only, "OTA action received");
@@ -697,6 +719,9 @@ impl<R: Installer> Engine<R> {
     }
 
     async fn feedback(&self, d: &Deployment, f: ActionFeedback) {
+        if d.local {
+            return; // no server action to tell
+        }
         if let Err(e) = self.ddi.feedback(&d.href, &f).await {
             tracing::debug!(error = %e, "progress feedback not sent");
         }
@@ -969,6 +994,7 @@ impl<R: Installer> Engine<R> {
             (d.bundle_path.display().to_string(), Default::default())
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(i32, String)>(16);
+        let local = d.local;
         let rauc = &self.rauc;
         let install = rauc.install(&source, args, move |pct, text| {
             let _ = tx.try_send((pct, text.to_string()));
@@ -984,7 +1010,7 @@ impl<R: Installer> Engine<R> {
                     m.detail = format!("installing: {pct}% {text}");
                 });
                 // Whole steps of ten: enough for hawkBit, no flood.
-                if pct / 10 != last / 10 {
+                if pct / 10 != last / 10 && !local {
                     last = pct;
                     let f = fb(
                         Execution::Proceeding,
@@ -1011,11 +1037,11 @@ impl<R: Installer> Engine<R> {
                 tracing::info!(action = %d.action_id, target = %primary, "bundle installed");
                 d.target_slot = primary;
                 d.phase = Phase::Installed;
-                let _ = std::fs::remove_file(&d.bundle_path);
+                remove_bundle(d);
                 self.persist(d)
             }
             Err(why) => {
-                let _ = std::fs::remove_file(&d.bundle_path);
+                remove_bundle(d);
                 self.conclude(d, Finished::Failure, format!("installation failed: {why}"))
             }
         }
@@ -1066,7 +1092,7 @@ impl<R: Installer> Engine<R> {
                 tracing::info!(action = %d.action_id, slot = %target, "the install started before the restart completed");
                 d.target_slot = target;
                 d.phase = Phase::Installed;
-                let _ = std::fs::remove_file(&d.bundle_path);
+                remove_bundle(d);
                 Some(self.persist(d))
             }
             InstallResume::Fail(why) => {
@@ -1309,10 +1335,56 @@ impl<R: Installer> Engine<R> {
         }
     }
 
+    /// A local install is over: on success the server is told what runs now (`installedBase`,
+    /// kept until it was told, see [`Self::report_installed_base`]); either way the action is
+    /// cleared. The bundle stays where the user had it.
+    fn conclude_local(&mut self, d: &mut Deployment, r: &Report) -> Step {
+        if r.finished == Finished::Success {
+            let v = InstalledBase {
+                name: d.name.clone(),
+                version: d.version.clone(),
+            };
+            if let Err(e) = self.dir.write_json(INSTALLED_BASE, &v, MODE_SECRET) {
+                tracing::error!(error = %e, "cannot keep the local install for the server; retrying");
+                return Step::Wait;
+            }
+        }
+        if let Err(e) = self.dir.remove(DEPLOYMENT) {
+            tracing::error!(error = %e, "cannot clear the OTA state");
+            return Step::Wait;
+        }
+        tracing::info!(action = %d.action_id, finished = ?r.finished, details = ?r.details, "local install over");
+        Step::Done
+    }
+
+    /// After a local install: `PUT installedBase` until the server took it (200/201), or
+    /// refused it for good (a 4xx: it does not know that name and version; said in the log).
+    async fn report_installed_base(&mut self) {
+        let Ok(Some(v)) = self.dir.read_json::<InstalledBase>(INSTALLED_BASE) else {
+            return;
+        };
+        let result = self.ddi.put_installed_base(&v).await;
+        match machine::after_report(result.as_ref().map(|_| ())) {
+            AfterReport::Sent => {
+                tracing::info!(name = %v.name, version = %v.version, "the server knows the local install");
+                let _ = self.dir.remove(INSTALLED_BASE);
+            }
+            AfterReport::Refused => {
+                let why = result.err().map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!(name = %v.name, version = %v.version, error = %why, "the server refused the installed version (it has no such software); not retried");
+                let _ = self.dir.remove(INSTALLED_BASE);
+            }
+            AfterReport::Retry => {}
+        }
+    }
+
     async fn report(&mut self, d: &mut Deployment) -> Step {
         let Some(r) = d.report.clone() else {
             return self.conclude(d, Finished::Failure, "outcome lost".into());
         };
+        if d.local {
+            return self.conclude_local(d, &r);
+        }
         let f = ActionFeedback::new(r.execution, r.finished, r.details.clone());
         let sent = self.ddi.feedback(&d.href, &f).await;
         match machine::after_report(sent.as_ref().map(|_| ())) {
@@ -1322,7 +1394,7 @@ impl<R: Installer> Engine<R> {
                     tracing::error!(error = %e, "cannot clear the OTA state");
                     return Step::Wait;
                 }
-                let _ = std::fs::remove_file(&d.bundle_path);
+                remove_bundle(d);
                 let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
                 tracing::info!(action = %d.action_id, finished = ?r.finished, "final OTA report sent");
                 self.etag = None;
@@ -1340,6 +1412,14 @@ impl<R: Installer> Engine<R> {
                 Step::Wait
             }
         }
+    }
+}
+
+/// The downloaded bundle and its partial file; never the user's own file of a local install.
+fn remove_bundle(d: &Deployment) {
+    if !d.local {
+        let _ = std::fs::remove_file(&d.bundle_path);
+        let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
     }
 }
 
@@ -1486,6 +1566,7 @@ mod tests {
             etag: None,
             config_sent: None,
             installed_mismatch: None,
+            wake: None,
         }
     }
 
@@ -1518,6 +1599,7 @@ mod tests {
             reboot_at: 0,
             verifying_since: 0,
             by_url: false,
+            local: false,
             report: None,
         };
         e.save(&d).unwrap();

@@ -151,6 +151,10 @@ pub fn after_download(d: &Deployment, window: Option<Window>) -> AfterDownload {
     if d.download_only {
         return AfterDownload::DownloadOnly;
     }
+    // A local install has no server, hence no window: the user asked for it now.
+    if d.local {
+        return AfterDownload::Install;
+    }
     match window {
         None => AfterDownload::AskWindow,
         Some(Window::Closed) => AfterDownload::WaitForWindow,
@@ -407,6 +411,7 @@ mod tests {
             verifying_since: 0,
             by_url: false,
             report: None,
+            local: false,
         }
     }
     fn now<'a>(boot_id: &'a str, booted: &'a str, unix: i64) -> Now<'a> {
@@ -546,6 +551,13 @@ mod tests {
             after_download(&d, Some(Window::Unknown("timeout".into()))),
             AfterDownload::Retry("timeout".into())
         );
+    }
+
+    #[test]
+    fn a_local_install_asks_no_server_for_a_window() {
+        let mut d = action(Phase::Downloaded);
+        d.local = true;
+        assert_eq!(after_download(&d, None), AfterDownload::Install);
     }
 
     #[test]

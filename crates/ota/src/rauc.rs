@@ -143,6 +143,38 @@ impl Rauc {
         self.prop("Compatible").await
     }
 
+    /// A bundle's compatible and version. `Info` is RAUC 1.8's (deprecated since, still
+    /// there); `InspectBundle` (1.9+) is asked when it is gone.
+    pub async fn info(&self, bundle: &str) -> Result<(String, String), String> {
+        let r: Result<(String, String), zbus::Error> =
+            self.installer.call("Info", &(bundle,)).await;
+        match r {
+            Ok(v) => Ok(v),
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+            {
+                let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
+                let info: HashMap<String, OwnedValue> = self
+                    .installer
+                    .call("InspectBundle", &(bundle, args))
+                    .await
+                    .map_err(|x| format!("RAUC cannot read {bundle}: {x}"))?;
+                let update = info
+                    .get("update")
+                    .and_then(|v| HashMap::<String, OwnedValue>::try_from(v.clone()).ok())
+                    .unwrap_or_default();
+                let text = |k: &str| {
+                    update
+                        .get(k)
+                        .and_then(|v| String::try_from(v.clone()).ok())
+                        .unwrap_or_default()
+                };
+                Ok((text("compatible"), text("version")))
+            }
+            Err(x) => Err(format!("RAUC cannot read {bundle}: {x}")),
+        }
+    }
+
     async fn prop(&self, name: &str) -> Result<String, String> {
         self.installer
             .get_property::<String>(name)

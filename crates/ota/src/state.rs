@@ -11,6 +11,9 @@ pub const DEPLOYMENT: &str = "ota/deployment.json";
 pub const LAST: &str = "ota/last.json";
 /// Boot id of the boot whose slot was last marked good at start (`ota.mark_good_on_boot`).
 pub const MARKED_GOOD: &str = "ota/marked-good-boot";
+/// What a local install (`thingsly-agent install`) put on the device, until the server was
+/// told (`PUT installedBase` at the next poll).
+pub const INSTALLED_BASE: &str = "ota/installed-base.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +97,19 @@ pub struct Deployment {
     /// Set together with `phase = Reporting` (and kept while rolling back).
     #[serde(default)]
     pub report: Option<Report>,
+    /// A local install (`thingsly-agent install BUNDLE`, e.g. from a USB stick): no server
+    /// action behind it, so no feedback and no window; `bundle_path` is the user's file, never
+    /// deleted; the outcome goes to the server as `installedBase` ([`InstalledBase`]).
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// The distribution set a local install put on the device, as hawkBit's `PUT installedBase`
+/// takes it (`DdiAssignedVersion`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstalledBase {
+    pub name: String,
+    pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

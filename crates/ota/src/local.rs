@@ -1,0 +1,262 @@
+//! `thingsly-agent install BUNDLE`: an update without a server action (a USB stick, a
+//! service laptop). It is handed to the running agent as a local action in
+//! `ota/deployment.json`, so it goes through the same persisted state machine as a server's:
+//! install, reboot, health checks, mark good, or back to the old slot. The server learns what
+//! the device runs at the next poll (`PUT installedBase`, and configData's `sw_version`).
+//!
+//! - Refused while another action is in flight: the file is created only if absent (a hard link
+//!   of a complete temporary file), so a server action that arrives at the same moment and
+//!   this one cannot overwrite each other.
+//! - The file belongs to the state directory's owner (the agent runs as `thingsly`; this
+//!   command usually as root).
+//! - The running agent is woken with SIGUSR1; without one, the agent takes it up when it starts.
+
+use crate::rauc::{Installer, Rauc};
+use crate::state::{ArtifactRef, DEPLOYMENT, Deployment, Phase};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What the command asks for; `name` and `version` default to the bundle's RAUC compatible
+/// and version.
+pub struct LocalInstall {
+    pub bundle: PathBuf,
+    pub name: Option<String>,
+    pub version: Option<String>,
+}
+
+/// Hands the install to the agent; returns what to tell the user.
+pub async fn hand_over(
+    req: &LocalInstall,
+    state_dir: &Path,
+    runtime_dir: &Path,
+) -> Result<String, String> {
+    let bundle =
+        std::fs::canonicalize(&req.bundle).map_err(|e| format!("{}: {e}", req.bundle.display()))?;
+    let meta = std::fs::metadata(&bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a file", bundle.display()));
+    }
+    let rauc = Rauc::connect().await?;
+    // RAUC checks the signature when it installs; its compatible is checked here already, so a
+    // bundle for another board is refused before anything is persisted.
+    let (compatible, bundle_version) = rauc.info(&bundle.display().to_string()).await?;
+    let system = rauc.compatible().await?;
+    if compatible != system {
+        return Err(format!(
+            "{} is for {compatible:?}, this system is {system:?}",
+            bundle.display()
+        ));
+    }
+    let booted = rauc.boot_slot().await?;
+    let daemon = Daemon::read(runtime_dir);
+    let unix = time::OffsetDateTime::now_utc().unix_timestamp();
+    let d = Deployment {
+        action_id: format!("local-{unix}"),
+        href: String::new(),
+        name: req.name.clone().unwrap_or(compatible),
+        version: req.version.clone().unwrap_or(bundle_version),
+        artifact: ArtifactRef {
+            filename: bundle
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            url: bundle.display().to_string(),
+            size: Some(meta.len()),
+            sha256: None,
+            sha1: None,
+            md5: None,
+        },
+        download_only: false,
+        phase: Phase::Downloaded,
+        bundle_path: bundle.clone(),
+        previous_slot: booted,
+        previous_version: daemon
+            .as_ref()
+            .map(|d| d.sw_version.clone())
+            .unwrap_or_default(),
+        target_slot: String::new(),
+        install_started_at: 0,
+        install_attempts: 0,
+        install_boot_id: String::new(),
+        boot_id: String::new(),
+        reboots: 0,
+        reboot_at: 0,
+        verifying_since: 0,
+        by_url: false,
+        report: None,
+        local: true,
+    };
+    create_exclusive(state_dir, &d)?;
+    let what = format!("{} {} ({})", d.name, d.version, bundle.display());
+    Ok(match daemon {
+        Some(daemon) => {
+            rustix::process::kill_process(daemon.pid, rustix::process::Signal::USR1).map_err(
+                |e| format!("handed over {what}, but the agent (pid {}) could not be woken: {e}; it installs at its next poll", daemon.pid.as_raw_nonzero()),
+            )?;
+            format!(
+                "handed {what} to the agent (pid {}); `thingsly-agent status` follows it",
+                daemon.pid.as_raw_nonzero()
+            )
+        }
+        None => format!("the agent is not running: it installs {what} when it starts"),
+    })
+}
+
+/// Writes `d` as `ota/deployment.json` only if there is none, owned like the state directory.
+fn create_exclusive(state_dir: &Path, d: &Deployment) -> Result<(), String> {
+    let owner =
+        std::fs::metadata(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let (uid, gid) = (owner.uid(), owner.gid());
+    let dest = state_dir.join(DEPLOYMENT);
+    let dir = dest.parent().unwrap_or(state_dir);
+    if !dir.exists() {
+        std::fs::create_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    if let Some(current) = read_current(&dest) {
+        return Err(current);
+    }
+    let tmp = dir.join(format!(".local-install.{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(d).map_err(|e| e.to_string())?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+        std::fs::hard_link(&tmp, &dest)
+    };
+    let result = write();
+    let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => {
+            // The new directory entry survives a power cut.
+            if let Ok(f) = std::fs::File::open(dir) {
+                let _ = f.sync_all();
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(read_current(&dest).unwrap_or_else(|| "another action is in flight".into()))
+        }
+        Err(e) => Err(format!("{}: {e}", dest.display())),
+    }
+}
+
+/// Why a new action cannot start: the one in flight, if any.
+fn read_current(dest: &Path) -> Option<String> {
+    let data = std::fs::read(dest).ok()?;
+    let d: Deployment = serde_json::from_slice(&data).ok()?;
+    Some(format!(
+        "an update is in flight (action {}, {} {}, phase {:?}): wait until it is over",
+        d.action_id, d.name, d.version, d.phase
+    ))
+}
+
+/// The running agent, from its `status.json`: its pid (checked to be alive and to be the
+/// agent) and the version it runs.
+struct Daemon {
+    pid: rustix::process::Pid,
+    sw_version: String,
+}
+
+impl Daemon {
+    fn read(runtime_dir: &Path) -> Option<Self> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(runtime_dir.join("status.json")).ok()?).ok()?;
+        let raw = i32::try_from(v["pid"].as_u64()?).ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{raw}/comm")).ok()?;
+        // A stale status.json whose pid now belongs to something else is not signalled.
+        if !comm.trim().starts_with("thingsly-agent") {
+            return None;
+        }
+        Some(Self {
+            pid: rustix::process::Pid::from_raw(raw)?,
+            sw_version: v["state"]["sw_version"].as_str().unwrap_or_default().into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(id: &str) -> Deployment {
+        Deployment {
+            action_id: id.into(),
+            href: String::new(),
+            name: "os".into(),
+            version: "2.0.0".into(),
+            artifact: ArtifactRef {
+                filename: "os.raucb".into(),
+                url: "/media/usb/os.raucb".into(),
+                size: Some(1),
+                sha256: None,
+                sha1: None,
+                md5: None,
+            },
+            download_only: false,
+            phase: Phase::Downloaded,
+            bundle_path: "/media/usb/os.raucb".into(),
+            previous_slot: "A".into(),
+            previous_version: "1.0.0".into(),
+            target_slot: String::new(),
+            install_started_at: 0,
+            install_attempts: 0,
+            install_boot_id: String::new(),
+            boot_id: String::new(),
+            reboots: 0,
+            reboot_at: 0,
+            verifying_since: 0,
+            by_url: false,
+            report: None,
+            local: true,
+        }
+    }
+
+    #[test]
+    fn a_local_action_is_created_only_when_none_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        create_exclusive(dir.path(), &local("local-1")).unwrap();
+        let err = create_exclusive(dir.path(), &local("local-2")).unwrap_err();
+        assert!(err.contains("action local-1"), "{err}");
+        let kept: Deployment =
+            serde_json::from_slice(&std::fs::read(dir.path().join(DEPLOYMENT)).unwrap()).unwrap();
+        assert_eq!(kept.action_id, "local-1", "the first one is untouched");
+        let mode = std::fs::metadata(dir.path().join(DEPLOYMENT))
+            .unwrap()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("ota"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file left: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_stale_status_file_signals_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("status.json"),
+            format!(
+                r#"{{"pid": {}, "state": {{"sw_version": "1.0.0"}}}}"#,
+                std::process::id()
+            ),
+        )
+        .unwrap();
+        // This test process is not thingsly-agent.
+        assert!(Daemon::read(dir.path()).is_none());
+        assert!(Daemon::read(&dir.path().join("missing")).is_none());
+    }
+}
