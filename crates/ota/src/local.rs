@@ -103,51 +103,67 @@ pub async fn hand_over(
 }
 
 /// Writes `d` as `ota/deployment.json` only if there is none, owned like the state directory.
+///
+/// This runs as root in a directory the agent's user owns, so nothing here follows a path that
+/// user could swap for a symlink between two calls: the directory is opened once (no symlink),
+/// and the file is created, owned, linked and removed relative to that descriptor.
 fn create_exclusive(state_dir: &Path, d: &Deployment) -> Result<(), String> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let io = |what: &Path, e: rustix::io::Errno| format!("{}: {e}", what.display());
     let owner =
         std::fs::metadata(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-    let (uid, gid) = (owner.uid(), owner.gid());
+    let uid = Some(rustix::fs::Uid::from_raw(owner.uid()));
+    let gid = Some(rustix::fs::Gid::from_raw(owner.gid()));
     let dest = state_dir.join(DEPLOYMENT);
     let dir = dest.parent().unwrap_or(state_dir);
-    if !dir.exists() {
-        std::fs::create_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let name = dest.file_name().unwrap_or_default();
+    let created = match std::fs::create_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    let dfd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io(dir, e))?;
+    if created {
+        rustix::fs::fchown(&dfd, uid, gid).map_err(|e| io(dir, e))?;
+        rustix::fs::fchmod(&dfd, Mode::from_raw_mode(0o700)).map_err(|e| io(dir, e))?;
     }
     if let Some(current) = read_current(&dest) {
         return Err(current);
     }
-    let tmp = dir.join(format!(".local-install.{}", std::process::id()));
+    let tmp = format!(".local-install.{}", std::process::id());
     let body = serde_json::to_vec_pretty(d).map_err(|e| e.to_string())?;
-    let write = || -> std::io::Result<()> {
+    let write = || -> Result<(), rustix::io::Errno> {
+        let fd = rustix::fs::openat(
+            &dfd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut f = std::fs::File::from(fd);
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
-        std::fs::hard_link(&tmp, &dest)
+        f.write_all(&body)
+            .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))?;
+        rustix::fs::fsync(&f)?;
+        rustix::fs::fchown(&f, uid, gid)?;
+        rustix::fs::linkat(&dfd, tmp.as_str(), &dfd, name, AtFlags::empty())
     };
     let result = write();
-    let _ = std::fs::remove_file(&tmp);
+    let _ = rustix::fs::unlinkat(&dfd, tmp.as_str(), AtFlags::empty());
     match result {
         Ok(()) => {
             // The new directory entry survives a power cut.
-            if let Ok(f) = std::fs::File::open(dir) {
-                let _ = f.sync_all();
-            }
+            let _ = rustix::fs::fsync(&dfd);
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+        Err(rustix::io::Errno::EXIST) => {
             Err(read_current(&dest).unwrap_or_else(|| "another action is in flight".into()))
         }
-        Err(e) => Err(format!("{}: {e}", dest.display())),
+        Err(e) => Err(io(&dest, e)),
     }
 }
 
@@ -242,6 +258,30 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_symlink_in_the_agents_directory_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "root's file").unwrap();
+        // The agent's user plants the temporary name, and the directory itself as a link.
+        std::fs::create_dir(dir.path().join("ota")).unwrap();
+        let tmp = dir
+            .path()
+            .join(format!("ota/.local-install.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(create_exclusive(dir.path(), &local("local-1")).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+        assert!(!dir.path().join(DEPLOYMENT).exists());
+
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir(other.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(other.path().join("elsewhere"), other.path().join("ota"))
+            .unwrap();
+        let err = create_exclusive(other.path(), &local("local-1")).unwrap_err();
+        assert!(err.contains("ota"), "{err}");
+        assert!(!other.path().join("elsewhere/deployment.json").exists());
     }
 
     #[test]
