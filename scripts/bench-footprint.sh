@@ -184,21 +184,21 @@ if [[ -n $TTYD ]]; then
 fi
 start "$tag-all" sleep sleep infinity; pid[sleep]=$LAST_PID
 GUEST_BASE=0x2000000000 GUEST_SIZE=0x100000000 # 4 GiB of guest address space from 128 GiB up
-guest() { # NS NAME QEMU BINARY SYSROOT: agent NAME under qemu-user -> pid[NAME]
-  start "$1" "$2" env RUST_LOG=warn "DBUS_SYSTEM_BUS_ADDRESS=$DBUS_SYSTEM_BUS_ADDRESS" \
-    "$3" -B "$GUEST_BASE" -R "$GUEST_SIZE" -L "$5" "$4" --config "$W/$2.toml" run
-  pid[$2]=$LAST_PID
-}
+# An aarch64 program under qemu-user, every guest page inside [GUEST_BASE, + GUEST_SIZE).
+QEMU_A64=(qemu-aarch64 -B "$GUEST_BASE" -R "$GUEST_SIZE" -L /usr/aarch64-linux-gnu)
 A64_BIN=$ROOT/target/recipe-build/thingsly-agent.stripped
-[[ -z ${SKIP_AARCH64:-} ]] && guest "$tag-a64" agent-a64 qemu-aarch64 "$A64_BIN" /usr/aarch64-linux-gnu
+if [[ -z ${SKIP_AARCH64:-} ]]; then
+  start "$tag-a64" agent-a64 env RUST_LOG=warn "DBUS_SYSTEM_BUS_ADDRESS=$DBUS_SYSTEM_BUS_ADDRESS" \
+    "${QEMU_A64[@]}" "$A64_BIN" --config "$W/agent-a64.toml" run
+  pid[agent-a64]=$LAST_PID
+fi
 # (qemu-x86_64 cannot check the counting with our x86_64 binary: an x86_64 guest needs the
 # vsyscall page at the top of the address space, outside any -R range.)
 printf '#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\nint main(void) { char *p = malloc(4 << 20); memset(p, 1, 4 << 20); pause(); return p[0]; }\n' > "$W/calib.c"
 gcc -O2 -o "$W/calib-x86" "$W/calib.c"
 aarch64-linux-gnu-gcc -O2 -o "$W/calib-a64" "$W/calib.c"
 start "$tag-all" calib-x86 "$W/calib-x86"; pid[calib-x86]=$LAST_PID
-start "$tag-all" calib-a64 qemu-aarch64 -B "$GUEST_BASE" -R "$GUEST_SIZE" -L /usr/aarch64-linux-gnu "$W/calib-a64"
-pid[calib-a64]=$LAST_PID
+start "$tag-all" calib-a64 "${QEMU_A64[@]}" "$W/calib-a64"; pid[calib-a64]=$LAST_PID
 ip netns exec "$HUB" mosquitto_sub -h "$HUB_IP" -p 8883 --cafile "$W/ca.pem" --cert "$W/counter/identity/device.crt" \
   --key "$W/counter/identity/device.key" -t 'v1/devices/me/#' -F '%U %t' >"$W/mqtt.log" 2>&1 & pids+=($!)
 

@@ -23,15 +23,7 @@ pub fn print(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
                 v.as_object_mut()?.remove("private_key");
                 Some(v)
             });
-    let daemon: Option<serde_json::Value> =
-        std::fs::read(cfg.device.runtime_dir.join("status.json"))
-            .ok()
-            .and_then(|d| serde_json::from_slice(&d).ok())
-            .filter(|v: &serde_json::Value| {
-                v["pid"]
-                    .as_u64()
-                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-            });
+    let daemon = thingsly_core::device_state::daemon_status(&cfg.device.runtime_dir);
     let fmt = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()

@@ -177,7 +177,11 @@ pub async fn run(ctx: Ctx, modules: Vec<(&'static str, ModuleFn)>) -> anyhow::Re
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
-    let status_path = ctx.cfg.device.runtime_dir.join("status.json");
+    let status_path = ctx
+        .cfg
+        .device
+        .runtime_dir
+        .join(thingsly_core::device_state::STATUS_FILE);
     if let Err(e) = std::fs::create_dir_all(&ctx.cfg.device.runtime_dir) {
         tracing::warn!(dir = %ctx.cfg.device.runtime_dir.display(), error = %e, "runtime directory unusable; `status` will show less");
     }

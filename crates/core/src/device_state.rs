@@ -51,6 +51,21 @@ pub struct ModuleState {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// The running daemon's `status.json` in its runtime directory: its pid, `updated_at` and the
+/// `DeviceState`, for `status` and `install`.
+pub const STATUS_FILE: &str = "status.json";
+
+/// The daemon's status file, when the pid in it is alive (a stale file after a crash is not
+/// a daemon).
+pub fn daemon_status(runtime_dir: &std::path::Path) -> Option<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runtime_dir.join(STATUS_FILE)).ok()?).ok()?;
+    let pid = v["pid"].as_u64()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(v)
+}
+
 /// Cheap to clone; every module gets one.
 #[derive(Clone)]
 pub struct StateHandle {

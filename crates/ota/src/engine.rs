@@ -552,7 +552,6 @@ impl<R: Installer> Engine<R> {
         match machine::on_cancel(current, &stop) {
             OnCancel::Accept { discard } => {
                 if let Some(d) = current.filter(|_| discard) {
-                    let _ = std::fs::remove_file(download::part_path(&d.bundle_path));
                     remove_bundle(d);
                     self.dir
                         .remove(DEPLOYMENT)
@@ -611,35 +610,27 @@ impl<R: Installer> Engine<R> {
             .sha256
             .clone()
             .unwrap_or_else(|| format!("action-{id}"));
+        let artifact = ArtifactRef {
+            filename: artifact.filename.clone(),
+            url,
+            size: artifact.size,
+            sha256: artifact.hashes.sha256.clone(),
+            sha1: artifact.hashes.sha1.clone(),
+            md5: artifact.hashes.md5.clone(),
+        };
         let d = Deployment {
-            action_id: id.clone(),
             href: href.to_string(),
-            name: chunk.name.clone(),
-            version: chunk.version.clone(),
-            artifact: ArtifactRef {
-                filename: artifact.filename.clone(),
-                url,
-                size: artifact.size,
-                sha256: artifact.hashes.sha256.clone(),
-                sha1: artifact.hashes.sha1.clone(),
-                md5: artifact.hashes.md5.clone(),
-            },
             download_only: is_download_only(dep),
-            phase: Phase::Downloading,
-            bundle_path: self.download_dir.join(format!("{name}.raucb")),
             previous_slot: s.rauc_slot.clone(),
             previous_version: s.sw_version.clone(),
-            target_slot: String::new(),
-            install_started_at: 0,
-            install_attempts: 0,
-            install_boot_id: String::new(),
-            boot_id: String::new(),
-            reboots: 0,
-            reboot_at: 0,
-            verifying_since: 0,
-            by_url: false,
-            local: false,
-            report: None,
+            ..Deployment::new(
+                id.clone(),
+                chunk.name.clone(),
+                chunk.version.clone(),
+                artifact,
+                self.download_dir.join(format!("{name}.raucb")),
+                Phase::Downloading,
+            )
         };
         tracing::info!(action = %id, name = %d.name, version = %d.version, size = ?d.artifact.size, download_only = d.download_only, "OTA action received");
         if let Err(e) = self.save(&d) {
@@ -1573,36 +1564,28 @@ mod tests {
     /// Action 7, from slot A (1.0.0) to 2.0.0, at `phase`.
     fn action(e: &Engine<FakeRauc>, phase: Phase) -> Deployment {
         let d = Deployment {
-            action_id: "7".into(),
             href: "https://127.0.0.1:9/DEFAULT/controller/v1/dev1/deploymentBase/7".into(),
-            name: "os".into(),
-            version: "2.0.0".into(),
-            artifact: ArtifactRef {
-                filename: "os.raucb".into(),
-                url: "https://127.0.0.1:9/os.raucb".into(),
-                size: Some(1),
-                sha256: None,
-                sha1: None,
-                md5: None,
-            },
-            download_only: false,
-            phase,
-            bundle_path: e.download_dir.join("os.raucb"),
-            previous_slot: "A".into(),
-            previous_version: "1.0.0".into(),
-            target_slot: String::new(),
             install_started_at: T,
-            install_attempts: 0,
-            install_boot_id: String::new(),
-            boot_id: String::new(),
-            reboots: 0,
-            reboot_at: 0,
-            verifying_since: 0,
-            by_url: false,
-            local: false,
-            report: None,
+            ..Deployment::sample(
+                phase,
+                "https://127.0.0.1:9/os.raucb",
+                e.download_dir.join("os.raucb"),
+            )
         };
         e.save(&d).unwrap();
+        d
+    }
+
+    /// What a kill during `installing` leaves: action 7 at `attempts` attempts, the last one
+    /// started in `boot`, and the marker that InstallBundle was (about to be) called.
+    fn killed_while_installing(e: &Engine<FakeRauc>, attempts: u32, boot: &str) -> Deployment {
+        let d = Deployment {
+            install_attempts: attempts,
+            install_boot_id: boot.into(),
+            ..action(e, Phase::Installing)
+        };
+        e.save(&d).unwrap();
+        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
         d
     }
 
@@ -1655,11 +1638,7 @@ mod tests {
     async fn an_install_rauc_completed_before_a_kill_is_not_installed_again() {
         let dir = tempfile::tempdir().unwrap();
         let mut e = engine(&dir, b_primary(slots("2026-11-23T10:05:00Z")), "boot-2");
-        let mut d = action(&e, Phase::Installing);
-        d.install_attempts = 1;
-        d.install_boot_id = "boot-1".into();
-        e.save(&d).unwrap();
-        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        let mut d = killed_while_installing(&e, 1, "boot-1");
         assert!(matches!(e.install(&mut d).await, Step::Next));
         assert!(
             e.rauc.installs.lock().unwrap().is_empty(),
@@ -1677,10 +1656,7 @@ mod tests {
             ..b_primary(vec![])
         };
         let mut e = engine(&dir, rauc, "boot-1");
-        let mut d = action(&e, Phase::Installing);
-        d.install_attempts = 1;
-        e.save(&d).unwrap();
-        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        let mut d = killed_while_installing(&e, 1, "");
         assert!(matches!(e.install(&mut d).await, Step::Wait));
         assert!(e.rauc.installs.lock().unwrap().is_empty());
         let persisted = e.load().unwrap();
@@ -1699,11 +1675,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // B was last written before this action's install started: the install was cut short.
         let mut e = engine(&dir, b_primary(slots("2026-11-01T10:00:00Z")), "boot-2");
-        let mut d = action(&e, Phase::Installing);
-        d.install_attempts = 1;
-        d.install_boot_id = "boot-1".into();
-        e.save(&d).unwrap();
-        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        let mut d = killed_while_installing(&e, 1, "boot-1");
         // The fake's InstallBundle "completes" but B still looks old: the engine takes RAUC's
         // answer (Completed) and asks GetPrimary, as after any install.
         assert!(matches!(e.install(&mut d).await, Step::Next));
@@ -1714,10 +1686,7 @@ mod tests {
             "the second attempt, counted first"
         );
 
-        let mut d = action(&e, Phase::Installing);
-        d.install_attempts = machine::MAX_INSTALL_ATTEMPTS;
-        e.save(&d).unwrap();
-        std::fs::write(e.dir.path("ota/install-called"), "7").unwrap();
+        let mut d = killed_while_installing(&e, machine::MAX_INSTALL_ATTEMPTS, "");
         assert!(matches!(e.install(&mut d).await, Step::Next));
         assert_eq!(
             e.rauc.installs.lock().unwrap().len(),

@@ -50,41 +50,32 @@ pub async fn hand_over(
     let booted = rauc.boot_slot().await?;
     let daemon = Daemon::read(runtime_dir);
     let unix = time::OffsetDateTime::now_utc().unix_timestamp();
+    let artifact = ArtifactRef {
+        filename: bundle
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        url: bundle.display().to_string(),
+        size: Some(meta.len()),
+        sha256: None,
+        sha1: None,
+        md5: None,
+    };
     let d = Deployment {
-        action_id: format!("local-{unix}"),
-        href: String::new(),
-        name: req.name.clone().unwrap_or(compatible),
-        version: req.version.clone().unwrap_or(bundle_version),
-        artifact: ArtifactRef {
-            filename: bundle
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            url: bundle.display().to_string(),
-            size: Some(meta.len()),
-            sha256: None,
-            sha1: None,
-            md5: None,
-        },
-        download_only: false,
-        phase: Phase::Downloaded,
-        bundle_path: bundle.clone(),
         previous_slot: booted,
         previous_version: daemon
             .as_ref()
             .map(|d| d.sw_version.clone())
             .unwrap_or_default(),
-        target_slot: String::new(),
-        install_started_at: 0,
-        install_attempts: 0,
-        install_boot_id: String::new(),
-        boot_id: String::new(),
-        reboots: 0,
-        reboot_at: 0,
-        verifying_since: 0,
-        by_url: false,
-        report: None,
         local: true,
+        ..Deployment::new(
+            format!("local-{unix}"),
+            req.name.clone().unwrap_or(compatible),
+            req.version.clone().unwrap_or(bundle_version),
+            artifact,
+            bundle.clone(),
+            Phase::Downloaded,
+        )
     };
     create_exclusive(state_dir, &d)?;
     let what = format!("{} {} ({})", d.name, d.version, bundle.display());
@@ -186,8 +177,7 @@ struct Daemon {
 
 impl Daemon {
     fn read(runtime_dir: &Path) -> Option<Self> {
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(runtime_dir.join("status.json")).ok()?).ok()?;
+        let v = thingsly_core::device_state::daemon_status(runtime_dir)?;
         let raw = i32::try_from(v["pid"].as_u64()?).ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{raw}/comm")).ok()?;
         // A stale status.json whose pid now belongs to something else is not signalled.
@@ -208,33 +198,12 @@ mod tests {
     fn local(id: &str) -> Deployment {
         Deployment {
             action_id: id.into(),
-            href: String::new(),
-            name: "os".into(),
-            version: "2.0.0".into(),
-            artifact: ArtifactRef {
-                filename: "os.raucb".into(),
-                url: "/media/usb/os.raucb".into(),
-                size: Some(1),
-                sha256: None,
-                sha1: None,
-                md5: None,
-            },
-            download_only: false,
-            phase: Phase::Downloaded,
-            bundle_path: "/media/usb/os.raucb".into(),
-            previous_slot: "A".into(),
-            previous_version: "1.0.0".into(),
-            target_slot: String::new(),
-            install_started_at: 0,
-            install_attempts: 0,
-            install_boot_id: String::new(),
-            boot_id: String::new(),
-            reboots: 0,
-            reboot_at: 0,
-            verifying_since: 0,
-            by_url: false,
-            report: None,
             local: true,
+            ..Deployment::sample(
+                Phase::Downloaded,
+                "/media/usb/os.raucb",
+                "/media/usb/os.raucb",
+            )
         }
     }
 

@@ -377,30 +377,14 @@ pub fn timestamp_after(ts: &str, unix: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ArtifactRef, Report};
+    use crate::state::Report;
     use thingsly_proto::ddi::{Execution, Finished};
 
     /// An action at `phase`, from slot A (1.0.0) to slot B, installing since T.
     const T: i64 = 1_795_428_000; // 2026-11-23T10:00:00Z
     fn action(phase: Phase) -> Deployment {
         Deployment {
-            action_id: "7".into(),
             href: "https://ddi/deploymentBase/7".into(),
-            name: "os".into(),
-            version: "2.0.0".into(),
-            artifact: ArtifactRef {
-                filename: "os.raucb".into(),
-                url: "https://ddi/os.raucb".into(),
-                size: Some(1),
-                sha256: None,
-                sha1: None,
-                md5: None,
-            },
-            download_only: false,
-            phase,
-            bundle_path: "/data/ota/os.raucb".into(),
-            previous_slot: "A".into(),
-            previous_version: "1.0.0".into(),
             target_slot: "B".into(),
             install_started_at: T,
             install_attempts: 1,
@@ -408,10 +392,7 @@ mod tests {
             boot_id: "boot-1".into(),
             reboots: 1,
             reboot_at: T + 60,
-            verifying_since: 0,
-            by_url: false,
-            report: None,
-            local: false,
+            ..Deployment::sample(phase, "https://ddi/os.raucb", "/data/ota/os.raucb")
         }
     }
     fn now<'a>(boot_id: &'a str, booted: &'a str, unix: i64) -> Now<'a> {
@@ -581,14 +562,19 @@ mod tests {
             slot("rootfs.0", "A", "ok", "2026-11-20T10:00:00Z"),
             slot("rootfs.1", "B", "ok", "2026-11-01T10:00:00Z"),
         ];
-        let facts = |called, slots: Option<&'static [Slot]>, primary| InstallFacts {
-            called,
-            slots,
-            primary,
-            last_error: "",
-        };
-        let leak = |s: [Slot; 2]| -> &'static [Slot] { Box::leak(Box::new(s)) };
-        let (done, old) = (leak(b_done), leak(b_old));
+        fn facts<'a>(
+            called: bool,
+            slots: Option<&'a [Slot]>,
+            primary: Option<&'a str>,
+        ) -> InstallFacts<'a> {
+            InstallFacts {
+                called,
+                slots,
+                primary,
+                last_error: "",
+            }
+        }
+        let (done, old) = (&b_done[..], &b_old[..]);
         let d = action(Phase::Installing);
         let same_boot = now("boot-1", "A", T + 30);
         let new_boot = now("boot-2", "A", T + 30);

@@ -104,6 +104,68 @@ pub struct Deployment {
     pub local: bool,
 }
 
+impl Deployment {
+    /// A new action at `phase`, nothing of it done yet (no target slot, no install, no reboot,
+    /// no report), from a server unless the caller says otherwise.
+    pub fn new(
+        action_id: String,
+        name: String,
+        version: String,
+        artifact: ArtifactRef,
+        bundle_path: PathBuf,
+        phase: Phase,
+    ) -> Self {
+        Self {
+            action_id,
+            href: String::new(),
+            name,
+            version,
+            artifact,
+            download_only: false,
+            phase,
+            bundle_path,
+            previous_slot: String::new(),
+            previous_version: String::new(),
+            target_slot: String::new(),
+            install_started_at: 0,
+            install_attempts: 0,
+            install_boot_id: String::new(),
+            boot_id: String::new(),
+            reboots: 0,
+            reboot_at: 0,
+            verifying_since: 0,
+            by_url: false,
+            report: None,
+            local: false,
+        }
+    }
+
+    /// Tests: action 7, os 2.0.0 from `url`, at `phase`, from slot A running 1.0.0.
+    #[cfg(test)]
+    pub(crate) fn sample(phase: Phase, url: &str, bundle_path: impl Into<PathBuf>) -> Self {
+        let artifact = ArtifactRef {
+            filename: "os.raucb".into(),
+            url: url.into(),
+            size: Some(1),
+            sha256: None,
+            sha1: None,
+            md5: None,
+        };
+        Self {
+            previous_slot: "A".into(),
+            previous_version: "1.0.0".into(),
+            ..Self::new(
+                "7".into(),
+                "os".into(),
+                "2.0.0".into(),
+                artifact,
+                bundle_path.into(),
+                phase,
+            )
+        }
+    }
+}
+
 /// The distribution set a local install put on the device, as hawkBit's `PUT installedBase`
 /// takes it (`DdiAssignedVersion`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -433,9 +433,8 @@ fn apply_settings(
 
 /// The settings other modules act on, into the device state (the download cap, for OTA).
 fn publish_settings(settings: &RemoteSettings, state: &StateHandle) {
-    if state.get().download_rate_limit != settings.ota_download_rate_limit {
-        state.update(|s| s.download_rate_limit = settings.ota_download_rate_limit);
-    }
+    // `update` wakes the state's readers only when the value really changed.
+    state.update(|s| s.download_rate_limit = settings.ota_download_rate_limit);
 }
 
 fn handle_inbound(
