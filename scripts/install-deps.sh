@@ -6,9 +6,10 @@ set -euo pipefail
 # Cross gcc + qemu-user for the board targets (scripts/test-cross.sh); python3-venv for oelint-adv.
 # chromium for the terminal page test (tests/browser, driven by playwright-core from npm);
 # wireguard-go + wireguard-tools as the independent WireGuard peer, iperf3 for the tunnel bench.
+# tinyproxy as the corporate HTTP proxy (Basic auth) of the proxy test (tests/tests/http_proxy.rs).
 # swupdate (its suricatta hawkBit client) and cpio (to pack its .swu) for the DDI conformance
 # test; that test runs its own swupdate with a private $TMPDIR, whatever the package's unit does.
-pkgs=(swupdate cpio chromium wireguard-go wireguard-tools iperf3 iputils-ping mosquitto mosquitto-clients openssl systemd rauc rauc-service squashfs-tools dbus dbus-bin libglib2.0-bin influxdb influxdb-client curl iproute2
+pkgs=(swupdate cpio tinyproxy chromium wireguard-go wireguard-tools iperf3 iputils-ping mosquitto mosquitto-clients openssl systemd rauc rauc-service squashfs-tools dbus dbus-bin libglib2.0-bin influxdb influxdb-client curl iproute2
       gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user file python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

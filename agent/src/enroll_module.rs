@@ -63,6 +63,16 @@ fn bridge_ca(ctx: &Ctx, creds: Option<&Credentials>) -> anyhow::Result<Vec<u8>> 
     }
 }
 
+/// The bridge as this agent reaches it (config URL and timeout, `ca`, the agent's proxies).
+fn bridge<'a>(ctx: &'a Ctx, ca: &'a [u8]) -> thingsly_enroll::BridgeEndpoint<'a> {
+    thingsly_enroll::BridgeEndpoint {
+        url: &ctx.cfg.enroll.server_url,
+        ca_pem: ca,
+        timeout: ctx.cfg.enroll.timeout,
+        proxies: &ctx.proxies,
+    }
+}
+
 /// One enrollment attempt sequence until success; used by the module and by `enroll`.
 pub async fn enroll_until_done(
     ctx: &Ctx,
@@ -81,11 +91,9 @@ pub async fn enroll_until_done(
             thingsly_enroll::ensure_enrolled(
                 &ctx.dir,
                 identity,
-                &ctx.cfg.enroll.server_url,
-                &ca,
+                &bridge(ctx, &ca),
                 &token,
                 metadata(ctx),
-                ctx.cfg.enroll.timeout,
             )
             .await
         }
@@ -131,16 +139,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<()> {
             _ = tokio::time::sleep(wait) => {}
         }
         let ca = bridge_ca(&ctx, Some(&creds))?;
-        match thingsly_enroll::renew(
-            &ctx.dir,
-            &identity,
-            &creds,
-            &ctx.cfg.enroll.server_url,
-            &ca,
-            ctx.cfg.enroll.timeout,
-        )
-        .await
-        {
+        match thingsly_enroll::renew(&ctx.dir, &identity, &creds, &bridge(&ctx, &ca)).await {
             Ok(new) => {
                 backoff.reset();
                 creds = new;

@@ -160,14 +160,26 @@ async fn context(cfg: AgentConfig) -> anyhow::Result<Ctx> {
         .with_context(|| format!("state directory {}", cfg.device.state_dir.display()))?;
     let initial = platform::initial_state(&cfg).await;
     tracing::info!(sw_version = %initial.sw_version, rauc_slot = %initial.rauc_slot, hardware = %initial.hardware, "device");
+    let proxies = proxies(&cfg)?;
     let (creds_tx, _) = tokio::sync::watch::channel(None);
     Ok(Ctx {
+        proxies,
         cfg: Arc::new(cfg),
         state: StateHandle::new(initial),
         dir,
         creds_tx: Arc::new(creds_tx),
         shutdown: CancellationToken::new(),
     })
+}
+
+/// `[proxy]` and the environment's proxy variables, decided once; logged without secrets.
+fn proxies(cfg: &AgentConfig) -> anyhow::Result<thingsly_core::proxy::Proxies> {
+    let p = thingsly_core::proxy::Proxies::resolve(&cfg.proxy, |k| std::env::var(k).ok())
+        .map_err(|e| anyhow::anyhow!("proxy settings: {e}"))?;
+    if p.any() {
+        tracing::info!(proxies = %p, "server connections through an HTTP proxy");
+    }
+    Ok(p)
 }
 
 async fn enroll_once(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -182,11 +194,15 @@ async fn enroll_once(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "metrics")]
-fn metrics_config(cfg: &AgentConfig) -> thingsly_metrics::MetricsConfig {
+fn metrics_config(
+    cfg: &AgentConfig,
+    proxies: thingsly_core::proxy::Proxies,
+) -> thingsly_metrics::MetricsConfig {
     thingsly_metrics::MetricsConfig {
         device_id: cfg.device.id.clone(),
         section: cfg.metrics.clone(),
         fallback_ca: Some(cfg.device.state_dir.join(thingsly_enroll::paths::CA_CHAIN)),
+        proxies,
     }
 }
 
@@ -202,7 +218,7 @@ fn metrics_once(cfg: AgentConfig, interval: Option<std::time::Duration>) -> anyh
         ..Default::default()
     });
     let text = rt.block_on(thingsly_metrics::once(
-        &metrics_config(&cfg),
+        &metrics_config(&cfg, proxies(&cfg)?),
         &state,
         interval,
     ));
@@ -213,7 +229,7 @@ fn metrics_once(cfg: AgentConfig, interval: Option<std::time::Duration>) -> anyh
 
 #[cfg(feature = "metrics")]
 fn metrics_module(ctx: Ctx) -> ModuleFuture {
-    let cfg = metrics_config(&ctx.cfg);
+    let cfg = metrics_config(&ctx.cfg, ctx.proxies.clone());
     Box::pin(async move {
         thingsly_metrics::run(
             cfg,
@@ -249,6 +265,7 @@ fn ota_module(ctx: Ctx) -> ModuleFuture {
         },
         reboot: c.commands.reboot.clone(),
         telemetry_enabled: cfg!(feature = "telemetry") && c.telemetry.enabled,
+        proxies: ctx.proxies.clone(),
     };
     Box::pin(async move {
         thingsly_ota::run(
@@ -291,6 +308,7 @@ fn telemetry_module(ctx: Ctx) -> ModuleFuture {
         },
         max_inflight: t.max_inflight,
         reboot_command: ctx.cfg.commands.reboot.clone(),
+        proxies: ctx.proxies.clone(),
     };
     Box::pin(async move {
         thingsly_telemetry::run(

@@ -22,6 +22,8 @@ pub struct Ctx {
     pub dir: StateDir,
     pub creds_tx: Arc<watch::Sender<Option<Arc<Credentials>>>>,
     pub shutdown: CancellationToken,
+    /// The HTTP proxies every module's server connections use, resolved once at start.
+    pub proxies: thingsly_core::proxy::Proxies,
 }
 
 // Only modules that wait for something before they can start use it.

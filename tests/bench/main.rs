@@ -109,11 +109,13 @@ async fn enroll(a: Vec<String>) -> anyhow::Result<()> {
             thingsly_enroll::ensure_enrolled(
                 &state,
                 &identity,
-                &url,
-                &ca,
+                &thingsly_enroll::BridgeEndpoint::direct(
+                    &url,
+                    &ca,
+                    std::time::Duration::from_secs(30),
+                ),
                 &fleet,
                 Default::default(),
-                std::time::Duration::from_secs(30),
             )
             .await?;
             anyhow::Ok(())

@@ -126,11 +126,9 @@ impl ProxyRig {
         thingsly_enroll::ensure_enrolled(
             &state,
             &identity,
-            &bridge.url(),
-            &ca,
+            &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), &ca, Duration::from_secs(30)),
             &bridge.fleet_token(),
             Default::default(),
-            Duration::from_secs(30),
         )
         .await?;
         let ticket_public_pem =

@@ -11,6 +11,7 @@ mod influx;
 pub mod proxy;
 pub mod rauc;
 pub mod step_ca;
+pub mod tinyproxy;
 pub mod ttyd;
 pub use idp::{Idp, Operators, SigningKey};
 pub use influx::{Influx, Netns, VethPair, enter_netns, run};
@@ -355,6 +356,8 @@ pub struct Broker {
     pub dir: PathBuf,
     pub port: u16,
     pub proc: Option<Proc>,
+    /// Serve inside this network namespace (on its own 127.0.0.1).
+    pub netns: Option<String>,
 }
 
 impl Broker {
@@ -422,19 +425,43 @@ impl Broker {
             dir: dir.to_path_buf(),
             port,
             proc: None,
+            netns: None,
         })
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new("/usr/sbin/mosquitto");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "/usr/sbin/mosquitto"]);
+                c
+            }
+            None => Command::new("/usr/sbin/mosquitto"),
+        };
         cmd.arg("-c").arg(self.dir.join("mosquitto.conf"));
         let n = std::fs::read_dir(&self.dir)?.count();
         self.proc = Some(Proc::spawn(
             &mut cmd,
             self.dir.join(format!("mosquitto-{n}.log")),
         )?);
-        wait_port(self.port, Duration::from_secs(10));
+        match &self.netns {
+            Some(ns) => {
+                let (ns, port) = (ns.clone(), self.port);
+                std::thread::spawn(move || {
+                    enter_netns(&ns);
+                    wait_port(port, Duration::from_secs(10));
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("mosquitto did not listen on {port}"))?;
+            }
+            None => wait_port(self.port, Duration::from_secs(10)),
+        }
         Ok(())
+    }
+
+    /// Mosquitto's log (connections and disconnections, with reasons).
+    pub fn log_text(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
     }
 
     /// Clean stop (SIGTERM: persistent sessions are saved).

@@ -209,11 +209,9 @@ async fn enrolled(
     let creds = thingsly_enroll::ensure_enrolled(
         &state,
         &identity,
-        &bridge.url(),
-        ca,
+        &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), ca, Duration::from_secs(5)),
         &bridge.fleet_token(),
         Default::default(),
-        Duration::from_secs(5),
     )
     .await
     .unwrap();
@@ -233,32 +231,41 @@ async fn renewal_needs_the_current_certificate() {
         metadata: Default::default(),
     };
     // No client certificate.
-    let plain =
-        thingsly_enroll::EnrollClient::new(&bridge.url(), &ca, None, Duration::from_secs(5))
-            .unwrap();
+    let plain = thingsly_enroll::EnrollClient::new(
+        &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), &ca, Duration::from_secs(5)),
+        None,
+    )
+    .unwrap();
     let e = plain.renew("dev-r", &req).await.unwrap_err().to_string();
     assert!(e.contains("401"), "{e}");
     // With it: a new certificate for the same key; the address stays.
-    let second =
-        thingsly_enroll::renew(&sa, &ia, &first, &bridge.url(), &ca, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let second = thingsly_enroll::renew(
+        &sa,
+        &ia,
+        &first,
+        &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), &ca, Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
     assert_ne!(second.info.serial_hex, first.info.serial_hex);
     assert!(ia.matches(&second.info));
     // The replaced certificate can no longer renew.
-    let e = thingsly_enroll::renew(&sa, &ia, &first, &bridge.url(), &ca, Duration::from_secs(5))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = thingsly_enroll::renew(
+        &sa,
+        &ia,
+        &first,
+        &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), &ca, Duration::from_secs(5)),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("cert_not_current"), "{e}");
     // Another device's certificate cannot renew this one.
     let (_, _, other) = enrolled(&bridge, &ca, &t.path().join("dev-s"), "dev-s").await;
     let chain = other.full_chain_pem();
     let c = thingsly_enroll::EnrollClient::new(
-        &bridge.url(),
-        &ca,
+        &thingsly_enroll::BridgeEndpoint::direct(&bridge.url(), &ca, Duration::from_secs(5)),
         Some((chain.as_bytes(), other.key_pem.as_bytes())),
-        Duration::from_secs(5),
     )
     .unwrap();
     let e = c.renew("dev-r", &req).await.unwrap_err().to_string();

@@ -349,11 +349,9 @@ async fn wireguard_go_device_against_the_userspace_hub() {
                 thingsly_enroll::ensure_enrolled(
                     &dir,
                     &id,
-                    &url,
-                    &ca,
+                    &thingsly_enroll::BridgeEndpoint::direct(&url, &ca, Duration::from_secs(10)),
                     &token,
                     Default::default(),
-                    Duration::from_secs(10),
                 )
                 .await
                 .unwrap();
@@ -444,11 +442,9 @@ async fn one_hub_serves_100_device_peers() {
                 thingsly_enroll::ensure_enrolled(
                     &st,
                     &id,
-                    &url,
-                    &ca,
+                    &thingsly_enroll::BridgeEndpoint::direct(&url, &ca, Duration::from_secs(10)),
                     &token,
                     Default::default(),
-                    Duration::from_secs(10),
                 )
                 .await
                 .unwrap();

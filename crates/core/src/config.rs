@@ -30,6 +30,9 @@ pub struct AgentConfig {
     pub commands: CommandsSection,
     #[serde(default)]
     pub log: LogSection,
+    /// The HTTP proxy for every server connection (see [`crate::proxy`]).
+    #[serde(default)]
+    pub proxy: crate::proxy::ProxySection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -821,6 +824,7 @@ impl AgentConfig {
         if self.commands.reboot.is_empty() {
             return Err(("commands.reboot", "must name a command".into()));
         }
+        self.proxy.validate()?;
         self.validate_ota()
     }
 
@@ -1119,6 +1123,22 @@ mod tests {
         assert!(
             parse("[device]\nid = \"d\"\n[ota]\nauth = \"gateway_token\"\ntoken = \"t\"\n").is_ok()
         );
+    }
+
+    #[test]
+    fn proxy_errors_name_the_key_and_line() {
+        let e =
+            parse("[device]\nid = \"d\"\n[proxy]\nurl = \"http://u:p@proxy:3128\"\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("proxy.url", Some(4)));
+        let e = parse("[device]\nid = \"d\"\n[proxy]\nurl = \"proxy.corp\"\n").unwrap_err();
+        assert!(e.message.contains("port"), "{}", e.message);
+        let e = parse("[device]\nid = \"d\"\n[proxy]\n\ncredentials_file = \"/c\"\n").unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("proxy.credentials_file", Some(5))
+        );
+        let c = parse("[device]\nid = \"d\"\n[proxy]\nurl = \"http://proxy:3128\"\n").unwrap();
+        assert!(c.proxy.from_environment);
     }
 
     #[test]

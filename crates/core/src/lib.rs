@@ -7,6 +7,7 @@ pub mod config;
 pub mod device_state;
 pub mod log_fields;
 pub mod poll_schedule;
+pub mod proxy;
 pub mod spool;
 pub mod state_dir;
 

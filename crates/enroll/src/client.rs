@@ -3,6 +3,7 @@
 use crate::identity::{Credentials, Identity, cert_info};
 use crate::tls::client_config;
 use std::time::Duration;
+use thingsly_core::proxy::Proxies;
 use thingsly_core::state_dir::{StateDir, StateError};
 use thingsly_proto::enroll::{ApiError, EnrollRequest, EnrollResponse};
 
@@ -49,21 +50,48 @@ impl EnrollError {
     }
 }
 
+/// The bridge's enrollment API as the device reaches it.
+#[derive(Clone, Copy)]
+pub struct BridgeEndpoint<'a> {
+    /// `https://host[:port]`.
+    pub url: &'a str,
+    /// The bundle the bridge's server certificate must chain to.
+    pub ca_pem: &'a [u8],
+    /// For each whole request.
+    pub timeout: Duration,
+    pub proxies: &'a Proxies,
+}
+
+impl<'a> BridgeEndpoint<'a> {
+    /// Reached without a proxy (tests, tools on the bridge's own network).
+    pub fn direct(url: &'a str, ca_pem: &'a [u8], timeout: Duration) -> Self {
+        Self {
+            url,
+            ca_pem,
+            timeout,
+            proxies: &thingsly_core::proxy::DIRECT,
+        }
+    }
+}
+
 pub struct EnrollClient {
     http: reqwest::Client,
     base: String,
+    proxies: Proxies,
 }
 
 impl EnrollClient {
-    /// `ca_pem` verifies the bridge; `client_auth` (chain PEM, key PEM) is used for renewal.
+    /// `client_auth` (chain PEM, key PEM) is used for renewal.
     pub fn new(
-        server_url: &str,
-        ca_pem: &[u8],
+        bridge: &BridgeEndpoint<'_>,
         client_auth: Option<(&[u8], &[u8])>,
-        timeout: Duration,
     ) -> Result<Self, EnrollError> {
-        let tls = client_config(ca_pem, client_auth).map_err(EnrollError::Config)?;
-        let http = reqwest::Client::builder()
+        let tls = client_config(bridge.ca_pem, client_auth).map_err(EnrollError::Config)?;
+        let timeout = bridge.timeout;
+        let server_url = bridge.url;
+        let http = bridge
+            .proxies
+            .configure(reqwest::Client::builder())
             .use_preconfigured_tls(tls)
             .https_only(true)
             .timeout(timeout)
@@ -74,6 +102,7 @@ impl EnrollClient {
         Ok(Self {
             http,
             base: server_url.trim_end_matches('/').to_string(),
+            proxies: bridge.proxies.clone(),
         })
     }
 
@@ -90,7 +119,7 @@ impl EnrollClient {
         }
         let resp = req.send().await.map_err(|e| EnrollError::Network {
             url: url.clone(),
-            detail: thingsly_core::error_chain(&e),
+            detail: self.proxies.error_text(&e),
         })?;
         let status = resp.status();
         let retry_after = resp
@@ -102,7 +131,7 @@ impl EnrollClient {
             });
         let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
             url: url.clone(),
-            detail: thingsly_core::error_chain(&e),
+            detail: self.proxies.error_text(&e),
         })?;
         if !status.is_success() {
             let (code, message) = match serde_json::from_slice::<ApiError>(&bytes) {
@@ -244,16 +273,14 @@ fn keep(
 pub async fn ensure_enrolled(
     state: &StateDir,
     identity: &Identity,
-    server_url: &str,
-    ca_pem: &[u8],
+    bridge: &BridgeEndpoint<'_>,
     token: &str,
     metadata: serde_json::Map<String, serde_json::Value>,
-    timeout: Duration,
 ) -> Result<Credentials, EnrollError> {
     if let Some(credentials) = identity.credentials(state)? {
         return Ok(credentials);
     }
-    if server_url.is_empty() {
+    if bridge.url.is_empty() {
         return Err(EnrollError::Config(
             "enroll.server_url is not set and the device has no certificate".into(),
         ));
@@ -263,7 +290,7 @@ pub async fn ensure_enrolled(
             "no bootstrap token (enroll.bootstrap_token or enroll.bootstrap_token_file)".into(),
         ));
     }
-    let client = EnrollClient::new(server_url, ca_pem, None, timeout)?;
+    let client = EnrollClient::new(bridge, None)?;
     let resp = client
         .enroll(&identity.device_id, token, &request(identity, metadata)?)
         .await?;
@@ -277,17 +304,10 @@ pub async fn renew(
     state: &StateDir,
     identity: &Identity,
     current: &Credentials,
-    server_url: &str,
-    ca_pem: &[u8],
-    timeout: Duration,
+    bridge: &BridgeEndpoint<'_>,
 ) -> Result<Credentials, EnrollError> {
     let chain = current.full_chain_pem();
-    let client = EnrollClient::new(
-        server_url,
-        ca_pem,
-        Some((chain.as_bytes(), current.key_pem.as_bytes())),
-        timeout,
-    )?;
+    let client = EnrollClient::new(bridge, Some((chain.as_bytes(), current.key_pem.as_bytes())))?;
     let resp = client
         .renew(&identity.device_id, &request(identity, Default::default())?)
         .await?;

@@ -6,7 +6,7 @@ mod client;
 mod identity;
 mod tls;
 
-pub use client::{EnrollClient, EnrollError, ensure_enrolled, renew};
+pub use client::{BridgeEndpoint, EnrollClient, EnrollError, ensure_enrolled, renew};
 pub use identity::{CertInfo, Credentials, Identity, cert_info};
 pub use tls::{client_config, load_pem_certs};
 

@@ -44,6 +44,8 @@ pub struct MetricsConfig {
     pub section: MetricsSection,
     /// Used for an https URL when `metrics.influxdb.ca_bundle` is unset (enrollment's chain).
     pub fallback_ca: Option<PathBuf>,
+    /// InfluxDB writes go through these (see `thingsly_core::proxy`).
+    pub proxies: thingsly_core::proxy::Proxies,
 }
 
 impl MetricsConfig {
@@ -68,7 +70,13 @@ impl MetricsConfig {
             ),
             _ => None,
         };
-        Writer::new(i, &secret, self.section.precision, ca.as_deref())
+        Writer::new(
+            i,
+            &secret,
+            self.section.precision,
+            ca.as_deref(),
+            &self.proxies,
+        )
     }
 }
 

@@ -33,6 +33,7 @@ pub struct Writer {
     database: String,
     auth: Option<String>,
     gzip: bool,
+    proxies: thingsly_core::proxy::Proxies,
 }
 
 impl Writer {
@@ -42,6 +43,7 @@ impl Writer {
         secret: &str,
         precision: Precision,
         ca_pem: Option<&[u8]>,
+        proxies: &thingsly_core::proxy::Proxies,
     ) -> Result<Self, String> {
         let base = reqwest::Url::parse(cfg.url.trim_end_matches('/'))
             .map_err(|e| format!("metrics.influxdb.url {:?}: {e}", cfg.url))?;
@@ -66,7 +68,8 @@ impl Writer {
         if !https && !base.host_str().is_some_and(is_loopback) {
             tracing::warn!(url = %base, "InfluxDB over plain http to a non-loopback host: credentials and metrics travel unencrypted");
         }
-        let http = reqwest::Client::builder()
+        let http = proxies
+            .configure(reqwest::Client::builder())
             .use_preconfigured_tls(tls)
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
@@ -118,6 +121,7 @@ impl Writer {
             database: cfg.database.clone(),
             auth,
             gzip: cfg.gzip,
+            proxies: proxies.clone(),
         })
     }
 
@@ -172,7 +176,7 @@ impl Writer {
             req = req.header("Authorization", a);
         }
         match req.send().await {
-            Err(e) => Response::Network(thingsly_core::error_chain(&e)),
+            Err(e) => Response::Network(self.proxies.error_text(&e)),
             Ok(r) => {
                 let status = r.status().as_u16();
                 let retry_after = r
@@ -200,10 +204,7 @@ impl Writer {
         if let Some(a) = &self.auth {
             req = req.header("Authorization", a);
         }
-        let r = req
-            .send()
-            .await
-            .map_err(|e| thingsly_core::error_chain(&e))?;
+        let r = req.send().await.map_err(|e| self.proxies.error_text(&e))?;
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
         // /query answers 200 even for a failed statement; the error is in the body.
@@ -364,7 +365,7 @@ mod tests {
             retention_policy: "week".into(),
             ..Default::default()
         };
-        let w = Writer::new(&c, "pw", Precision::S, None).unwrap();
+        let w = Writer::new(&c, "pw", Precision::S, None, &thingsly_core::proxy::DIRECT).unwrap();
         assert_eq!(
             w.write_url.as_str(),
             "http://127.0.0.1:8086/write?db=telegraf&rp=week&precision=s"
@@ -373,14 +374,21 @@ mod tests {
         c.api = InfluxApi::V2;
         c.organization = "acme co".into();
         c.bucket = "edge".into();
-        let w = Writer::new(&c, "tok", Precision::Ms, None).unwrap();
+        let w = Writer::new(
+            &c,
+            "tok",
+            Precision::Ms,
+            None,
+            &thingsly_core::proxy::DIRECT,
+        )
+        .unwrap();
         assert_eq!(
             w.write_url.as_str(),
             "http://127.0.0.1:8086/api/v2/write?org=acme+co&bucket=edge&precision=ms"
         );
         assert_eq!(w.auth.as_deref(), Some("Token tok"));
         c.url = "https://influx.example".into();
-        let Err(e) = Writer::new(&c, "", Precision::S, None) else {
+        let Err(e) = Writer::new(&c, "", Precision::S, None, &thingsly_core::proxy::DIRECT) else {
             panic!("https without a CA must be refused");
         };
         assert!(e.contains("no CA"), "{e}");

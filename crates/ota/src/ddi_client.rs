@@ -70,29 +70,13 @@ pub struct DdiClient {
     /// `https://host:port/{tenant}/controller/v1/{controllerId}`.
     pub base: String,
     auth: Option<String>,
+    proxies: thingsly_core::proxy::Proxies,
 }
 
 /// The root poll's answer.
 pub enum Poll {
     Changed(ControllerBase, Option<String>),
     NotModified,
-}
-
-/// The error with its source chain: the top level only says "error sending request", the
-/// chain says why (TLS, refused, timeout).
-pub fn error_chain(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
-fn transport(e: reqwest::Error) -> DdiError {
-    DdiError::Transport(error_chain(&e))
 }
 
 impl DdiClient {
@@ -102,8 +86,10 @@ impl DdiClient {
         controller_id: &str,
         tls: rustls::ClientConfig,
         auth: Auth,
+        proxies: &thingsly_core::proxy::Proxies,
     ) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+        let http = proxies
+            .configure(reqwest::Client::builder())
             .use_preconfigured_tls(tls)
             .https_only(true)
             .connect_timeout(Duration::from_secs(15))
@@ -122,7 +108,18 @@ impl DdiClient {
                 Auth::Certificate => None,
                 Auth::Header(h) => Some(h),
             },
+            proxies: proxies.clone(),
         })
+    }
+
+    /// The error with its source chain (the top level only says "error sending request", the
+    /// chain says why: TLS, refused, timeout) and the proxy that carried it, if one did.
+    pub fn error_text(&self, e: &reqwest::Error) -> String {
+        self.proxies.error_text(e)
+    }
+
+    fn transport(&self, e: reqwest::Error) -> DdiError {
+        DdiError::Transport(self.error_text(&e))
     }
 
     /// `TargetToken …`/`GatewayToken …`, or `None` with certificate authentication.
@@ -167,8 +164,8 @@ impl DdiClient {
         }
     }
 
-    async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, DdiError> {
-        let bytes = resp.bytes().await.map_err(transport)?;
+    async fn json<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, DdiError> {
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&bytes).map_err(|e| DdiError::Malformed(e.to_string()))
     }
 
@@ -178,7 +175,7 @@ impl DdiClient {
         if let Some(t) = etag {
             r = r.header(reqwest::header::IF_NONE_MATCH, t);
         }
-        let resp = Self::check(r.send().await.map_err(transport)?).await?;
+        let resp = Self::check(r.send().await.map_err(|e| self.transport(e))?).await?;
         if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(Poll::NotModified);
         }
@@ -187,12 +184,13 @@ impl DdiClient {
             .get(reqwest::header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        Ok(Poll::Changed(Self::json(resp).await?, etag))
+        Ok(Poll::Changed(self.json(resp).await?, etag))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, href: &str) -> Result<T, DdiError> {
         let r = self.request(reqwest::Method::GET, href);
-        Self::json(Self::check(r.send().await.map_err(transport)?).await?).await
+        self.json(Self::check(r.send().await.map_err(|e| self.transport(e))?).await?)
+            .await
     }
 
     /// POST a feedback to `{href}/feedback` (`href` without query).
@@ -201,7 +199,7 @@ impl DdiClient {
         let r = self
             .request(reqwest::Method::POST, &format!("{base}/feedback"))
             .json(fb);
-        Self::check(r.send().await.map_err(transport)?).await?;
+        Self::check(r.send().await.map_err(|e| self.transport(e))?).await?;
         Ok(())
     }
 
@@ -209,7 +207,7 @@ impl DdiClient {
         let r = self
             .request(reqwest::Method::PUT, &format!("{}/configData", self.base))
             .json(data);
-        Self::check(r.send().await.map_err(transport)?).await?;
+        Self::check(r.send().await.map_err(|e| self.transport(e))?).await?;
         Ok(())
     }
 
@@ -225,7 +223,7 @@ impl DdiClient {
                 &format!("{}/installedBase", self.base),
             )
             .json(v);
-        Self::check(r.send().await.map_err(transport)?).await?;
+        Self::check(r.send().await.map_err(|e| self.transport(e))?).await?;
         Ok(())
     }
 

@@ -144,7 +144,7 @@ pub async fn fetch(
         let resp = req
             .send()
             .await
-            .map_err(|e| DownloadError::Retry(crate::ddi_client::error_chain(&e)))?;
+            .map_err(|e| DownloadError::Retry(ddi.error_text(&e)))?;
         let status = resp.status();
         if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
             // Our partial file does not match the server's: start over next attempt.
@@ -185,7 +185,7 @@ pub async fn fetch(
             let chunk = chunk.map_err(|e| {
                 DownloadError::Retry(format!(
                     "connection lost after {have} bytes: {}",
-                    crate::ddi_client::error_chain(&e)
+                    ddi.error_text(&e)
                 ))
             })?;
             hasher.update(&chunk);

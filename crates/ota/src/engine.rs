@@ -38,6 +38,8 @@ pub struct OtaConfig {
     pub reboot: Vec<String>,
     /// Whether the MQTT health check applies (telemetry compiled in and enabled).
     pub telemetry_enabled: bool,
+    /// Polls and downloads go through these (see `thingsly_core::proxy`).
+    pub proxies: thingsly_core::proxy::Proxies,
 }
 
 /// Why the module is not running yet, or stopped.
@@ -161,6 +163,7 @@ async fn client(
                 &cfg.device_id,
                 tls,
                 auth,
+                &cfg.proxies,
             )
         })();
         match attempt {
@@ -213,7 +216,14 @@ fn assigned_client(
             )
         }
     };
-    DdiClient::new(&a.server_url, &a.tenant, &cfg.device_id, tls, auth)
+    DdiClient::new(
+        &a.server_url,
+        &a.tenant,
+        &cfg.device_id,
+        tls,
+        auth,
+        &cfg.proxies,
+    )
 }
 
 /// The module: wait for credentials and RAUC, finish any action in flight, then poll.
@@ -1533,6 +1543,7 @@ mod tests {
             "dev1",
             tls,
             Auth::Certificate,
+            &thingsly_core::proxy::DIRECT,
         )
         .unwrap();
         let rauc = FakeRauc {
@@ -1546,6 +1557,7 @@ mod tests {
                 server_url: "https://127.0.0.1:9".into(),
                 reboot: vec!["true".into()],
                 telemetry_enabled: false,
+                proxies: thingsly_core::proxy::Proxies::none(),
             },
             ddi,
             rauc,

@@ -41,6 +41,8 @@ pub struct TelemetryConfig {
     pub max_inflight: usize,
     /// argv of the `reboot` RPC.
     pub reboot_command: Vec<String>,
+    /// The broker is reached through the TLS destinations' proxy, if any (CONNECT).
+    pub proxies: thingsly_core::proxy::Proxies,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +299,21 @@ fn connect(cfg: &TelemetryConfig, creds: &Credentials) -> Result<Conn, Telemetry
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(tls),
     )));
+    if let Some(p) = cfg.proxies.for_destination(true, &cfg.host) {
+        // A CONNECT tunnel to the broker: TLS (and the client certificate) stay end to end.
+        opts.set_proxy(rumqttc::Proxy {
+            ty: rumqttc::ProxyType::Http,
+            auth: match &p.credentials {
+                Some(c) => rumqttc::ProxyAuth::Basic {
+                    username: c.username.clone(),
+                    password: c.password.clone(),
+                },
+                None => rumqttc::ProxyAuth::None,
+            },
+            addr: p.host.clone(),
+            port: p.port,
+        });
+    }
     let (client, events) = AsyncClient::new(opts, cfg.max_inflight + 16);
     Ok(Conn {
         client,
