@@ -60,11 +60,13 @@ impl std::fmt::Display for DdiError {
     }
 }
 
+#[derive(Clone)]
 pub enum Auth {
     Certificate,
     Header(String),
 }
 
+#[derive(Clone)]
 pub struct DdiClient {
     pub http: reqwest::Client,
     /// `https://host:port/{tenant}/controller/v1/{controllerId}`.

@@ -18,6 +18,7 @@ pub mod local;
 pub mod machine;
 pub mod rate_limit;
 pub mod rauc;
+pub mod relay;
 pub mod state;
 
 pub use engine::{OtaConfig, run};

@@ -4,4 +4,5 @@
 
 pub mod ddi;
 pub mod enroll;
+pub mod http_range;
 pub mod topics;
