@@ -442,6 +442,19 @@ pub enum DdiAuth {
     GatewayToken,
 }
 
+/// `ota.streaming`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamingMode {
+    #[default]
+    Auto,
+    Off,
+}
+
+fn default_stream_hold() -> Duration {
+    Duration::from_secs(40)
+}
+
 /// `[ota]`: updates from a hawkBit DDI server, installed through RAUC.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -487,6 +500,17 @@ pub struct OtaSection {
     /// (RAUC streaming/download; needs a RAUC that can reach the server itself).
     #[serde(default)]
     pub rauc_url_install: bool,
+    /// `auto`: where RAUC can stream (RAUC ≥ 1.9 over D-Bus), RAUC reads the bundle through
+    /// the agent's loopback relay instead of the agent downloading it first, so no bundle copy
+    /// lands on the data partition; a streaming install RAUC refuses (no NBD in the kernel, a
+    /// plain bundle) falls back to download-then-install, said in feedback. `off`: always
+    /// download first.
+    #[serde(default)]
+    pub streaming: StreamingMode,
+    /// How long one of RAUC's streaming reads may wait for the server (link cut, restart)
+    /// before it fails; RAUC retries a read 5 times and the kernel gives it 300 s in all.
+    #[serde(default = "default_stream_hold", with = "humantime_serde")]
+    pub stream_hold: Duration,
     /// After booting the new slot, health checks must pass within this time.
     #[serde(default = "default_health_deadline", with = "humantime_serde")]
     pub health_deadline: Duration,
@@ -526,6 +550,8 @@ impl Default for OtaSection {
             download_rate_limit: 0,
             auto_confirm: true,
             rauc_url_install: false,
+            streaming: StreamingMode::default(),
+            stream_hold: default_stream_hold(),
             health_deadline: default_health_deadline(),
             health_mqtt: true,
             health_ddi: true,
@@ -852,6 +878,13 @@ impl AgentConfig {
             return Err((
                 "ota.max_poll_interval",
                 "must not be below ota.poll_interval".into(),
+            ));
+        }
+        if o.stream_hold < Duration::from_secs(5) || o.stream_hold > Duration::from_secs(45) {
+            return Err((
+                "ota.stream_hold",
+                "must be between 5s and 45s (RAUC tries a read 6 times within the kernel's 300 s)"
+                    .into(),
             ));
         }
         if o.download_attempts == 0 {

@@ -753,6 +753,21 @@ impl<R: Installer> Engine<R> {
                  downloads; the agent downloads the bundle instead"
             );
         }
+        if self.streams(d).await {
+            d.stream = true;
+            d.phase = Phase::Downloaded;
+            tracing::info!(action = %d.action_id, "RAUC streams the bundle through the agent's relay (ota.streaming = auto)");
+            self.feedback(
+                d,
+                fb(
+                    Execution::Proceeding,
+                    Finished::None,
+                    "streaming: RAUC reads the bundle through the agent while it installs (no download first)",
+                ),
+            )
+            .await;
+            return self.persist(d);
+        }
         self.set_status(
             OtaStatus::Downloading,
             format!("downloading {} {}", d.name, d.version),
@@ -882,6 +897,42 @@ impl<R: Installer> Engine<R> {
         }
     }
 
+    /// Whether this action installs by streaming (see `ota.streaming`): not for local or
+    /// download-only actions, not after RAUC refused to stream it, and only where RAUC is new
+    /// enough (≥ 1.9, probed over D-Bus) and the bundle's size is known (the relay answers
+    /// RAUC's first request with it).
+    async fn streams(&self, d: &Deployment) -> bool {
+        use thingsly_core::config::StreamingMode;
+        self.cfg.section.streaming == StreamingMode::Auto
+            && !self.cfg.section.rauc_url_install
+            && !d.local
+            && !d.download_only
+            && !d.stream_refused
+            && d.artifact.size.is_some_and(|n| n > 0)
+            && self.rauc.streams_with_tls_options().await
+    }
+
+    /// The relay RAUC streams this action's bundle from.
+    async fn start_relay(&self, d: &Deployment) -> Result<crate::relay::Relay, String> {
+        let state = self.state.clone();
+        let configured = self.cfg.section.download_rate_limit;
+        let source = crate::relay::RelaySource {
+            ddi: self.ddi.clone(),
+            url: d.artifact.url.clone(),
+            size: d.artifact.size.unwrap_or_default(),
+        };
+        let limits = crate::relay::RelayLimits {
+            hold: self.cfg.section.stream_hold,
+            // The server's shared attribute wins over the config, as for downloads.
+            rate: std::sync::Arc::new(move || {
+                state.get().download_rate_limit.unwrap_or(configured)
+            }),
+        };
+        crate::relay::Relay::start(source, limits)
+            .await
+            .map_err(|e| format!("cannot start the bundle relay on 127.0.0.1: {e}"))
+    }
+
     /// `InstallBundle` arguments for RAUC fetching the bundle: our trust anchors and credentials.
     fn url_install_args(&self) -> InstallArgs {
         use thingsly_enroll::paths;
@@ -989,7 +1040,29 @@ impl<R: Installer> Engine<R> {
         );
         self.feedback(d, fb(Execution::Proceeding, Finished::None, "installing"))
             .await;
-        let (source, args) = if d.by_url {
+        let relay = if d.stream {
+            match self.start_relay(d).await {
+                Ok(r) => Some(r),
+                Err(why) => return self.stream_refused(d, why).await,
+            }
+        } else {
+            None
+        };
+        // Which images RAUC may fetch adaptively: to say afterwards whether it did.
+        let adaptive = match &relay {
+            Some(r) => self
+                .rauc
+                .adaptive_images(r.url())
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "cannot inspect the streamed bundle");
+                    Vec::new()
+                }),
+            None => Vec::new(),
+        };
+        let (source, args) = if let Some(r) = &relay {
+            (r.url().to_string(), Default::default())
+        } else if d.by_url {
             (d.artifact.url.clone(), self.url_install_args())
         } else {
             (d.bundle_path.display().to_string(), Default::default())
@@ -1036,16 +1109,52 @@ impl<R: Installer> Engine<R> {
                     }
                 };
                 tracing::info!(action = %d.action_id, target = %primary, "bundle installed");
+                if let Some(r) = &relay {
+                    let (said, fell_back) =
+                        streamed_summary(r.stats(), d.artifact.size.unwrap_or_default(), &adaptive);
+                    if fell_back {
+                        tracing::warn!(action = %d.action_id, "{said}");
+                    } else {
+                        tracing::info!(action = %d.action_id, "{said}");
+                    }
+                    self.feedback(d, fb(Execution::Proceeding, Finished::None, said))
+                        .await;
+                }
                 d.target_slot = primary;
                 d.phase = Phase::Installed;
                 remove_bundle(d);
                 self.persist(d)
             }
             Err(why) => {
+                if let Some(r) = &relay {
+                    // The link, not RAUC: a download would meet the same dead link.
+                    if let Some(link) = r.stats().failure() {
+                        return self.conclude(
+                            d,
+                            Finished::Failure,
+                            format!("streaming install failed: {link} (RAUC: {why})"),
+                        );
+                    }
+                    return self.stream_refused(d, format!("RAUC: {why}")).await;
+                }
                 remove_bundle(d);
                 self.conclude(d, Finished::Failure, format!("installation failed: {why}"))
             }
         }
+    }
+
+    /// RAUC would not stream this bundle (no NBD, a plain bundle, an old build): download it
+    /// and install from the file instead, and say so.
+    async fn stream_refused(&mut self, d: &mut Deployment, why: String) -> Step {
+        let said =
+            format!("streaming install not possible ({why}); downloading the bundle instead");
+        tracing::warn!(action = %d.action_id, "{said}");
+        self.feedback(d, fb(Execution::Proceeding, Finished::None, said))
+            .await;
+        d.stream = false;
+        d.stream_refused = true;
+        d.phase = Phase::Downloading;
+        self.persist(d)
     }
 
     /// When `Installing` was persisted by an earlier run: did that install complete?
@@ -1454,10 +1563,59 @@ fn is_download_only(dep: &thingsly_proto::ddi::Deployment) -> bool {
         && dep.maintenance_window != Some(MaintenanceWindow::Unavailable)
 }
 
+/// What a streaming install cost the link: the relay's counts against the bundle's size,
+/// and whether an adaptive bundle was in fact fetched whole (RAUC falls back to a full copy
+/// with only a line in its own log: no `data-directory`, no hash index of the target slot).
+fn streamed_summary(
+    stats: &crate::relay::RelayStats,
+    size: u64,
+    adaptive: &[crate::rauc::AdaptiveImage],
+) -> (String, bool) {
+    use std::sync::atomic::Ordering;
+    let fetched = stats.fetched.load(Ordering::Relaxed);
+    let retries = stats.retries.load(Ordering::Relaxed);
+    let pct = |n: u64, of: u64| {
+        if of > 0 {
+            n as f64 * 100.0 / of as f64
+        } else {
+            0.0
+        }
+    };
+    let mut said = format!(
+        "streamed: {fetched} of the bundle's {size} bytes crossed the link ({:.1} %), {} reads, {retries} fetched again after a cut",
+        pct(fetched, size),
+        stats.requests.load(Ordering::Relaxed)
+    );
+    let images: u64 = adaptive.iter().map(|i| i.size).sum();
+    // Besides the images RAUC reads the manifest and signature: a whole image fetched means
+    // at least nine tenths of the adaptive images' bytes.
+    let fell_back = images > 0 && fetched.saturating_mul(10) >= images.saturating_mul(9);
+    if images > 0 {
+        let methods = adaptive
+            .iter()
+            .flat_map(|i| i.methods.iter().map(String::as_str))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if fell_back {
+            said.push_str(&format!(
+                "; the bundle is adaptive ({methods}) but RAUC fetched the whole image: it fell back to a full copy (RAUC's log says why, e.g. no data-directory in system.conf or no hash index of the target slot)"
+            ));
+        } else {
+            said.push_str(&format!(
+                "; adaptive ({methods}): {:.1} % of the image fetched, the rest taken from the device's slots",
+                pct(fetched, images)
+            ));
+        }
+    }
+    (said, fell_back)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rauc::Slot;
+    use crate::rauc::{AdaptiveImage, Slot};
     use std::sync::Mutex;
 
     /// RAUC as the tests set it up; records every `InstallBundle` and `Mark`. At each
@@ -1472,6 +1630,11 @@ mod tests {
         state_dir: PathBuf,
         installs: Mutex<Vec<(String, u32, bool)>>,
         marks: Mutex<Vec<(String, String)>>,
+        /// Answers the streaming probe (RAUC ≥ 1.9).
+        streams: bool,
+        /// What `InstallBundle` of a URL fails with (a RAUC without NBD); `None`: it reads
+        /// the first 4 bytes from the relay, as RAUC's NBD server does first, and succeeds.
+        stream_error: Option<String>,
     }
 
     impl Installer for FakeRauc {
@@ -1497,7 +1660,10 @@ mod tests {
             Ok(())
         }
         async fn streams_with_tls_options(&self) -> bool {
-            false
+            self.streams
+        }
+        async fn adaptive_images(&self, _bundle: &str) -> Result<Vec<AdaptiveImage>, String> {
+            Ok(Vec::new())
         }
         async fn install(
             &self,
@@ -1513,6 +1679,38 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((bundle.into(), persisted.install_attempts, marker));
+            if bundle.starts_with("http://") {
+                if let Some(e) = &self.stream_error {
+                    return Err(e.clone());
+                }
+                // RAUC's first read, by hand (HTTP/1.1, one request); the DDI server here
+                // refuses connections, so the relay fails it after `stream_hold`.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let rest = bundle.trim_start_matches("http://");
+                let (host, path) = rest.split_at(rest.find('/').unwrap());
+                let mut c = tokio::net::TcpStream::connect(host)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let mut answer = Vec::new();
+                let _ = c.read_to_end(&mut answer).await;
+                let answer = String::from_utf8_lossy(&answer);
+                if !answer.ends_with("\r\n\r\n") && answer.len() < 4 {
+                    return Err("nbd read failed".into());
+                }
+                let head_end = answer.find("\r\n\r\n").map_or(answer.len(), |i| i + 4);
+                if answer.len() - head_end != 4 {
+                    return Err(format!(
+                        "nbd read failed: {} body bytes",
+                        answer.len() - head_end
+                    ));
+                }
+            }
             progress(100, "Installing done.");
             Ok(())
         }
@@ -1622,6 +1820,97 @@ mod tests {
             primary: "rootfs.1".into(),
             ..FakeRauc::default()
         }
+    }
+
+    #[test]
+    fn a_silent_adaptive_fallback_is_said() {
+        use std::sync::atomic::Ordering;
+        let img = |size| AdaptiveImage {
+            slot_class: "rootfs".into(),
+            size,
+            methods: vec!["block-hash-index".into()],
+        };
+        let stats = crate::relay::RelayStats::default();
+        stats.fetched.store(950, Ordering::Relaxed);
+        let (said, fell_back) = streamed_summary(&stats, 1100, &[img(1000)]);
+        assert!(
+            fell_back && said.contains("fell back to a full copy"),
+            "{said}"
+        );
+        stats.fetched.store(80, Ordering::Relaxed);
+        let (said, fell_back) = streamed_summary(&stats, 1100, &[img(1000)]);
+        assert!(
+            !fell_back && said.contains("8.0 % of the image fetched"),
+            "{said}"
+        );
+        let (said, fell_back) = streamed_summary(&stats, 1100, &[]);
+        assert!(!fell_back && !said.contains("adaptive"), "{said}");
+        assert!(
+            said.starts_with("streamed: 80 of the bundle's 1100 bytes"),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_rauc_refuses_is_downloaded_instead_and_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let rauc = FakeRauc {
+            streams: true,
+            stream_error: Some(
+                "failed to resolve 'nbd' netlink family - BLK_DEV_NBD not enabled in kernel?"
+                    .into(),
+            ),
+            ..b_primary(slots("2026-11-23T10:05:00Z"))
+        };
+        let mut e = engine(&dir, rauc, "boot-1");
+        let mut d = action(&e, Phase::Downloading);
+        // Streaming is chosen: no download, straight on to the install.
+        assert!(matches!(e.download(&mut d).await, Step::Next));
+        assert!(d.stream && d.phase == Phase::Downloaded);
+        d.phase = Phase::Installing;
+        e.save(&d).unwrap();
+        assert!(matches!(e.install(&mut d).await, Step::Next));
+        let installs = e.rauc.installs.lock().unwrap().clone();
+        assert!(
+            installs[0].0.starts_with("http://127.0.0.1:"),
+            "{installs:?}"
+        );
+        // RAUC refused: this action downloads, persisted, and streams no more.
+        assert_eq!(
+            (d.phase, d.stream, d.stream_refused),
+            (Phase::Downloading, false, true)
+        );
+        let persisted = e.load().unwrap();
+        assert!(persisted.stream_refused && persisted.phase == Phase::Downloading);
+        assert!(!e.streams(&d).await);
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_link_never_returns_fails_the_action_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let rauc = FakeRauc {
+            streams: true,
+            ..b_primary(slots("2026-11-23T10:05:00Z"))
+        };
+        let mut e = engine(&dir, rauc, "boot-1");
+        e.cfg.section.stream_hold = Duration::from_secs(1);
+        let mut d = Deployment {
+            stream: true,
+            ..action(&e, Phase::Installing)
+        };
+        e.save(&d).unwrap();
+        // The DDI server at 127.0.0.1:9 refuses every connection: the relay gives up after
+        // `stream_hold` and the action fails with why, instead of downloading.
+        let step = e.install(&mut d).await;
+        assert!(matches!(step, Step::Next | Step::Done), "{d:?}");
+        let r = d.report.clone().unwrap();
+        assert!(
+            r.details
+                .iter()
+                .any(|l| l.contains("streaming install failed: no data from the server for 1 s")),
+            "{r:?}"
+        );
+        assert!(!d.stream_refused);
     }
 
     #[tokio::test]

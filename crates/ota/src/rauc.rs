@@ -7,6 +7,16 @@ use std::future::Future;
 use std::time::Duration;
 use zbus::zvariant::OwnedValue;
 
+/// An image of a bundle that RAUC may install adaptively (fetching only changed blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdaptiveImage {
+    pub slot_class: String,
+    /// The image's size in bytes.
+    pub size: u64,
+    /// `block-hash-index`, ...
+    pub methods: Vec<String>,
+}
+
 /// What the update engine needs from RAUC: [`Rauc`] on the system bus, or a fake in tests.
 /// Errors are RAUC's words (or the bus's), for the log and the report.
 pub trait Installer: Send + Sync {
@@ -24,6 +34,12 @@ pub trait Installer: Send + Sync {
     fn mark(&self, state: &str, slot: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Whether this RAUC streams bundles from a URL with the TLS and header options applied.
     fn streams_with_tls_options(&self) -> impl Future<Output = bool> + Send;
+    /// The bundle's images that declare an adaptive method (manifest `adaptive=`), with
+    /// their sizes: `InspectBundle`'s `images` (RAUC ≥ 1.9). Empty where RAUC cannot say.
+    fn adaptive_images(
+        &self,
+        bundle: &str,
+    ) -> impl Future<Output = Result<Vec<AdaptiveImage>, String>> + Send;
     /// Install `bundle` (an absolute path or a URL); `progress(percent, message)` as RAUC
     /// reports it; the result is RAUC's `Completed`, with `LastError` on failure.
     fn install(
@@ -251,6 +267,40 @@ impl Installer for Rauc {
             }
             Err(_) => false,
         }
+    }
+
+    async fn adaptive_images(&self, bundle: &str) -> Result<Vec<AdaptiveImage>, String> {
+        let args: HashMap<&str, zbus::zvariant::Value<'_>> = HashMap::new();
+        let info: HashMap<String, OwnedValue> = self
+            .installer
+            .call("InspectBundle", &(bundle, args))
+            .await
+            .map_err(|x| format!("RAUC InspectBundle: {x}"))?;
+        let Some(images) = info.get("images") else {
+            return Ok(Vec::new());
+        };
+        let images: Vec<HashMap<String, OwnedValue>> =
+            Vec::try_from(images.clone()).map_err(|e| format!("InspectBundle images: {e}"))?;
+        Ok(images
+            .into_iter()
+            .filter_map(|img| {
+                let methods: Vec<String> = img
+                    .get("adaptive")
+                    .and_then(|v| Vec::<String>::try_from(v.clone()).ok())
+                    .unwrap_or_default();
+                (!methods.is_empty()).then(|| AdaptiveImage {
+                    slot_class: img
+                        .get("slot-class")
+                        .and_then(|v| String::try_from(v.clone()).ok())
+                        .unwrap_or_default(),
+                    size: img
+                        .get("size")
+                        .and_then(|v| u64::try_from(v.clone()).ok())
+                        .unwrap_or_default(),
+                    methods,
+                })
+            })
+            .collect())
     }
 
     /// `progress` follows the `Progress` property.

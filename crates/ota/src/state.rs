@@ -97,6 +97,12 @@ pub struct Deployment {
     /// Set together with `phase = Reporting` (and kept while rolling back).
     #[serde(default)]
     pub report: Option<Report>,
+    /// RAUC installs by streaming through the agent's relay (`ota.streaming`): no download.
+    #[serde(default)]
+    pub stream: bool,
+    /// A streaming install failed for a reason of RAUC's: this action downloads instead.
+    #[serde(default)]
+    pub stream_refused: bool,
     /// A local install (`thingsly-agent install BUNDLE`, e.g. from a USB stick): no server
     /// action behind it, so no feedback and no window; `bundle_path` is the user's file, never
     /// deleted; the outcome goes to the server as `installedBase` ([`InstalledBase`]).
@@ -135,6 +141,8 @@ impl Deployment {
             reboot_at: 0,
             verifying_since: 0,
             by_url: false,
+            stream: false,
+            stream_refused: false,
             report: None,
             local: false,
         }
