@@ -1,7 +1,9 @@
 #!/bin/bash
 # build-image.sh - build the HIL test disk for QEMU x86_64 from Debian packages only:
 #   UEFI (OVMF) -> GRUB (grub-mkstandalone, A/B via grubenv as RAUC's grub backend expects)
-#   -> Debian bookworm rootfs in slot A (systemd, D-Bus, udev, RAUC, cloud kernel + initrd)
+#   -> Debian rootfs in slot A (systemd, D-Bus, udev, RAUC, cloud kernel + initrd): bookworm
+#      (RAUC 1.8), or trixie with HIL_SUITE=trixie (RAUC 1.13 and a kernel with nbd: streaming
+#      and adaptive updates)
 #   with the project's thingsly-agent as a systemd service (the project's units, a board
 #   drop-in, state on the data partition), plus signed RAUC bundles for slot updates.
 #
@@ -11,7 +13,8 @@
 # Usage: HIL_AGENT_BIN=... HIL_BRIDGE_BIN=... build-image.sh [--clean] [--no-apt]
 #   --clean   rebuild the rootfs too (otherwise $HIL_OUT/rootfs is reused when present)
 #   --no-apt  do not install host packages
-# Environment: HIL_OUT (default target/hil/out), HIL_ROOTFS_MIB (512, per slot),
+# Environment: HIL_SUITE (bookworm or trixie), HIL_OUT (default target/hil/out, or
+#   target/hil/out-trixie for trixie), HIL_ROOTFS_MIB (512, per slot),
 #   HIL_IMG_MIB (size of the ext4 slot image, default 384), HIL_ESP_MIB (32), HIL_DATA_MIB (256),
 #   HIL_MIRROR (http://deb.debian.org/debian), HIL_SECURITY_MIRROR (http://deb.debian.org/debian-security),
 #   HIL_APT_CACHE (.deb cache kept between builds and clones, default ~/.cache/thingsly-hil/apt),
@@ -23,6 +26,8 @@
 #   bundles/good.raucb      rootfs v2.0.0            (verity bundle, signed by pki/signing.*)
 #   bundles/broken.raucb    rootfs v2.0.1-broken: /sbin/init exits -> kernel panic -> GRUB falls back
 #   bundles/unhealthy.raucb rootfs v2.0.2-unhealthy: boots, but the application's health check fails
+#   bundles/adaptive.raucb  rootfs v2.0.0 with adaptive=block-hash-index (trixie only): RAUC
+#                           fetches only the blocks that differ from what the device's slots hold
 #   pki/                    CA (= keyring in the image), signing cert + key
 #   fleet/                  the fleet's bridge PKI (CA chain + bootstrap token baked into the image;
 #                           the runner's bridges import this CA and token)
@@ -32,8 +37,14 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-OUT=${HIL_OUT:-$ROOT/target/hil/out}
-SUITE=bookworm
+SUITE=${HIL_SUITE:-bookworm}
+case "$SUITE" in
+bookworm) OUT=${HIL_OUT:-$ROOT/target/hil/out} ;;
+trixie) OUT=${HIL_OUT:-$ROOT/target/hil/out-trixie} ;;
+*) echo "HIL_SUITE: bookworm or trixie, not $SUITE" >&2; exit 2 ;;
+esac
+# The machine that builds the image (its own packages: qemu-utils pinned to it).
+HOST_SUITE=$(. /etc/os-release && echo "$VERSION_CODENAME")
 MIRROR=${HIL_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${HIL_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 COMPAT=thingsly-hil-x86_64
@@ -77,7 +88,7 @@ if [ "$APT" = 1 ]; then
 		inst=()
 		for p in "${missing[@]}"; do [ "$p" = qemu-utils ] || inst+=("$p"); done
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
-			"${inst[@]}" "qemu-utils/$SUITE" >/dev/null
+			"${inst[@]}" "qemu-utils/$HOST_SUITE" >/dev/null
 	fi
 fi
 stage_end
@@ -135,8 +146,11 @@ if [ "$CLEAN" = 1 ] || [ ! -e "$ROOTFS/etc/hil-rootfs-complete" ]; then
 		e2scrub_reap.service fstrim.timer systemd-timesyncd.service 2>/dev/null || true
 	# mmdebstrap's early stage picks usrmerge (and with it perl, 50 MiB) for init-system-helpers'
 	# "usrmerge | usr-is-merged"; the tree is merged already and usr-is-merged is included
-	chroot "\$R" dpkg --purge usrmerge libfile-find-rule-perl libnumber-compare-perl \
-		libtext-glob-perl perl perl-modules-5.36 libperl5.36 >/dev/null
+	# (bookworm only: trixie's minbase has none of them)
+	purge=\$(chroot "\$R" dpkg-query -W -f '\${db:Status-Abbrev} \${Package}\\n' usrmerge \
+		libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl perl 'perl-modules-*' \
+		'libperl5*' 2>/dev/null | awk '/^ii/ { print \$2 }')
+	[ -z "\$purge" ] || chroot "\$R" dpkg --purge \$purge >/dev/null
 	chroot "\$R" update-initramfs -u -k all
 	EOF
 	chmod +x "$OUT/customize.sh"
@@ -205,8 +219,18 @@ mkslot() { # mkslot VERSION OUT.ext4
 	printf 'PRETTY_NAME="Thingsly HIL %s"\nNAME="Thingsly HIL"\nID=thingsly-hil\nID_LIKE=debian\nVERSION_ID=%s\n' \
 		"$1" "$1" >"$ROOTFS/etc/os-release"
 	rm -f "$2"
-	mkfs.ext4 -q -F -L rootfs -d "$ROOTFS" "$2" "${IMG_MIB}M"
+	if [ "$SUITE" = bookworm ]; then
+		mkfs.ext4 -q -F -L rootfs -d "$ROOTFS" "$2" "${IMG_MIB}M"
+	else
+		# The same UUID, hash seed and time for every slot image, as a reproducible image
+		# build makes them: versions then differ only in the blocks of what changed, which is
+		# what an adaptive update (block-hash-index) can skip. metadata_csum is seeded with
+		# the UUID, so a random one would make every directory and inode block differ.
+		E2FSPROGS_FAKE_TIME=1767225600 mkfs.ext4 -q -F -L rootfs -U "$SLOT_UUID" \
+			-E "hash_seed=$SLOT_UUID" -d "$ROOTFS" "$2" "${IMG_MIB}M"
+	fi
 }
+SLOT_UUID=5d1c3c3e-7c55-4a8e-9d1e-6f0c1a3b2e11
 # a build that died while the broken init was in place must not leak it into the next one
 [ -L "$ROOTFS/usr/sbin/init" ] || { rm -f "$ROOTFS/usr/sbin/init"; ln -s /lib/systemd/systemd "$ROOTFS/usr/sbin/init"; }
 mkslot 1.0.0 "$P/rootfs-1.0.0.ext4"
@@ -230,7 +254,7 @@ stage_end
 
 # ------------------------------------------------------------------ RAUC bundles
 stage bundles
-mkbundle() { # mkbundle VERSION SLOTIMG OUT
+mkbundle() { # mkbundle VERSION SLOTIMG OUT [MANIFEST-LINE]
 	local d
 	d=$(mktemp -d "$OUT/bundle.XXXXXX")
 	cat >"$d/manifest.raucm" <<-EOF
@@ -241,6 +265,7 @@ mkbundle() { # mkbundle VERSION SLOTIMG OUT
 	format=verity
 	[image.rootfs]
 	filename=rootfs.ext4
+	${4:-}
 	EOF
 	ln "$2" "$d/rootfs.ext4" 2>/dev/null || cp "$2" "$d/rootfs.ext4"
 	rm -f "$3"
@@ -253,6 +278,10 @@ mkbundle() { # mkbundle VERSION SLOTIMG OUT
 mkbundle 2.0.0 "$P/rootfs-2.0.0.ext4" "$OUT/bundles/good.raucb"
 mkbundle 2.0.1-broken "$P/rootfs-2.0.1-broken.ext4" "$OUT/bundles/broken.raucb"
 mkbundle 2.0.2-unhealthy "$P/rootfs-2.0.2-unhealthy.ext4" "$OUT/bundles/unhealthy.raucb"
+if [ "$SUITE" != bookworm ]; then
+	# RAUC (1.8 here, 1.13 in the guest) writes the image's block hash index into the bundle.
+	mkbundle 2.0.0 "$P/rootfs-2.0.0.ext4" "$OUT/bundles/adaptive.raucb" "adaptive=block-hash-index"
+fi
 stage_end
 
 # ------------------------------------------------------------------ ESP (grub-mkstandalone + mtools)

@@ -3,15 +3,19 @@
 //! and Mosquitto run here on loopback, reached by the VM through QEMU's guestfwd only.
 //!
 //!   thingsly-hil [update|rollback|health|powercut|arm64|ci|all]...   scenarios, then a table
+//!   thingsly-hil [download|stream|adaptive|stream-cuts|stream-powercut|stream-cap|streaming]...
+//!                                  the same on the trixie image (RAUC 1.13, nbd): streaming
 //!   thingsly-hil bench                                               boot and update phase times
 //!
-//! Env: HIL_OUT (image, default target/hil/out), HIL_WORK (runs, default target/hil/runs),
+//! Env: HIL_OUT (image, default target/hil/out), HIL_OUT_TRIXIE (default target/hil/out-trixie),
+//! HIL_WORK (runs, default target/hil/runs),
 //! HIL_ACCEL (kvm|tcg; default: kvm where it can run ordinary guests, else tcg),
 //! HIL_ARM64_AGENT (static aarch64 agent for `arm64`).
 //! A failed scenario keeps its directory: serial.log/serial.ts.log, bridge-*.log, mqtt.log.
 
 #![allow(clippy::unwrap_used)] // test runner: a failed unwrap is a failed scenario
 
+mod streaming;
 mod vm;
 
 use anyhow::{Context, bail, ensure};
@@ -24,6 +28,17 @@ use vm::Vm;
 
 const DEVICE: &str = "hil-0001";
 const SCENARIOS: [&str; 5] = ["update", "rollback", "health", "powercut", "arm64"];
+/// On the trixie image (`HIL_SUITE=trixie hil/build-image.sh`): RAUC 1.13 streams over NBD.
+const STREAM_SCENARIOS: [&str; 6] = [
+    "download",
+    "stream",
+    "adaptive",
+    "stream-cuts",
+    "stream-powercut",
+    "stream-cap",
+];
+/// The cap `stream-cap` sets (bytes per second).
+const STREAM_CAP: u64 = 2 << 20;
 /// Where the VM finds the bridge and the broker (QEMU guestfwd).
 const GUEST_ADDR: &str = "10.0.2.100";
 const BRIDGE_GUEST_PORT: u16 = 8443;
@@ -32,7 +47,19 @@ const MQTT_GUEST_PORT: u16 = 8883;
 struct Paths {
     root: PathBuf,
     out: PathBuf,
+    out_trixie: PathBuf,
     work: PathBuf,
+}
+
+impl Paths {
+    /// The image a scenario runs on.
+    fn image(&self, scenario: &str) -> &Path {
+        if STREAM_SCENARIOS.contains(&scenario) {
+            &self.out_trixie
+        } else {
+            &self.out
+        }
+    }
 }
 
 fn paths() -> Paths {
@@ -41,6 +68,7 @@ fn paths() -> Paths {
     let env_or = |k: &str, d: PathBuf| std::env::var_os(k).map(PathBuf::from).unwrap_or(d);
     Paths {
         out: env_or("HIL_OUT", root.join("target/hil/out")),
+        out_trixie: env_or("HIL_OUT_TRIXIE", root.join("target/hil/out-trixie")),
         work: env_or("HIL_WORK", root.join("target/hil/runs")),
         root,
     }
@@ -90,6 +118,8 @@ struct Rig {
     pub marks: Vec<(String, f64)>,
     /// The software module last uploaded, for the download baseline.
     module: String,
+    /// The image this scenario runs (bundles, fleet PKI).
+    out: PathBuf,
 }
 
 impl Rig {
@@ -97,11 +127,12 @@ impl Rig {
         let dir = p.work.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let fleet = p.out.join("fleet/data");
+        let out = p.image(name).to_path_buf();
+        let fleet = out.join("fleet/data");
         ensure!(
-            fleet.join("fleet-token").exists() && p.out.join("disk.img").exists(),
-            "no HIL image in {} (run hil/run.sh, or hil/build-image.sh)",
-            p.out.display()
+            fleet.join("fleet-token").exists() && out.join("disk.img").exists(),
+            "no HIL image in {} (run hil/run.sh, or hil/build-image.sh; HIL_SUITE=trixie for the streaming scenarios)",
+            out.display()
         );
         let ca = fleet.join("ca");
         let s = |p: PathBuf| p.to_string_lossy().to_string();
@@ -152,6 +183,7 @@ impl Rig {
         let vm = Vm::new(
             &dir,
             &p.root.join("hil"),
+            &out,
             &[
                 (BRIDGE_GUEST_PORT, bridge_port),
                 (MQTT_GUEST_PORT, broker.port),
@@ -167,6 +199,7 @@ impl Rig {
             vm,
             marks: Vec::new(),
             module: String::new(),
+            out,
         })
     }
 
@@ -217,7 +250,7 @@ impl Rig {
     }
 
     fn upload_and_assign(&mut self, bundle: &str, version: &str) -> anyhow::Result<i64> {
-        let p = paths().out.join("bundles").join(bundle);
+        let p = self.out.join("bundles").join(bundle);
         let out = self.bridge.cli(&[
             "ota",
             "upload",
@@ -504,7 +537,7 @@ fn powercut(r: &mut Rig) -> anyhow::Result<String> {
     let (finished, detail) = r.wait_closed(id, Duration::from_secs(300))?;
     ensure!(finished == "success", "finished {finished}: {detail}");
     // The download resumed instead of starting over: less than 1.5 bundles crossed the link.
-    let bundle_len = std::fs::metadata(paths().out.join("bundles/good.raucb"))?.len();
+    let bundle_len = std::fs::metadata(r.out.join("bundles/good.raucb"))?.len();
     let down = r.proxy.as_ref().map_or(0, |p| p.down_bytes());
     ensure!(
         down < bundle_len * 3 / 2,
@@ -653,7 +686,7 @@ struct Row {
 fn run_x86(p: &Paths, name: &str) -> Row {
     let t0 = Instant::now();
     let accel = std::env::var("HIL_ACCEL").ok();
-    let proxied = name == "powercut";
+    let proxied = name == "powercut" || STREAM_SCENARIOS.contains(&name);
     let mut rig = match Rig::new(p, name, proxied, accel.as_deref()) {
         Ok(r) => r,
         Err(e) => {
@@ -670,6 +703,12 @@ fn run_x86(p: &Paths, name: &str) -> Row {
         "rollback" => rollback(&mut rig),
         "health" => health(&mut rig),
         "powercut" => powercut(&mut rig),
+        "download" => streaming::download(&mut rig),
+        "stream" => streaming::stream(&mut rig),
+        "adaptive" => streaming::adaptive(&mut rig),
+        "stream-cuts" => streaming::cuts(&mut rig),
+        "stream-powercut" => streaming::powercut(&mut rig),
+        "stream-cap" => streaming::cap(&mut rig),
         _ => unreachable!(),
     };
     let ok = r.is_ok();
@@ -770,9 +809,14 @@ fn main() -> anyhow::Result<()> {
         match a.as_str() {
             "ci" => names.extend(["update", "rollback", "arm64"]),
             "all" => names.extend(SCENARIOS),
+            "streaming" => names.extend(STREAM_SCENARIOS),
             s if SCENARIOS.contains(&s) => names.extend(SCENARIOS.iter().filter(|n| **n == s)),
+            s if STREAM_SCENARIOS.contains(&s) => {
+                names.extend(STREAM_SCENARIOS.iter().filter(|n| **n == s))
+            }
             other => bail!(
-                "unknown scenario {other:?} (update, rollback, health, powercut, arm64, ci, all, bench)"
+                "unknown scenario {other:?} (update, rollback, health, powercut, arm64, ci, all, {}, streaming, bench)",
+                STREAM_SCENARIOS.join(", ")
             ),
         }
     }

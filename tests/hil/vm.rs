@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct Vm {
     pub run: PathBuf,
     boot_sh: PathBuf,
+    /// The image directory (`disk.img`), given to boot.sh as `HIL_OUT`.
+    image: PathBuf,
     /// `--fwd GUEST:HOST` pairs and `--accel`, kept for power-on after a hard kill.
     args: Vec<String>,
     console_seq: u32,
@@ -19,7 +21,14 @@ pub struct Vm {
 pub type Line = (f64, String);
 
 impl Vm {
-    pub fn new(run: &Path, hil_dir: &Path, fwds: &[(u16, u16)], accel: Option<&str>) -> Self {
+    /// `image`: the directory with `disk.img` (boot.sh's `HIL_OUT`).
+    pub fn new(
+        run: &Path,
+        hil_dir: &Path,
+        image: &Path,
+        fwds: &[(u16, u16)],
+        accel: Option<&str>,
+    ) -> Self {
         let mut args = Vec::new();
         for (g, h) in fwds {
             args.push("--fwd".into());
@@ -32,6 +41,7 @@ impl Vm {
         Self {
             run: run.to_path_buf(),
             boot_sh: hil_dir.join("boot.sh"),
+            image: image.to_path_buf(),
             args,
             console_seq: 0,
         }
@@ -46,6 +56,7 @@ impl Vm {
             .open(&log)?;
         let status = Command::new(&self.boot_sh)
             .args(args)
+            .env("HIL_OUT", &self.image)
             .stdin(std::process::Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f)
