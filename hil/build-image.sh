@@ -43,6 +43,14 @@ bookworm) OUT=${HIL_OUT:-$ROOT/target/hil/out} ;;
 trixie) OUT=${HIL_OUT:-$ROOT/target/hil/out-trixie} ;;
 *) echo "HIL_SUITE: bookworm or trixie, not $SUITE" >&2; exit 2 ;;
 esac
+# RAUC 1.13 (trixie's) races systemd-udevd when it sets up its streaming NBD device: udev's
+# open and close of the new device makes the kernel disconnect it ("disconnect on close")
+# before dm-verity holds it, so streaming fails with "verity: Hash device is too small"
+# (fixed by RAUC commit cfe93c93, v1.15). The trixie image therefore takes RAUC alone, with
+# the libnl it needs, from forky (1.15.2); HIL_RAUC_SUITE= (empty) keeps trixie's 1.13, on
+# which the agent falls back to downloading and says so.
+RAUC_SUITE=
+[ "$SUITE" = bookworm ] || RAUC_SUITE=${HIL_RAUC_SUITE-forky}
 # The machine that builds the image (its own packages: qemu-utils pinned to it).
 HOST_SUITE=$(. /etc/os-release && echo "$VERSION_CODENAME")
 MIRROR=${HIL_MIRROR:-http://deb.debian.org/debian}
@@ -151,6 +159,19 @@ if [ "$CLEAN" = 1 ] || [ ! -e "$ROOTFS/etc/hil-rootfs-complete" ]; then
 		libfile-find-rule-perl libnumber-compare-perl libtext-glob-perl perl 'perl-modules-*' \
 		'libperl5*' 2>/dev/null | awk '/^ii/ { print \$2 }')
 	[ -z "\$purge" ] || chroot "\$R" dpkg --purge \$purge >/dev/null
+	if [ -n "$RAUC_SUITE" ]; then
+		# RAUC from a newer suite, pinned to just what it needs (see RAUC_SUITE above)
+		echo "deb $MIRROR $RAUC_SUITE main" >"\$R/etc/apt/sources.list.d/rauc-$RAUC_SUITE.list"
+		printf 'Package: *\nPin: release n=%s\nPin-Priority: 100\n' "$RAUC_SUITE" \
+			>"\$R/etc/apt/preferences.d/rauc-$RAUC_SUITE"
+		# (a testing suite's Release expires within days: a mirror snapshot is older than that)
+		chroot "\$R" apt-get -o Acquire::Check-Valid-Until=false update -qq
+		DEBIAN_FRONTEND=noninteractive chroot "\$R" apt-get install -y -qq --no-install-recommends \
+			rauc/$RAUC_SUITE rauc-service/$RAUC_SUITE >/dev/null
+		rm "\$R/etc/apt/sources.list.d/rauc-$RAUC_SUITE.list" "\$R/etc/apt/preferences.d/rauc-$RAUC_SUITE"
+		chroot "\$R" apt-get update -qq
+	fi
+	chroot "\$R" rauc --version >"\$R/etc/hil-rauc-version"
 	chroot "\$R" update-initramfs -u -k all
 	EOF
 	chmod +x "$OUT/customize.sh"
