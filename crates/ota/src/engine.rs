@@ -1055,7 +1055,7 @@ impl<R: Installer> Engine<R> {
                 .adaptive_images(r.url())
                 .await
                 .unwrap_or_else(|e| {
-                    tracing::debug!(error = %e, "cannot inspect the streamed bundle");
+                    tracing::warn!(error = %e, "cannot tell whether the streamed bundle is adaptive");
                     Vec::new()
                 }),
             None => Vec::new(),
@@ -1110,6 +1110,7 @@ impl<R: Installer> Engine<R> {
                 };
                 tracing::info!(action = %d.action_id, target = %primary, "bundle installed");
                 if let Some(r) = &relay {
+                    self.count_streamed(r.stats());
                     let (said, fell_back) =
                         streamed_summary(r.stats(), d.artifact.size.unwrap_or_default(), &adaptive);
                     if fell_back {
@@ -1141,6 +1142,22 @@ impl<R: Installer> Engine<R> {
                 self.conclude(d, Finished::Failure, format!("installation failed: {why}"))
             }
         }
+    }
+
+    /// `status`: what the last streamed install cost the link (`stream_fetched_bytes`, what
+    /// came from the server; `stream_reads`; `stream_refetches` after cuts).
+    fn count_streamed(&self, stats: &crate::relay::RelayStats) {
+        use std::sync::atomic::Ordering;
+        self.state.update(|s| {
+            let m = s.modules.entry(MODULE.to_string()).or_default();
+            for (k, v) in [
+                ("stream_fetched_bytes", &stats.fetched),
+                ("stream_reads", &stats.requests),
+                ("stream_refetches", &stats.retries),
+            ] {
+                m.counters.insert(k.to_string(), v.load(Ordering::Relaxed));
+            }
+        });
     }
 
     /// RAUC would not stream this bundle (no NBD, a plain bundle, an old build): download it

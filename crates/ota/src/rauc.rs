@@ -17,6 +17,20 @@ pub struct AdaptiveImage {
     pub methods: Vec<String>,
 }
 
+/// A dictionary value without the variant layers around it: RAUC builds `InspectBundle`'s
+/// answer with `g_variant_dict_insert(…, "v", x)`, which wraps `x` in one more variant than
+/// the `a{sv}` entry already is.
+fn unwrap_variant(v: &OwnedValue) -> Result<zbus::zvariant::Value<'static>, String> {
+    let mut v: zbus::zvariant::Value<'static> = v
+        .try_clone()
+        .map_err(|e| format!("InspectBundle value: {e}"))?
+        .into();
+    while let zbus::zvariant::Value::Value(inner) = v {
+        v = *inner;
+    }
+    Ok(v)
+}
+
 /// What the update engine needs from RAUC: [`Rauc`] on the system bus, or a fake in tests.
 /// Errors are RAUC's words (or the bus's), for the log and the report.
 pub trait Installer: Send + Sync {
@@ -177,7 +191,8 @@ impl Rauc {
                     .map_err(|x| format!("RAUC cannot read {bundle}: {x}"))?;
                 let update = info
                     .get("update")
-                    .and_then(|v| HashMap::<String, OwnedValue>::try_from(v.clone()).ok())
+                    .and_then(|v| unwrap_variant(v).ok())
+                    .and_then(|v| HashMap::<String, OwnedValue>::try_from(v).ok())
                     .unwrap_or_default();
                 let text = |k: &str| {
                     update
@@ -279,8 +294,8 @@ impl Installer for Rauc {
         let Some(images) = info.get("images") else {
             return Ok(Vec::new());
         };
-        let images: Vec<HashMap<String, OwnedValue>> =
-            Vec::try_from(images.clone()).map_err(|e| format!("InspectBundle images: {e}"))?;
+        let images: Vec<HashMap<String, OwnedValue>> = Vec::try_from(unwrap_variant(images)?)
+            .map_err(|e| format!("InspectBundle images: {e}"))?;
         Ok(images
             .into_iter()
             .filter_map(|img| {
@@ -350,5 +365,35 @@ impl Installer for Rauc {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use zbus::zvariant::Value;
+
+    #[test]
+    fn inspectbundle_images_are_read_through_their_extra_variant() {
+        let mut img: HashMap<String, Value<'static>> = HashMap::new();
+        img.insert("slot-class".into(), Value::from("rootfs"));
+        img.insert("size".into(), Value::from(4096u64));
+        img.insert(
+            "adaptive".into(),
+            Value::from(vec!["block-hash-index".to_string()]),
+        );
+        // As RAUC sends it: a{sv} whose "images" value is a variant holding aa{sv}.
+        let images = Value::Value(Box::new(Value::from(vec![img])));
+        let owned = OwnedValue::try_from(images).unwrap();
+        let list: Vec<HashMap<String, OwnedValue>> =
+            Vec::try_from(unwrap_variant(&owned).unwrap()).unwrap();
+        assert_eq!(list.len(), 1);
+        let methods: Vec<String> = Vec::try_from(list[0]["adaptive"].try_clone().unwrap()).unwrap();
+        assert_eq!(methods, ["block-hash-index"]);
+        assert_eq!(
+            u64::try_from(list[0]["size"].try_clone().unwrap()).unwrap(),
+            4096
+        );
     }
 }
