@@ -4,7 +4,7 @@
 # cached in ~/.cache/thingsly-hil), then runs the scenarios and prints a table.
 #   hil/run.sh [update|rollback|health|powercut|arm64|ci|all]...   (default: all)
 #   hil/run.sh bench                                              (boot and update phase times)
-#   hil/run.sh streaming | download|stream|adaptive|stream-cuts|stream-powercut|stream-cap
+#   hil/run.sh streaming | download|stream|adaptive|adaptive-fallback|stream-cuts|stream-powercut|stream-cap
 #                                    (on the trixie image, HIL_SUITE=trixie; about 25 min)
 # ci = update rollback arm64 (what scripts/test.sh runs). Needs root (image build, QEMU).
 set -euo pipefail
@@ -24,7 +24,7 @@ fi
 stream=0 other=0
 for a in "${args[@]}"; do
   case "$a" in
-  streaming|download|stream|adaptive|stream-cuts|stream-powercut|stream-cap) stream=1 ;;
+  streaming|download|stream|adaptive|adaptive-fallback|stream-cuts|stream-powercut|stream-cap) stream=1 ;;
   *) other=1 ;;
   esac
 done

@@ -3,7 +3,7 @@
 //! and Mosquitto run here on loopback, reached by the VM through QEMU's guestfwd only.
 //!
 //!   thingsly-hil [update|rollback|health|powercut|arm64|ci|all]...   scenarios, then a table
-//!   thingsly-hil [download|stream|adaptive|stream-cuts|stream-powercut|stream-cap|streaming]...
+//!   thingsly-hil [download|stream|adaptive|adaptive-fallback|stream-cuts|stream-powercut|stream-cap|streaming]...
 //!                                  the same on the trixie image (RAUC 1.13, nbd): streaming
 //!   thingsly-hil bench                                               boot and update phase times
 //!
@@ -29,10 +29,11 @@ use vm::Vm;
 const DEVICE: &str = "hil-0001";
 const SCENARIOS: [&str; 5] = ["update", "rollback", "health", "powercut", "arm64"];
 /// On the trixie image (`HIL_SUITE=trixie hil/build-image.sh`): RAUC 1.13 streams over NBD.
-const STREAM_SCENARIOS: [&str; 6] = [
+const STREAM_SCENARIOS: [&str; 7] = [
     "download",
     "stream",
     "adaptive",
+    "adaptive-fallback",
     "stream-cuts",
     "stream-powercut",
     "stream-cap",
@@ -706,6 +707,7 @@ fn run_x86(p: &Paths, name: &str) -> Row {
         "download" => streaming::download(&mut rig),
         "stream" => streaming::stream(&mut rig),
         "adaptive" => streaming::adaptive(&mut rig),
+        "adaptive-fallback" => streaming::adaptive_fallback(&mut rig),
         "stream-cuts" => streaming::cuts(&mut rig),
         "stream-powercut" => streaming::powercut(&mut rig),
         "stream-cap" => streaming::cap(&mut rig),

@@ -155,6 +155,26 @@ pub fn adaptive(r: &mut Rig) -> anyhow::Result<String> {
     Ok(format!("{}; agent: \"{said}\"", m.summary()))
 }
 
+/// The same adaptive bundle on a RAUC without `data-directory` (a careless system.conf): RAUC
+/// ignores the adaptive method with only a line in its own log and copies the whole image;
+/// the agent's feedback must say so.
+pub fn adaptive_fallback(r: &mut Rig) -> anyhow::Result<String> {
+    r.first_boot()?;
+    r.vm.console(
+        "sed -i '/^data-directory=/d' /etc/rauc/system.conf && systemctl restart rauc",
+        Duration::from_secs(60),
+    )?;
+    let (m, id) = update(r, "adaptive.raucb", true, |_, _, _| Ok(()))?;
+    let said = streamed_feedback(r, id)?;
+    has(&said, "fell back to a full copy")?;
+    ensure!(
+        m.link * 2 > m.bundle,
+        "a full copy that moved little: {}",
+        m.summary()
+    );
+    Ok(format!("{}; agent: \"{said}\"", m.summary()))
+}
+
 /// 20 link cuts while RAUC streams: slower, not aborted.
 pub fn cuts(r: &mut Rig) -> anyhow::Result<String> {
     const CUTS: u64 = 20;
